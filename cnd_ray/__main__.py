@@ -1,0 +1,3 @@
+from cnd_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""A checkpoint is a directory that describes itself (house rule 6):
+
+    config.yaml   the resolved config: `cnd-ray train --config <dir>/config.yaml` reproduces the run
+    weights.pt    dit, ema, classifier, cls_ema state dicts
+    optim.pt      both optimizers
+    state.pt      step, the classifier's accumulated gradients (between its optimizer steps),
+                  counters, RNG states (torch, CUDA, numpy, python)
+    meta.json     step and format version, for people and tools
+
+Written to a temporary sibling directory and renamed into place, so a crash never leaves a half
+checkpoint under the real name. Loaded with `weights_only=True`, to CPU first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnd_ray import config as config_lib
+from cnd_ray.engine import TrainState, build_state
+
+FORMAT = 1
+FILES = ("config.yaml", "weights.pt", "optim.pt", "state.pt", "meta.json")
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached": cached},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def _sd(m):
+    return None if m is None else m.state_dict()
+
+
+def _grads(m) -> list:
+    # With classifier.step_every > 1 its gradients build up over steps: part of the state.
+    return [None if p.grad is None else p.grad.detach().clone() for p in m.parameters()]
+
+
+def save(state: TrainState, path: str | Path) -> Path:
+    """Write `state` as a checkpoint directory at `path` (atomically replacing one there)."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / "config.yaml").write_text(state.cfg.to_yaml())
+        torch.save({"dit": _sd(state.dit), "ema": _sd(state.ema),
+                    "classifier": _sd(state.classifier), "cls_ema": _sd(state.cls_ema)},
+                   tmp / "weights.pt")
+        torch.save({"dit": _sd(state.opt_dit), "classifier": _sd(state.opt_cls)}, tmp / "optim.pt")
+        torch.save({"step": state.step, "cls_pending": state.cls_pending,
+                    "cls_grads": _grads(state.classifier) if state.cls_pending else None,
+                    "counters": dict(state.counters), "rng": rng_state()}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": state.step}))
+        if path.exists():  # rename the old one away first: os.replace cannot replace a non-empty dir
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _check(path: Path) -> None:
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a cnd_ray checkpoint (missing {', '.join(missing)})")
+
+
+def load_config(path: str | Path):
+    """The resolved config a checkpoint was trained with."""
+    path = Path(path)
+    _check(path)
+    return config_lib.load(path / "config.yaml")
+
+
+def _load(path: Path, name: str) -> dict:
+    return torch.load(path / name, map_location="cpu", weights_only=True)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool = True) -> TrainState:
+    """Rebuild the train state a checkpoint holds, from the checkpoint's own config."""
+    path = Path(path)
+    cfg = load_config(path)
+    state = build_state(cfg, device)
+    weights, optim, extra = (_load(path, n) for n in ("weights.pt", "optim.pt", "state.pt"))
+    state.dit.load_state_dict(weights["dit"])
+    state.ema.load_state_dict(weights["ema"])
+    state.opt_dit.load_state_dict(optim["dit"])
+    if state.classifier is not None:
+        state.classifier.load_state_dict(weights["classifier"])
+        state.opt_cls.load_state_dict(optim["classifier"])
+        if state.cls_ema is not None:
+            state.cls_ema.load_state_dict(weights["cls_ema"])
+    state.step, state.cls_pending = extra["step"], extra["cls_pending"]
+    if extra["cls_grads"] is not None:
+        for p, g in zip(state.classifier.parameters(), extra["cls_grads"]):
+            p.grad = None if g is None else g.to(p.device)
+    state.counters.update(extra["counters"])
+    if restore_rng:
+        set_rng_state(extra["rng"])
+    return state

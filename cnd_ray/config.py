@@ -1,0 +1,386 @@
+"""Typed configuration: frozen nested dataclasses, YAML in and out, dotted overrides, one validation.
+
+Every default lives in a dataclass field below (house rule 3). YAML files, `key=value` overrides and
+Tune trial values all go through `override()`, so a setting has one name everywhere (rule 4).
+Stdlib + PyYAML only: `cnd-ray config` and `--help` never import torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Sizes of models/dit.py's registry (kept here as names only so config stays torch-free; a test
+# checks both lists agree).
+DIT_SIZES = ("T", "XS", "S", "B", "L", "XL")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. Under PyYAML's YAML 1.1 rules `gamma_schedule: off`
+    would silently become False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "tTfF":
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        [_first])
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A user error in a config file, override or value: one line naming the key."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    """Field metadata for a numeric range check (inclusive unless lo_open)."""
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DiT denoiser (METHOD.md section 1)."""
+
+    size: Literal[DIT_SIZES] = "L"  # T, XS: CPU sizes; S/B/L/XL: the DiT paper's
+    patch_size: Literal[2, 4, 8] = 4
+    block: Literal["adaln_zero", "xattn_pool"] = "adaln_zero"  # xattn_pool = the released code
+    num_classes: int = field(default=2, metadata=_range(1))
+    class_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # enables CFG
+    learn_sigma: bool = True
+    tone_groups: int = field(default=0, metadata=_range(0))  # skin-tone condition; 0 = off
+    tone_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and sampler (METHOD.md section 2)."""
+
+    num_timesteps: int = field(default=1000, metadata=_range(2))
+    beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
+    beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sample_steps: int = field(default=250, metadata=_range(1))
+    guidance_scale: float = field(default=1.0, metadata=_range(0.0))  # 1.0 = no guidance
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The benign/malignant critic trained jointly with the DiT, and its SGD optimizer."""
+
+    backbone: str = "resnet101"  # any timm model name
+    weights: str = ""  # local file with backbone weights; empty = random init (never downloaded)
+    hidden: int = field(default=64, metadata=_range(1))
+    dropout: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    lr: float = field(default=3e-4, metadata=_range(0.0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    step_every: int = field(default=1, metadata=_range(1))  # "optimizer step once in k steps"
+    ema: bool = False  # keep an EMA of the classifier (BatchNorm buffers included)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The Class-N-Diff joint objective (METHOD.md section 3)."""
+
+    # off: plain DiT; constant: gamma; periodic_ramp: 0 -> 1 sawtooth every gamma_period steps;
+    # ramp: 0 -> gamma over gamma_period, then held; staircase: ramp in gamma_levels equal steps.
+    gamma_schedule: Literal["off", "constant", "periodic_ramp", "ramp", "staircase"] = "constant"
+    gamma: float = field(default=0.25, metadata=_range(0.0, 1.0))
+    gamma_period: int = field(default=1000, metadata=_range(1))
+    gamma_levels: int = field(default=4, metadata=_range(1))
+    lambda_cls: float = field(default=0.2, metadata=_range(0.0))
+    denoised_input: Literal["x0_pred", "posterior", "reference"] = "x0_pred"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The DiT's AdamW optimizer and its EMA."""
+
+    lr: float = field(default=1e-4, metadata=_range(0.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    grad_accum: int = field(default=1, metadata=_range(1))  # DiT micro-batches per step
+    grad_clip: float = field(default=0.0, metadata=_range(0.0))  # 0 = off
+    ema_decay: float = field(default=0.9999, metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the model sees: image size and pixel or VAE-latent space."""
+
+    image_size: int = field(default=256, metadata=_range(8))
+    space: Literal["latent", "pixel"] = "latent"
+    latent_scale: float = field(default=0.18215, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training run: length, batch, precision, and what to do on a bad step."""
+
+    seed: int = 0
+    steps: int = field(default=100_000, metadata=_range(1))
+    global_batch: int = field(default=8, metadata=_range(1))
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How many Ray Train workers and what each takes."""
+
+    num_workers: int = field(default=1, metadata=_range(1))
+    use_gpu: bool = False
+    cpus_per_worker: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """Where MLflow logs go."""
+
+    tracking_uri: str = ""  # empty: ./mlruns resolved on the driver
+    experiment: str = "cnd_ray"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, resolved configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    # Derived values are properties, not settings (house rule 4).
+    @property
+    def in_channels(self) -> int:
+        return 4 if self.data.space == "latent" else 3
+
+    @property
+    def input_size(self) -> int:
+        return self.data.image_size // 8 if self.data.space == "latent" else self.data.image_size
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.global_batch // self.scale.num_workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.per_worker_batch // self.optim.grad_accum
+
+    @property
+    def use_classifier(self) -> bool:
+        return self.method.gamma_schedule != "off"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{"section.key": value} for MLflow params and Tune spaces."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and checking
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _unknown(key: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    """Turn a YAML/CLI value into the field's type, or raise a ConfigError naming the key."""
+    if typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        for c in choices:  # "4" from a CLI string still means patch 4
+            if value == c or (isinstance(c, int) and isinstance(value, str) and value == str(c)):
+                return c
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
+    if typ is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a number")
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: {value!r} is not a string")
+    raise AssertionError(f"unsupported field type {typ} for {key}")
+
+
+def from_dict(d: Mapping[str, Any] | None) -> Config:
+    """Build a validated Config from a nested mapping; unknown keys are errors."""
+    d = dict(d or {})
+    sections = _sections()
+    for name in d:
+        if name not in sections:
+            raise _unknown(name, sections)
+    built = {}
+    for name, cls in sections.items():
+        raw = d.get(name) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k in raw:
+            if k not in names:
+                raise _unknown(f"{name}.{k}", [f"{name}.{n}" for n in names])
+        built[name] = cls(**{k: _coerce(f"{name}.{k}", hints[k], v) for k, v in raw.items()})
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and cross-field rules; raise one ConfigError naming the key."""
+    for sname in _sections():
+        sec = getattr(cfg, sname)
+        for f in dataclasses.fields(sec):
+            rng = f.metadata.get("range")
+            if rng is None:
+                continue
+            lo, hi, lo_open = rng
+            v = getattr(sec, f.name)
+            bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+            bad_hi = hi is not None and v > hi
+            if bad_lo or bad_hi:
+                lo_s = "-inf" if lo is None else str(lo)
+                hi_s = "inf" if hi is None else str(hi)
+                interval = f"{'(' if lo_open else '['}{lo_s}, {hi_s}]"
+                raise ConfigError(f"{sname}.{f.name}: {v!r} is outside {interval}")
+    d, m, tr = cfg.data, cfg.method, cfg.train
+    if d.space == "latent" and d.image_size % 8:
+        raise ConfigError(f"data.image_size: {d.image_size} must be a multiple of 8 in latent space")
+    if cfg.input_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"model.patch_size: {cfg.model.patch_size} does not divide the input size "
+            f"{cfg.input_size} (data.image_size {d.image_size}, data.space {d.space})")
+    if cfg.diffusion.beta_end < cfg.diffusion.beta_start:
+        raise ConfigError("diffusion.beta_end: must be >= diffusion.beta_start")
+    if cfg.diffusion.sample_steps > cfg.diffusion.num_timesteps:
+        raise ConfigError(f"diffusion.sample_steps: {cfg.diffusion.sample_steps} exceeds "
+                          f"diffusion.num_timesteps {cfg.diffusion.num_timesteps}")
+    per_step = cfg.scale.num_workers * cfg.optim.grad_accum
+    if tr.global_batch % per_step:
+        raise ConfigError(f"train.global_batch: {tr.global_batch} is not divisible by "
+                          f"scale.num_workers x optim.grad_accum = {per_step}")
+    if cfg.use_classifier and cfg.model.num_classes != 2:
+        raise ConfigError(f"model.num_classes: the benign/malignant classifier needs 2 classes, "
+                          f"got {cfg.model.num_classes} (or set method.gamma_schedule=off)")
+    if m.gamma_schedule == "staircase" and m.gamma_levels > m.gamma_period:
+        raise ConfigError("method.gamma_levels: must not exceed method.gamma_period")
+    if not cfg.classifier.backbone:
+        raise ConfigError("classifier.backbone: must name a timm model")
+
+
+def to_nested(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Parse `section.key=value` strings (or a {dotted: value} mapping) into a nested dict."""
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for s in overrides:
+            if "=" not in s:
+                raise ConfigError(f"override '{s}' must look like section.key=value")
+            k, v = s.split("=", 1)
+            # The YAML reader gives numbers, booleans and lists; _coerce fixes the rest.
+            items.append((k.strip(), _yaml(v) if v.strip() else ""))
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in items:
+        parts = k.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key '{k}' must be section.key (e.g. method.lambda_cls)")
+        out.setdefault(parts[0], {})[parts[1]] = v
+    return out
+
+
+def override(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
+    """Apply dotted overrides (CLI strings, Tune trial values) and re-validate."""
+    d = cfg.to_dict()
+    for sec, kv in to_nested(overrides).items():
+        if sec not in d:
+            raise _unknown(sec, d)
+        d[sec].update(kv)
+    return from_dict(d)
+
+
+def packaged_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load(source: str | Path | None = None,
+         overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+    """Load a packaged config by name (e.g. 'quickstart') or a YAML path, then apply overrides."""
+    if source is None or source == "":
+        cfg = from_dict({})
+    else:
+        path = Path(source)
+        if not path.is_file():
+            if str(source) not in packaged_names():
+                raise ConfigError(f"--config {source}: no such file and not a packaged config "
+                                  f"(packaged: {', '.join(packaged_names())})")
+            path = CONFIG_DIR / f"{source}.yaml"
+        try:
+            data = _yaml(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        try:
+            cfg = from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return override(cfg, overrides)
+
+
+# Keep the module's public surface obvious to readers.
+__all__ = ["Config", "ConfigError", "load", "override", "from_dict", "validate", "to_nested",
+           "packaged_names", "DIT_SIZES"]

@@ -1,0 +1,250 @@
+"""Gaussian diffusion as DiT trains it (Improved DDPM): linear betas, epsilon prediction,
+learned-range variance, MSE + variational-bound loss, ancestral / DDIM sampling with respacing and
+classifier-free guidance (METHOD.md section 2).
+
+The math takes model *outputs*, never calls the model itself, except in the sampling loops: the
+objective decides how many DiT forwards a step costs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
+
+
+def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps evenly spread over [0, num_timesteps), both ends included (IDDPM)."""
+    if steps == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (steps - 1)
+    return sorted({round(i * stride) for i in range(steps)})
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    # The tanh approximation IDDPM uses; kept so losses match DiT's.
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
+    """Log-likelihood of x in [-1, 1] quantised to 256 bins (the t = 0 decoder term)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min,
+                                   torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+class GaussianDiffusion(nn.Module):
+    """Schedule tables as (non-persistent) buffers, so `.to(device)` moves them with the model.
+
+    `timestep_map` maps a respaced step index to the original timestep the model was trained on.
+    """
+
+    def __init__(self, betas: np.ndarray, learn_sigma: bool = True,
+                 timestep_map: list[int] | None = None):
+        super().__init__()
+        betas = np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = len(betas)
+        self.learn_sigma = learn_sigma
+        alphas = 1.0 - betas
+        ac = np.cumprod(alphas)
+        ac_prev = np.append(1.0, ac[:-1])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # The posterior variance is 0 at t = 0: clip its log to the t = 1 value.
+        post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+        tables = {
+            "betas": betas,
+            "alphas_cumprod": ac,
+            "alphas_cumprod_prev": ac_prev,
+            "sqrt_alphas_cumprod": np.sqrt(ac),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": post_logvar,
+            "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+            "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+            "log_betas": np.log(betas),
+            # Fixed ("large") variance when sigma is not learned, as IDDPM's default.
+            "fixed_log_variance": np.log(np.append(post_var[1], betas[1:])),
+        }
+        self._np = tables  # float64 copies for respacing and tests
+        for name, arr in tables.items():
+            # Cast once here (IDDPM casts on every lookup: same values).
+            self.register_buffer(name, torch.from_numpy(arr).float(), persistent=False)
+        tmap = list(range(self.num_timesteps)) if timestep_map is None else list(timestep_map)
+        self.register_buffer("timestep_map", torch.tensor(tmap, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> "GaussianDiffusion":
+        d = cfg.diffusion
+        return cls(linear_betas(d.num_timesteps, d.beta_start, d.beta_end), cfg.model.learn_sigma)
+
+    def respaced(self, steps: int) -> "GaussianDiffusion":
+        """The same process on `steps` of the original timesteps (for faster sampling)."""
+        use = space_timesteps(self.num_timesteps, steps)
+        ac = self._np["alphas_cumprod"]
+        last, betas = 1.0, []
+        for i in use:
+            betas.append(1.0 - ac[i] / last)
+            last = ac[i]
+        tmap = self.timestep_map.cpu()[use].tolist()
+        return GaussianDiffusion(np.array(betas), self.learn_sigma, tmap).to(self.betas.device)
+
+    @staticmethod
+    def _at(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return table[t].view(-1, *([1] * (ndim - 1)))  # (N, 1, 1, 1)
+
+    # -- forward process ----------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = self._at(self.sqrt_alphas_cumprod, t, x0.ndim)
+        s = self._at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+        return a * x0 + s * noise
+
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (self._at(self.posterior_mean_coef1, t, xt.ndim) * x0
+                + self._at(self.posterior_mean_coef2, t, xt.ndim) * xt)
+        return mean, self._at(self.posterior_log_variance_clipped, t, xt.ndim)
+
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return (self._at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
+                - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+
+    def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return ((self._at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
+                / self._at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
+
+    # -- reverse process ----------------------------------------------------------------------
+    def split(self, out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model output -> (eps, variance values in [-1, 1] or None)."""
+        if self.learn_sigma:
+            return out[:, :channels], out[:, channels:]
+        return out, None
+
+    def p_mean_variance(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                        clip: bool = False) -> dict[str, torch.Tensor]:
+        """p(x_{t-1} | x_t) from one model output: mean, log_variance, x0 and eps estimates."""
+        eps, v = self.split(out.float(), xt.shape[1])
+        if v is None:
+            logvar = self._at(self.fixed_log_variance, t, xt.ndim).expand_as(xt)
+        else:
+            # Learned range: interpolate between the posterior variance and beta_t in log space.
+            lo = self._at(self.posterior_log_variance_clipped, t, xt.ndim)
+            hi = self._at(self.log_betas, t, xt.ndim)
+            frac = (v + 1) / 2
+            logvar = frac * hi + (1 - frac) * lo
+        x0 = self.predict_x0(xt, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, xt, t)
+        return {"mean": mean, "log_variance": logvar, "x0": x0, "eps": eps}
+
+    def ancestral_step(self, pmv: dict[str, torch.Tensor], t: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+        """x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0."""
+        nonzero = (t != 0).float().view(-1, *([1] * (noise.ndim - 1)))
+        return pmv["mean"] + nonzero * torch.exp(0.5 * pmv["log_variance"]) * noise
+
+    # -- training loss ------------------------------------------------------------------------
+    def training_losses(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
+                        t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample `mse` on epsilon, `vb` for the learned variance, and `loss` = mse + vb."""
+        eps, v = self.split(out.float(), x0.shape[1])
+        mse = _mean_flat((noise - eps) ** 2)
+        if v is None:
+            return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
+        # The VB term trains only the variance: the mean is detached inside it (IDDPM, DiT).
+        frozen = torch.cat([eps.detach(), v], dim=1)
+        vb = self.vb_terms(frozen, x0, xt, t)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    def vb_terms(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+        """L_{t-1} in bits per dim: KL to the true posterior, or the decoder NLL at t = 0."""
+        true_mean, true_logvar = self.q_posterior(x0, xt, t)
+        p = self.p_mean_variance(out, xt, t)
+        kl = _mean_flat(normal_kl(true_mean, true_logvar, p["mean"], p["log_variance"]))
+        nll = -_mean_flat(discretized_gaussian_log_likelihood(
+            x0, p["mean"], 0.5 * p["log_variance"]))
+        return torch.where(t == 0, nll, kl) / math.log(2.0)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def model_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The original timestep the model sees for a (respaced) step index."""
+        return self.timestep_map[t]
+
+    @torch.no_grad()
+    def sample(self, model_fn: ModelFn, noise: torch.Tensor, sampler: str = "ddpm",
+               eta: float = 0.0, clip: bool = False, generator: torch.Generator | None = None,
+               progress: Callable | None = None) -> torch.Tensor:
+        """Run the reverse chain from `noise` over all of this diffusion's steps."""
+        x = noise
+        steps = range(self.num_timesteps - 1, -1, -1)
+        for i in (progress(steps) if progress else steps):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            pmv = self.p_mean_variance(model_fn(x, self.model_t(t)), x, t, clip=clip)
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if sampler == "ddpm":
+                x = self.ancestral_step(pmv, t, z)
+            elif sampler == "ddim":
+                x = self.ddim_step(pmv, x, t, z, eta)
+            else:
+                raise ValueError(f"unknown sampler {sampler!r}")
+        return x
+
+    def ddim_step(self, pmv: dict[str, torch.Tensor], xt: torch.Tensor, t: torch.Tensor,
+                  noise: torch.Tensor, eta: float) -> torch.Tensor:
+        """One DDIM update (Song et al. 2021); eta = 0 is deterministic."""
+        eps = self.predict_eps(xt, t, pmv["x0"])  # consistent with a clipped x0
+        a = self._at(self.alphas_cumprod, t, xt.ndim)
+        a_prev = self._at(self.alphas_cumprod_prev, t, xt.ndim)
+        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
+        mean = pmv["x0"] * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma ** 2) * eps
+        nonzero = (t != 0).float().view(-1, *([1] * (xt.ndim - 1)))
+        return mean + nonzero * sigma * noise
+
+
+def guided(model: Callable, y: torch.Tensor, null_label: int, scale: float,
+           tone: torch.Tensor | None = None) -> ModelFn:
+    """Classifier-free guidance: eps = eps_null + scale * (eps_y - eps_null); variance from eps_y.
+
+    scale == 1 is plain conditional sampling (one forward per step, no null batch).
+    """
+    if scale == 1.0:
+        return lambda x, t: model(x, t, y, tone)
+    y_in = torch.cat([y, torch.full_like(y, null_label)])
+    tone_in = None if tone is None else torch.cat([tone, tone])
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model(torch.cat([x, x]), torch.cat([t, t]), y_in, tone_in)  # (2N, C', H, W)
+        cond, uncond = out.chunk(2)
+        c = x.shape[1]
+        eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([eps, cond[:, c:]], dim=1)
+
+    return fn

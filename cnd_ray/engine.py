@@ -1,0 +1,146 @@
+"""Train state (objective, optimizers, EMAs, step) and the one training step. No Ray here."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cnd_ray.objective import CLEAN, ClassNDiff
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step produced a NaN/inf loss and `train.on_nonfinite` is 'stop'."""
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training; checkpoint.py saves and restores all of it."""
+
+    cfg: object  # cnd_ray.config.Config
+    objective: ClassNDiff
+    ema: nn.Module  # EMA of the DiT, what sampling uses
+    opt_dit: torch.optim.Optimizer
+    cls_ema: nn.Module | None = None
+    opt_cls: torch.optim.Optimizer | None = None
+    step: int = 0
+    # Weight of the clean-branch classifier gradients accumulated since its optimizer last stepped.
+    cls_pending: float = 0.0
+    counters: dict = field(default_factory=lambda: {"cls_steps": 0, "skipped": 0})
+
+    @property
+    def dit(self) -> nn.Module:
+        return self.objective.dit
+
+    @property
+    def classifier(self) -> nn.Module | None:
+        return self.objective.classifier
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(module).eval()
+    return ema.requires_grad_(False)
+
+
+def build_state(cfg, device: str | torch.device = "cpu") -> TrainState:
+    """A fresh train state for `cfg` (models seeded from train.seed)."""
+    torch.manual_seed(cfg.train.seed)
+    objective = ClassNDiff(cfg).to(device)
+    o, c = cfg.optim, cfg.classifier
+    opt_dit = torch.optim.AdamW([p for p in objective.dit.parameters() if p.requires_grad],
+                                lr=o.lr, weight_decay=o.weight_decay)
+    state = TrainState(cfg=cfg, objective=objective, ema=frozen_copy(objective.dit), opt_dit=opt_dit)
+    if objective.classifier is not None:
+        state.opt_cls = torch.optim.SGD(objective.classifier.parameters(), lr=c.lr,
+                                        momentum=c.momentum)
+        if c.ema:
+            state.cls_ema = frozen_copy(objective.classifier)
+    return state
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, over parameters and floating buffers (BatchNorm
+    running stats); integer buffers (num_batches_tracked) are copied."""
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m.detach(), 1.0 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
+
+
+def _nonfinite_message(state: TrainState, out, batch: dict) -> str:
+    ids = batch.get("id")
+    where = f" on samples {list(ids)[:8]}" if ids is not None else ""
+    vals = ", ".join(f"{k}={float(v):.4g}" for k, v in out.metrics.items()
+                     if k.startswith("loss"))
+    return (f"non-finite loss at step {state.step} ({vals}){where}; "
+            "set train.on_nonfinite=skip to skip such steps")
+
+
+def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
+    """One optimizer step of the DiT over `optim.grad_accum` micro-batches.
+
+    Each batch is {"x": (N, C, H, W), "y": (N,), optional "tone": (N,), optional "id": [...]}.
+    The classifier's optimizer steps once every `classifier.step_every` steps, on its gradients
+    from the clean branches in between, averaged (METHOD.md section 3, Settings 3 and 5).
+    """
+    cfg, objective = state.cfg, state.objective
+    objective.train()
+    accum = len(micro_batches)
+    totals: dict[str, float] = {}
+    pending = 0.0
+    for i, batch in enumerate(micro_batches):
+        out = objective(batch["x"], batch["y"], state.step, micro=i, tone=batch.get("tone"))
+        if not torch.isfinite(out.loss):
+            if cfg.train.on_nonfinite == "stop":
+                raise NonFiniteLoss(_nonfinite_message(state, out, batch))
+            # Skip: drop every pending gradient (the classifier's accumulated ones too: they are
+            # mixed in the same .grad tensors) and move on to the next step's data.
+            state.opt_dit.zero_grad(set_to_none=True)
+            if state.opt_cls is not None:
+                state.opt_cls.zero_grad(set_to_none=True)
+                state.cls_pending = 0.0
+            state.counters["skipped"] += 1
+            state.step += 1
+            return {"skipped": 1.0}
+        (out.loss / accum).backward()
+        if out.branch == CLEAN:
+            pending += 1.0 / accum
+        for k, v in out.metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / accum
+
+    if cfg.optim.grad_clip > 0:
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+            state.dit.parameters(), cfg.optim.grad_clip))
+    state.opt_dit.step()
+    state.opt_dit.zero_grad(set_to_none=True)
+    ema_update(state.ema, state.dit, cfg.optim.ema_decay)
+
+    if state.opt_cls is not None:
+        state.cls_pending += pending
+        totals["cls_step"] = 0.0
+        if (state.step + 1) % cfg.classifier.step_every == 0 and state.cls_pending > 0:
+            for p in state.classifier.parameters():
+                if p.grad is not None:
+                    p.grad.div_(state.cls_pending)
+            state.opt_cls.step()
+            state.opt_cls.zero_grad(set_to_none=True)
+            state.cls_pending = 0.0
+            state.counters["cls_steps"] += 1
+            totals["cls_step"] = 1.0
+            if state.cls_ema is not None:
+                ema_update(state.cls_ema, state.classifier, cfg.optim.ema_decay)
+    state.step += 1
+    return totals
+
+
+def split_batch(batch: dict, accum: int) -> list[dict]:
+    """Cut one per-worker batch into `accum` micro-batches."""
+    n = len(batch["x"])
+    size = n // accum
+    return [{k: (v[i * size:(i + 1) * size] if v is not None else None) for k, v in batch.items()}
+            for i in range(accum)]
