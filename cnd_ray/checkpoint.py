@@ -111,7 +111,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool
     """Rebuild the train state a checkpoint holds, from the checkpoint's own config."""
     path = Path(path)
     cfg = load_config(path)
-    state = build_state(cfg, device)
+    # Build without re-reading the classifier's pretrained file: the checkpoint has its weights
+    # (and the file may be gone on the machine that resumes).
+    state = build_state(config_lib.override(cfg, {"classifier.weights": ""}), device)
+    state.cfg = cfg
     weights, optim, extra = (_load(path, n) for n in ("weights.pt", "optim.pt", "state.pt"))
     state.dit.load_state_dict(weights["dit"])
     state.ema.load_state_dict(weights["ema"])

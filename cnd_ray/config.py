@@ -72,7 +72,7 @@ class DiffusionConfig:
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
     sampler: Literal["ddpm", "ddim"] = "ddpm"
-    sample_steps: int = field(default=250, metadata=_range(1))
+    sample_steps: int = field(default=250, metadata=_range(2))
     guidance_scale: float = field(default=1.0, metadata=_range(0.0))  # 1.0 = no guidance
 
 
@@ -88,6 +88,8 @@ class ClassifierConfig:
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
     step_every: int = field(default=1, metadata=_range(1))  # "optimizer step once in k steps"
     ema: bool = False  # keep an EMA of the classifier (BatchNorm buffers included)
+    # Its own decay: the classifier steps only on clean branches, far fewer times than the DiT.
+    ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,13 @@ class MethodConfig:
     gamma_levels: int = field(default=4, metadata=_range(1))
     lambda_cls: float = field(default=0.2, metadata=_range(0.0))
     denoised_input: Literal["x0_pred", "posterior", "reference"] = "x0_pred"
+    # d x0_pred / d eps = sqrt(1/alpha_bar - 1), ~156 at t ~ T: raw, the critic's gradient
+    # swamps L_diff and the DiT stops learning (tests/test_objective.py). "sqrt_alpha_bar" scales
+    # the gradient (not the value) of x0_pred by sqrt(alpha_bar_t), bounding that factor by 1.
+    denoised_grad: Literal["sqrt_alpha_bar", "raw"] = "sqrt_alpha_bar"
+    # Clamp the x0 estimate the critic sees to [-c, c] (0 = off), as DDPM's clip_denoised;
+    # 1 is the data range in pixel space.
+    denoised_clip: float = field(default=1.0, metadata=_range(0.0))
 
 
 @dataclass(frozen=True)
@@ -312,6 +321,9 @@ def validate(cfg: Config) -> None:
     if tr.global_batch % per_step:
         raise ConfigError(f"train.global_batch: {tr.global_batch} is not divisible by "
                           f"scale.num_workers x optim.grad_accum = {per_step}")
+    if cfg.diffusion.guidance_scale != 1.0 and cfg.model.class_dropout == 0:
+        raise ConfigError("diffusion.guidance_scale: classifier-free guidance needs the null label "
+                          "that model.class_dropout > 0 trains")
     if cfg.use_classifier and cfg.model.num_classes != 2:
         raise ConfigError(f"model.num_classes: the benign/malignant classifier needs 2 classes, "
                           f"got {cfg.model.num_classes} (or set method.gamma_schedule=off)")

@@ -22,11 +22,14 @@ def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.n
 
 
 def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly spread over [0, num_timesteps), both ends included (IDDPM)."""
-    if steps == 1:
-        return [num_timesteps - 1]
+    """`steps` timesteps evenly spread over [0, num_timesteps), both ends kept; the same indices
+    as IDDPM's `space_timesteps` (its running sum decides how .5 ties round)."""
     stride = (num_timesteps - 1) / (steps - 1)
-    return sorted({round(i * stride) for i in range(steps)})
+    cur, out = 0.0, []
+    for _ in range(steps):
+        out.append(round(cur))
+        cur += stride
+    return out
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -105,7 +108,7 @@ class GaussianDiffusion(nn.Module):
         return cls(linear_betas(d.num_timesteps, d.beta_start, d.beta_end), cfg.model.learn_sigma)
 
     def respaced(self, steps: int) -> "GaussianDiffusion":
-        """The same process on `steps` of the original timesteps (for faster sampling)."""
+        """The same process on `steps` of this process's timesteps (for faster sampling)."""
         use = space_timesteps(self.num_timesteps, steps)
         ac = self._np["alphas_cumprod"]
         last, betas = 1.0, []
@@ -116,28 +119,28 @@ class GaussianDiffusion(nn.Module):
         return GaussianDiffusion(np.array(betas), self.learn_sigma, tmap).to(self.betas.device)
 
     @staticmethod
-    def _at(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    def at(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return table[t].view(-1, *([1] * (ndim - 1)))  # (N, 1, 1, 1)
 
     # -- forward process ----------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        a = self._at(self.sqrt_alphas_cumprod, t, x0.ndim)
-        s = self._at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+        a = self.at(self.sqrt_alphas_cumprod, t, x0.ndim)
+        s = self.at(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
         return a * x0 + s * noise
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self._at(self.posterior_mean_coef1, t, xt.ndim) * x0
-                + self._at(self.posterior_mean_coef2, t, xt.ndim) * xt)
-        return mean, self._at(self.posterior_log_variance_clipped, t, xt.ndim)
+        mean = (self.at(self.posterior_mean_coef1, t, xt.ndim) * x0
+                + self.at(self.posterior_mean_coef2, t, xt.ndim) * xt)
+        return mean, self.at(self.posterior_log_variance_clipped, t, xt.ndim)
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (self._at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
-                - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+        return (self.at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
+                - self.at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
 
     def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return ((self._at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
-                / self._at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
+        return ((self.at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
+                / self.at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
 
     # -- reverse process ----------------------------------------------------------------------
     def split(self, out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,20 +150,21 @@ class GaussianDiffusion(nn.Module):
         return out, None
 
     def p_mean_variance(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                        clip: bool = False) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t) from one model output: mean, log_variance, x0 and eps estimates."""
+                        clip: float = 0.0) -> dict[str, torch.Tensor]:
+        """p(x_{t-1} | x_t) from one model output: mean, log_variance, x0 and eps estimates;
+        the x0 estimate is clamped to [-clip, clip] when clip > 0."""
         eps, v = self.split(out.float(), xt.shape[1])
         if v is None:
-            logvar = self._at(self.fixed_log_variance, t, xt.ndim).expand_as(xt)
+            logvar = self.at(self.fixed_log_variance, t, xt.ndim).expand_as(xt)
         else:
             # Learned range: interpolate between the posterior variance and beta_t in log space.
-            lo = self._at(self.posterior_log_variance_clipped, t, xt.ndim)
-            hi = self._at(self.log_betas, t, xt.ndim)
+            lo = self.at(self.posterior_log_variance_clipped, t, xt.ndim)
+            hi = self.at(self.log_betas, t, xt.ndim)
             frac = (v + 1) / 2
             logvar = frac * hi + (1 - frac) * lo
         x0 = self.predict_x0(xt, t, eps)
-        if clip:
-            x0 = x0.clamp(-1, 1)
+        if clip > 0:
+            x0 = x0.clamp(-clip, clip)
         mean, _ = self.q_posterior(x0, xt, t)
         return {"mean": mean, "log_variance": logvar, "x0": x0, "eps": eps}
 
@@ -200,7 +204,7 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, sampler: str = "ddpm",
-               eta: float = 0.0, clip: bool = False, generator: torch.Generator | None = None,
+               eta: float = 0.0, clip: float = 0.0, generator: torch.Generator | None = None,
                progress: Callable | None = None) -> torch.Tensor:
         """Run the reverse chain from `noise` over all of this diffusion's steps."""
         x = noise
@@ -221,8 +225,8 @@ class GaussianDiffusion(nn.Module):
                   noise: torch.Tensor, eta: float) -> torch.Tensor:
         """One DDIM update (Song et al. 2021); eta = 0 is deterministic."""
         eps = self.predict_eps(xt, t, pmv["x0"])  # consistent with a clipped x0
-        a = self._at(self.alphas_cumprod, t, xt.ndim)
-        a_prev = self._at(self.alphas_cumprod_prev, t, xt.ndim)
+        a = self.at(self.alphas_cumprod, t, xt.ndim)
+        a_prev = self.at(self.alphas_cumprod_prev, t, xt.ndim)
         sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
         mean = pmv["x0"] * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma ** 2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (xt.ndim - 1)))

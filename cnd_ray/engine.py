@@ -93,8 +93,8 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
     accum = len(micro_batches)
     totals: dict[str, float] = {}
     pending = 0.0
-    for i, batch in enumerate(micro_batches):
-        out = objective(batch["x"], batch["y"], state.step, micro=i, tone=batch.get("tone"))
+    for batch in micro_batches:
+        out = objective(batch["x"], batch["y"], state.step, tone=batch.get("tone"))
         if not torch.isfinite(out.loss):
             if cfg.train.on_nonfinite == "stop":
                 raise NonFiniteLoss(_nonfinite_message(state, out, batch))
@@ -133,7 +133,7 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
             state.counters["cls_steps"] += 1
             totals["cls_step"] = 1.0
             if state.cls_ema is not None:
-                ema_update(state.cls_ema, state.classifier, cfg.optim.ema_decay)
+                ema_update(state.cls_ema, state.classifier, cfg.classifier.ema_decay)
     state.step += 1
     return totals
 

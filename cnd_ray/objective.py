@@ -44,13 +44,14 @@ def gamma_at(method, step: int) -> float:
     raise AssertionError(s)
 
 
-def coin(seed: int, step: int, micro: int = 0) -> float:
-    """u ~ U(0, 1) for one (micro-)step, a pure function of (seed, step, micro).
+def coin(seed: int, step: int) -> float:
+    """u ~ U(0, 1) for one step, a pure function of (seed, step); one u per step, shared by all of
+    its gradient-accumulation micro-batches.
 
     Every rank draws the same u, so all replicas take the same branch. The released code draws it
     from each process's RNG: its replicas diverge (METHOD.md section 5) - not reproduced.
     """
-    return float(np.random.default_rng((seed, step, micro)).random())
+    return float(np.random.default_rng((seed, step)).random())
 
 
 @contextlib.contextmanager
@@ -92,7 +93,7 @@ class ClassNDiff(nn.Module):
     def gamma(self, step: int) -> float:
         return gamma_at(self.cfg.method, step)
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int, micro: int = 0,
+    def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int,
                 tone: torch.Tensor | None = None) -> StepOutput:
         """One joint step's loss on a batch x0 (N, C, H, W) with labels y (N,)."""
         diffusion, n = self.diffusion, x0.shape[0]
@@ -109,7 +110,7 @@ class ClassNDiff(nn.Module):
 
         g = self.gamma(step)
         target = y.float()
-        if coin(self.cfg.train.seed, step, micro) < g:
+        if coin(self.cfg.train.seed, step) < g:
             z_d = self.denoised(out, x0, xt, t, y, tone)
             with frozen(self.classifier) as critic:  # no optimizer step, no parameter grads
                 logits = critic(z_d)
@@ -131,17 +132,21 @@ class ClassNDiff(nn.Module):
     def denoised(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                  y: torch.Tensor, tone: torch.Tensor | None) -> torch.Tensor:
         """The latent the critic judges, per `method.denoised_input`; gradients reach the DiT."""
-        diffusion, mode = self.diffusion, self.cfg.method.denoised_input
-        if mode == "x0_pred":
+        diffusion, m = self.diffusion, self.cfg.method
+        if m.denoised_input == "x0_pred":
             # Paper: "a denoised latent from the diffusion process" - the predicted clean latent
             # of the same forward pass. No extra DiT forward.
-            eps, _ = diffusion.split(out.float(), xt.shape[1])
-            return diffusion.predict_x0(xt, t, eps)
-        if mode == "posterior":
-            pmv = diffusion.p_mean_variance(out, xt, t)
+            x0_hat = diffusion.p_mean_variance(out, xt, t, clip=m.denoised_clip)["x0"]
+            if m.denoised_grad == "raw":
+                return x0_hat
+            # Same value, gradient scaled by sqrt(alpha_bar_t) (see MethodConfig.denoised_grad).
+            w = diffusion.at(diffusion.sqrt_alphas_cumprod, t, x0_hat.ndim)
+            return x0_hat.detach() + w * (x0_hat - x0_hat.detach())
+        if m.denoised_input == "posterior":
+            pmv = diffusion.p_mean_variance(out, xt, t, clip=m.denoised_clip)
             return diffusion.ancestral_step(pmv, t, torch.randn_like(xt))
         # "reference": parity with the released code - a second DiT forward that treats the clean
         # z0 as if it were x_t at step t, one ancestral step, x0 estimate clamped to [-1, 1].
         out2 = self.dit(x0, t, y, tone)
-        pmv = diffusion.p_mean_variance(out2, x0, t, clip=True)
+        pmv = diffusion.p_mean_variance(out2, x0, t, clip=1.0)
         return diffusion.ancestral_step(pmv, t, torch.randn_like(x0))
