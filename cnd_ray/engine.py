@@ -93,11 +93,17 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
     accum = len(micro_batches)
     totals: dict[str, float] = {}
     pending = 0.0
+    skip = cfg.train.on_nonfinite == "skip"
+    # A non-finite batch would poison BatchNorm running stats in its forward: keep a copy to
+    # restore when the step is skipped (buffers are small next to the weights).
+    saved = [b.clone() for b in objective.buffers()] if skip else []
     for batch in micro_batches:
         out = objective(batch["x"], batch["y"], state.step, tone=batch.get("tone"))
         if not torch.isfinite(out.loss):
-            if cfg.train.on_nonfinite == "stop":
+            if not skip:
                 raise NonFiniteLoss(_nonfinite_message(state, out, batch))
+            for b, v in zip(objective.buffers(), saved):
+                b.copy_(v)
             # Skip: drop every pending gradient (the classifier's accumulated ones too: they are
             # mixed in the same .grad tensors) and move on to the next step's data.
             state.opt_dit.zero_grad(set_to_none=True)
