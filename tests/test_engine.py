@@ -8,7 +8,7 @@ import torch
 from cnd_ray import checkpoint
 from cnd_ray import config as C
 from cnd_ray.engine import NonFiniteLoss, build_state, ema_update, split_batch, train_step
-from tests.conftest import fixed_batch
+from tests.helpers import fixed_batch
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_losses.json"
 

@@ -5,7 +5,7 @@ import torch
 from cnd_ray import config as C
 from cnd_ray.engine import build_state, train_step
 from cnd_ray.objective import CLEAN, DENOISED, DIFF, ClassNDiff, coin, gamma_at
-from tests.conftest import fixed_batch
+from tests.helpers import fixed_batch
 
 
 def _objective(*overrides):

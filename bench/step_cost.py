@@ -1,0 +1,101 @@
+"""Cost of a Class-N-Diff training step relative to a plain DiT step, measured side by side.
+
+    python bench/step_cost.py            # paper shape: DiT-L/4 on 32x32x4 latents, ResNet-101, batch 8
+    python bench/step_cost.py --small    # DiT-S/4 + ResNet-18, for a quick look
+
+Variants (each a real `engine.train_step` on the real models):
+    plain            gamma off: the DiT alone (timed first and last; their mean is the baseline)
+    x0_pred_g0.25    the default joint step at gamma 0.25 (paper Setting 2)
+    x0_pred_g1.0     every step takes the denoised branch
+    reference_g0.25  the released code's structure: a second DiT forward for the denoised input
+
+A gamma-0.25 variant is timed on step indices whose shared coin gives exactly the share of denoised
+branches gamma asks for, so the mean is the expected cost rather than a lucky draw. Target (issue 2):
+x0_pred_g0.25 <= 1.15x plain. The last line is one JSON object with the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from cnd_ray import config as C
+from cnd_ray.engine import build_state, train_step
+from cnd_ray.objective import coin
+
+SHAPES = {
+    "paper": ["model.size=L", "model.patch_size=4", "classifier.backbone=resnet101"],
+    "small": ["model.size=S", "model.patch_size=4", "classifier.backbone=resnet18"],
+}
+VARIANTS = {
+    "plain": ["method.gamma_schedule=off"],
+    "x0_pred_g0.25": ["method.gamma=0.25"],
+    "x0_pred_g1.0": ["method.gamma=1.0"],
+    "reference_g0.25": ["method.gamma=0.25", "method.denoised_input=reference"],
+}
+
+
+def step_indices(cfg, n: int) -> list[int]:
+    """n step numbers whose coins give round(gamma * n) denoised branches, interleaved."""
+    g = cfg.method.gamma if cfg.use_classifier else 0.0
+    k = round(g * n)
+    den = [s for s in range(100_000) if coin(cfg.train.seed, s) < g][:k]
+    clean = [s for s in range(100_000) if coin(cfg.train.seed, s) >= g][:n - k]
+    return sorted(den + clean)
+
+
+def time_variant(base: list[str], overrides: list[str], steps: int, warmup: int) -> list[float]:
+    cfg = C.load("paper", [*base, "train.global_batch=8", *overrides])
+    state = build_state(cfg)
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.per_worker_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+    batch = {"x": torch.randn(shape, generator=g), "y": torch.randint(0, 2, (shape[0],), generator=g)}
+    times = []
+    for i, s in enumerate(step_indices(cfg, warmup + steps)):
+        state.step = s
+        t0 = time.perf_counter()
+        train_step(state, [batch])
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    del state
+    gc.collect()
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="DiT-S/4 + ResNet-18 instead of the paper shape")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 8, small 16)")
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    shape = "small" if args.small else "paper"
+    steps = args.steps or (16 if args.small else 8)
+    print(f"shape: {shape} ({', '.join(SHAPES[shape])}), batch 8, {steps} timed steps per variant, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    results: dict[str, list[float]] = {}
+    order = ["plain", "x0_pred_g0.25", "x0_pred_g1.0", "reference_g0.25", "plain"]
+    for name in order:  # plain first and last: drift on a noisy machine shows as their difference
+        t = time_variant(SHAPES[shape], VARIANTS[name], steps, args.warmup)
+        results.setdefault(name, []).extend(t)
+        print(f"  {name:<16} mean {statistics.mean(t) * 1e3:9.1f} ms/step", flush=True)
+
+    base = statistics.mean(results["plain"])
+    print(f"\n{'variant':<16} {'ms/step':>10} {'x plain':>8}")
+    ratios = {}
+    for name in VARIANTS:
+        m = statistics.mean(results[name])
+        ratios[name] = round(m / base, 3)
+        print(f"{name:<16} {m * 1e3:10.1f} {m / base:8.3f}")
+    verdict = "meets" if ratios["x0_pred_g0.25"] <= 1.15 else "MISSES"
+    print(f"target x0_pred_g0.25 <= 1.15x plain: {verdict}")
+    print(json.dumps({"shape": shape, "plain_ms": round(base * 1e3, 1),
+                      **{k: v for k, v in ratios.items() if k != "plain"}}))
+
+
+if __name__ == "__main__":
+    main()
