@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -222,6 +223,18 @@ def _unknown(key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def _as_number(value: Any) -> float | None:
+    """A finite float from an int, float or numeric string, else None. (PyYAML reads 1e-4, with
+    no dot, as a string; nan and inf would slip through every range check.)"""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        n = float(value)
+    except ValueError:
+        return None
+    return n if math.isfinite(n) else None
+
+
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     """Turn a YAML/CLI value into the field's type, or raise a ConfigError naming the key."""
     if typing.get_origin(typ) is Literal:
@@ -235,27 +248,17 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
             return value
         raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
     if typ is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        n = _as_number(value)
+        if n is not None and n.is_integer():  # 1e5 from YAML or the CLI
+            return int(n)
         raise ConfigError(f"{key}: {value!r} is not an integer")
     if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not a number")
+        n = _as_number(value)
+        if n is not None:
+            return n
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     if typ is str:
         if value is None:
             return ""

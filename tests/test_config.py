@@ -55,6 +55,8 @@ def test_overrides_coerce_types():
     ("optim.lr=-1", "optim.lr: -1.0 is outside"),
     ("method.gamma=1.5", "method.gamma: 1.5 is outside [0.0, 1.0]"),
     ("train.steps=abc", "train.steps: 'abc' is not an integer"),
+    ("optim.lr=nan", "optim.lr: 'nan' is not a finite number"),
+    ("train.steps=2.5", "train.steps: 2.5 is not an integer"),
     ("classifier.ema=3", "classifier.ema: 3 is not a boolean"),
     ("bogus.key=1", "unknown config key 'bogus'"),
     ("lambda_cls=1", "must be section.key"),
