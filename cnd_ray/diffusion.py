@@ -134,9 +134,12 @@ class GaussianDiffusion(nn.Module):
                 + self.at(self.posterior_mean_coef2, t, xt.ndim) * xt)
         return mean, self.at(self.posterior_log_variance_clipped, t, xt.ndim)
 
-    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (self.at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
-                - self.at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   clip: float = 0.0) -> torch.Tensor:
+        """x0 from x_t and epsilon, clamped to [-clip, clip] when clip > 0."""
+        x0 = (self.at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
+              - self.at(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+        return x0.clamp(-clip, clip) if clip > 0 else x0
 
     def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return ((self.at(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
@@ -162,9 +165,7 @@ class GaussianDiffusion(nn.Module):
             hi = self.at(self.log_betas, t, xt.ndim)
             frac = (v + 1) / 2
             logvar = frac * hi + (1 - frac) * lo
-        x0 = self.predict_x0(xt, t, eps)
-        if clip > 0:
-            x0 = x0.clamp(-clip, clip)
+        x0 = self.predict_x0(xt, t, eps, clip)
         mean, _ = self.q_posterior(x0, xt, t)
         return {"mean": mean, "log_variance": logvar, "x0": x0, "eps": eps}
 

@@ -136,7 +136,8 @@ class ClassNDiff(nn.Module):
         if m.denoised_input == "x0_pred":
             # Paper: "a denoised latent from the diffusion process" - the predicted clean latent
             # of the same forward pass. No extra DiT forward.
-            x0_hat = diffusion.p_mean_variance(out, xt, t, clip=m.denoised_clip)["x0"]
+            eps, _ = diffusion.split(out.float(), xt.shape[1])
+            x0_hat = diffusion.predict_x0(xt, t, eps, clip=m.denoised_clip)
             if m.denoised_grad == "raw":
                 return x0_hat
             # Same value, gradient scaled by sqrt(alpha_bar_t) (see MethodConfig.denoised_grad).

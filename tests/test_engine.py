@@ -7,7 +7,8 @@ import torch
 
 from cnd_ray import checkpoint
 from cnd_ray import config as C
-from cnd_ray.engine import NonFiniteLoss, build_state, ema_update, split_batch, train_step
+from cnd_ray.engine import (NonFiniteLoss, build_state, ema_update, frozen_copy, split_batch,
+                            train_step)
 from tests.helpers import fixed_batch
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_losses.json"
@@ -136,7 +137,7 @@ def test_gradient_accumulation_steps_the_dit_once():
 
 def test_ema_includes_batchnorm_buffers():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-    ema = build_state.__globals__["frozen_copy"](model)
+    ema = frozen_copy(model)
     model.train()
     model(torch.randn(16, 2) * 5 + 3)
     with torch.no_grad():
