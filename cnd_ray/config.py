@@ -17,6 +17,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
+from cnd_ray.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Sizes of models/dit.py's registry (kept here as names only so config stays torch-free; a test
@@ -42,7 +44,7 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user error in a config file, override or value: one line naming the key."""
 
 
@@ -127,11 +129,14 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What the model sees: image size and pixel or VAE-latent space."""
+    """What the model sees (image size, pixel or VAE-latent space) and how the shards stream in."""
 
+    shards: str = ""  # folder (or URI) written by `cnd-ray ingest`
     image_size: int = field(default=256, metadata=_range(8))
     space: Literal["latent", "pixel"] = "latent"
     latent_scale: float = field(default=0.18215, metadata=_range(0.0, lo_open=True))
+    balance: Literal["none", "oversample"] = "none"  # oversample: repeat malignant rows to ~1:1
+    shuffle_buffer: int = field(default=1000, metadata=_range(0))  # rows, per worker; 0 = off
 
 
 @dataclass(frozen=True)
