@@ -1,0 +1,248 @@
+import ast
+import csv
+import inspect
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cnd_ray.data import synth, tone
+from cnd_ray.errors import UserError
+
+GT_HEADER = ("image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,"
+             "benign_malignant,target")
+SITES = {"head/neck", "upper extremity", "lower extremity", "torso", "palms/soles", "oral/genital",
+         ""}
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(out):
+    """Ground-truth rows joined with the truth rows, by image name."""
+    truth = {r["image_name"]: r for r in read_csv(out / synth.TRUTH)}
+    return [{**r, **truth[r["image_name"]]} for r in read_csv(out / synth.GROUND_TRUTH)]
+
+
+def files(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "isic2020"
+    summary = synth.run(out, num_images=40, image_size=32, malignant_fraction=0.25, seed=3,
+                        progress=False)
+    return out, summary
+
+
+def test_defaults_are_the_documented_ones():
+    params = inspect.signature(synth.run).parameters
+    assert {k: p.default for k, p in params.items() if k != "out"} == {
+        "num_images": 2000, "image_size": 256, "malignant_fraction": 0.1, "seed": 0,
+        "progress": True}
+
+
+def test_synth_imports_neither_torch_nor_ray():
+    tree = ast.parse(Path(synth.__file__).read_text())
+    mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m.split(".")[0] for m in mods} & {"torch", "ray", "mlflow"}
+
+
+def test_layout_header_and_values(small):
+    out, summary = small
+    assert sorted(p.name for p in out.iterdir()) == sorted(["train", synth.GROUND_TRUTH,
+                                                            synth.TRUTH])
+    assert (out / synth.GROUND_TRUTH).read_text().split("\n", 1)[0] == GT_HEADER
+    assert (out / synth.TRUTH).read_text().split("\n", 1)[0] == "image_name,ita,skin_tone,malignant"
+    rows = load(out)
+    names = [r["image_name"] for r in rows]
+    assert names == [f"ISIC_{9000000 + i}" for i in range(40)]
+    assert sorted(p.name for p in (out / "train").iterdir()) == [f"{n}.jpg" for n in names]
+    for r in rows:
+        assert re.fullmatch(r"IP_\d{7}", r["patient_id"])
+        assert r["sex"] in {"male", "female", ""}
+        assert r["age_approx"] == "" or re.fullmatch(r"\d{1,2}\.0", r["age_approx"])
+        assert r["anatom_site_general_challenge"] in SITES
+        assert r["target"] == r["malignant"]
+        if r["target"] == "1":
+            assert (r["diagnosis"], r["benign_malignant"]) == ("melanoma", "malignant")
+        else:
+            assert r["benign_malignant"] == "benign"
+            assert r["diagnosis"] in {"nevus", "unknown", "seborrheic keratosis"}
+        assert r["skin_tone"] == tone.band(float(r["ita"]))
+    with Image.open(out / "train" / f"{names[0]}.jpg") as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (32, 32))
+    assert summary["out"] == str(out) and summary["num_images"] == 40
+
+
+def test_counts_and_malignant_fraction(small):
+    out, summary = small
+    targets = [int(r["target"]) for r in load(out)]
+    assert sum(targets) == summary["malignant"] == 10 and summary["benign"] == 30
+    assert targets != sorted(targets) and targets != sorted(targets, reverse=True)  # shuffled
+
+
+@pytest.mark.parametrize("n,fraction,expect", [(7, 0.5, 4), (5, 0.0, 0), (5, 1.0, 5), (1, 0.3, 0),
+                                               (3, 0.34, 1)])
+def test_exact_malignant_count(tmp_path, n, fraction, expect):
+    s = synth.run(tmp_path / "o", num_images=n, image_size=16, malignant_fraction=fraction,
+                  progress=False)
+    assert (s["malignant"], s["benign"]) == (expect, n - expect)
+
+
+def test_patients_share_one_tone(small):
+    out, summary = small
+    by_patient = defaultdict(list)
+    for r in load(out):
+        by_patient[r["patient_id"]].append(r)
+    assert len(by_patient) == summary["patients"]
+    assert all(1 <= len(v) <= 4 for v in by_patient.values())
+    assert any(len(v) > 1 for v in by_patient.values())
+    for rows in by_patient.values():
+        assert len({(r["ita"], r["skin_tone"], r["sex"], r["age_approx"]) for r in rows}) == 1
+    assert len({v[0]["ita"] for v in by_patient.values()}) == len(by_patient)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path, small):
+    out, _ = small
+    again = tmp_path / "again"
+    synth.run(again, num_images=40, image_size=32, malignant_fraction=0.25, seed=3, progress=False)
+    assert files(again) == files(out)
+    other = tmp_path / "other"
+    synth.run(other, num_images=40, image_size=32, malignant_fraction=0.25, seed=4, progress=False)
+    a, b = files(out), files(other)
+    assert a.keys() == b.keys()
+    assert sum(a[k] != b[k] for k in a if k.endswith(".jpg")) == 40
+
+
+def test_refuses_non_empty_out(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an empty folder"):
+        synth.run(out, num_images=2, image_size=16, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        synth.run(tmp_path / "file", num_images=2, image_size=16, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert synth.run(empty, num_images=2, image_size=16, progress=False)["num_images"] == 2
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+    make, calls = synth._image, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return make(*args)
+
+    monkeypatch.setattr(synth, "_image", failing)
+    with pytest.raises(KeyboardInterrupt):
+        synth.run(tmp_path / "out", num_images=5, image_size=16, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither `out` nor the temporary folder
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"num_images": 0}, "num_images"), ({"num_images": 2.5}, "num_images"),
+    ({"num_images": True}, "num_images"), ({"num_images": 10**7}, "num_images"),
+    ({"image_size": 15}, "image_size"), ({"image_size": 64.0}, "image_size"),
+    ({"malignant_fraction": -0.1}, "malignant_fraction"),
+    ({"malignant_fraction": 1.5}, "malignant_fraction"),
+    ({"malignant_fraction": math.nan}, "malignant_fraction"),
+    ({"malignant_fraction": "0.5"}, "malignant_fraction"), ({"seed": -1}, "seed"),
+])
+def test_bad_arguments(tmp_path, kwargs, name):
+    with pytest.raises(UserError, match=f"^{name} ") as e:  # a ValueError the CLI prints
+        synth.run(tmp_path / "out", progress=False, **kwargs)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _ranks(x):
+    """Ranks 0..n-1, ties sharing their mean rank (for Spearman's rho)."""
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, inv = np.unique(x, return_inverse=True)
+    return (np.bincount(inv, r) / np.bincount(inv))[inv]
+
+
+def test_estimated_ita_tracks_painted_ita(tmp_path):
+    out = tmp_path / "tones"
+    synth.run(out, num_images=150, image_size=128, seed=1, progress=False)
+    rows = read_csv(out / synth.TRUTH)
+    painted = np.array([float(r["ita"]) for r in rows])
+    paths = [out / "train" / f"{r['image_name']}.jpg" for r in rows]
+    est = np.array([tone.estimate_ita(np.asarray(Image.open(path))) for path in paths])
+    assert painted.min() < -40 and painted.max() > 60  # the full range of skin tones is there
+    assert not np.isnan(est).any()
+    err = est - painted
+    # Measured here: rho 0.998, mean |error| 1.3 degrees, bias -0.3, worst 4.9 (400 images at
+    # 256 px: 1.1, -0.1, 6.9). The worst are near ITA 0, where the skin texture's L* swings move
+    # ITA the most (about 4 degrees per unit of L*).
+    assert np.corrcoef(_ranks(est), _ranks(painted))[0, 1] > 0.99
+    assert np.abs(err).mean() < 2.0 and abs(err.mean()) < 1.0 and np.abs(err).max() < 12
+    assert np.mean([tone.band(e) == tone.band(p) for e, p in zip(est, painted)]) > 0.85
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve by the rank-sum formula (tied scores count half)."""
+    r = _ranks(scores) + 1
+    pos, neg = labels.sum(), len(labels) - labels.sum()
+    return (r[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: for this tiny CNN two threads only add barrier waits, and on a busy
+    2-core machine they made the test 6-20x slower (3 s -> 18-63 s, measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_classes_are_learnable(tmp_path, one_thread):
+    """A tiny CNN tells synthetic melanomas from nevi at 32 px: the stand-in carries the label."""
+    out = tmp_path / "learn"
+    synth.run(out, num_images=600, image_size=64, malignant_fraction=0.5, seed=0, progress=False)
+    rows = read_csv(out / synth.GROUND_TRUTH)
+    x = np.stack([np.asarray(Image.open(out / "train" / f"{r['image_name']}.jpg")
+                             .resize((32, 32), Image.BILINEAR)) for r in rows])
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 32, 32)
+    y = np.array([int(r["target"]) for r in rows])
+    # Held out by patient, as a real split must be: a patient's images share a skin tone.
+    test = np.array([int(r["patient_id"][3:]) % 5 == 0 for r in rows])
+    train_idx = torch.from_numpy(np.flatnonzero(~test))
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    targets = torch.from_numpy(y).float()
+    for _ in range(20):  # about 2 s; held-out AUROC 0.998 when measured
+        for batch in train_idx[torch.randperm(len(train_idx))].split(32):
+            loss = nn.functional.binary_cross_entropy_with_logits(net(x[batch]).squeeze(1),
+                                                                  targets[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        scores = net(x[torch.from_numpy(np.flatnonzero(test))]).squeeze(1).numpy()
+    assert 0.3 < y[test].mean() < 0.7
+    assert auroc(scores, y[test]) >= 0.9
