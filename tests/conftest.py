@@ -7,3 +7,56 @@ def _threads():
     # Determinism and speed on the 2-core CI machine.
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, with more logical CPUs than the 2 cores (DESIGN.md:
+    whole-CPU workers plus Ray Data's file-listing task hang on num_cpus=2)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def isic_tree(tmp_path_factory):
+    """Every ISIC layout of DATA.md in miniature, with its quirks and bad files."""
+    from tests import isic_fixtures
+
+    root = tmp_path_factory.mktemp("isic")
+    return root, isic_fixtures.build(root)
+
+
+@pytest.fixture(scope="session")
+def ingested(ray_local, isic_tree, tmp_path_factory):
+    """The fixture tree ingested once per label mode at 32 px: mode -> (out folder, manifest)."""
+    from cnd_ray.data import ingest
+    from tests import isic_fixtures
+
+    root, _ = isic_tree
+    out = {}
+    for mode in isic_fixtures.MODES:
+        labels, ak = ("malignant", True) if mode == "malignant_ak" else (mode, False)
+        folder = tmp_path_factory.mktemp(f"shards_{mode}")
+        out[mode] = (folder, ingest.run([str(root)], str(folder), labels=labels, ak_malignant=ak,
+                                        image_size=32, progress=False, shard_mb=0.02))
+    return out
+
+
+@pytest.fixture(scope="session")
+def latent_shards(ray_local, tmp_path_factory):
+    """Synthetic images ingested at 64 px with a tiny random VAE: (folder, manifest, vae)."""
+    from cnd_ray.data import ingest, synth
+    from tests.helpers import tiny_vae
+
+    tmp = tmp_path_factory.mktemp("latent")
+    vae = tiny_vae(tmp / "vae")
+    synth.run(str(tmp / "synth"), num_images=24, image_size=96, malignant_fraction=0.25, progress=False)
+    manifest = ingest.run([str(tmp / "synth")], str(tmp / "shards"), image_size=64,
+                          latent=str(tmp / "vae"), val_fraction=0.2, progress=False)
+    return tmp / "shards", manifest, vae

@@ -1,0 +1,27 @@
+"""Connecting to Ray the same way from every verb: the cluster in RAY_ADDRESS, else a local one."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def _has_token() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.exists(
+        os.path.expanduser("~/.ray/auth_token"))
+
+
+def connect(num_cpus: float | None = None) -> None:
+    """Reuse a running ray.init(); join RAY_ADDRESS; or start a local Ray with num_cpus logical CPUs.
+
+    Ray 2.60 clusters started by ray.init() use token auth, and an explicit address fails with
+    "Missing authentication token" unless RAY_AUTH_MODE=token: we set it for the user.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address and "RAY_AUTH_MODE" not in os.environ and _has_token():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    ray.init(address=address or None, num_cpus=None if address else num_cpus,
+             logging_level=logging.WARNING, log_to_driver=True)

@@ -1,0 +1,219 @@
+"""Ingest: every layout of DATA.md, labels per mode, de-duplication, splits, accounting, atomicity."""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cnd_ray.data import image as image_lib
+from cnd_ray.data import ingest
+from tests import isic_fixtures
+
+MODES = isic_fixtures.MODES
+
+
+def _table(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return pq.read_table([str(folder / s["file"]) for s in manifest["shards"]]).to_pylist()
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_labels_rejects_and_duplicates_match_every_layout(ingested, isic_tree, mode):
+    _, expected = isic_tree
+    folder, manifest = ingested[mode]
+    rows = _table(folder)
+    assert {r["image_id"]: r["label"] for r in rows} == expected.labels[mode]
+    rejects = {r["path"]: r["reason"].split(":")[0] for r in _csv(folder / "rejects.csv")}
+    assert rejects == expected.rejects[mode]
+    assert {r["path"] for r in _csv(folder / "duplicates.csv")} == expected.duplicates
+    kept = {r["image_id"]: r for r in rows}
+    assert {i: kept[i]["source"] for i in expected.sources} == expected.sources
+    assert {i: kept[i]["origin_split"] for i in expected.origin_split} == expected.origin_split
+    for image_id, path in expected.kept.items():  # the highest-resolution copy was kept
+        assert (kept[image_id]["orig_width"], kept[image_id]["orig_height"]) == expected.sizes[image_id], path
+    for image_id, sources in expected.all_sources.items():
+        if image_id in kept:
+            assert set(kept[image_id]["sources"].split(",")) <= sources
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_input_is_accounted_for(ingested, isic_tree, mode):
+    """Each image file is ingested, merged as a duplicate or rejected - exactly one of them."""
+    _, expected = isic_tree
+    folder, manifest = ingested[mode]
+    ingested_paths = set(expected.paths[i] for i in expected.labels[mode])
+    dups = [r["path"] for r in _csv(folder / "duplicates.csv")]
+    rejects = [r["path"] for r in _csv(folder / "rejects.csv")]
+    file_outcomes = ([p for p in dups if "#" not in p] + [p for p in rejects if "#" not in p]
+                     + sorted(ingested_paths))
+    assert sorted(file_outcomes) == sorted(expected.image_files)  # no file twice, none lost
+    for key, path in expected.gt_rows.items():  # and every ground-truth row
+        assert path in file_outcomes if path else key in rejects, key
+    assert manifest["num_images"] == len(expected.labels[mode])
+    assert manifest["num_rejected"] == len(rejects) and manifest["num_duplicates"] == len(dups)
+    assert manifest["inputs"]["image_files"] == len(expected.image_files)
+
+
+def test_splits_are_grouped_by_patient_and_lesion(ingested, isic_tree):
+    _, expected = isic_tree
+    rows = {r["image_id"]: r for r in _table(ingested["melanoma"][0])}
+    for group in expected.groups:
+        assert len({rows[i]["split"] for i in group}) == 1, group
+    for r in rows.values():  # metadata merged across copies: 2019 knows the HAM lesion ids
+        assert r["split"] in ("train", "val")
+
+
+def test_manifest_and_shards(ingested):
+    folder, m = ingested["melanoma"]
+    for key in ("num_images", "num_rejected", "num_duplicates", "label_mode", "classes", "sources",
+                "image_size", "latent", "schema_version", "splits", "shards"):
+        assert key in m
+    assert m["label_mode"] == "melanoma" and m["image_size"] == 32 and m["latent"] is None
+    assert sum(m["classes"].values()) == m["num_images"] == sum(m["sources"].values())
+    assert sum(s["rows"] for s in m["shards"]) == m["num_images"]
+    assert len([s for s in m["shards"] if s["split"] == "train"]) > 1  # rolled at --shard-mb
+    assert (folder / "rejects.csv").read_text().splitlines()[0] == "path,reason"
+    rows = _table(folder)
+    assert sorted(r["row_id"] for r in rows) == list(range(m["num_images"]))
+    img = image_lib.decode_png(rows[0]["image"])
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    for r in rows:
+        assert r["skin_tone"] in ("very_light", "light", "intermediate", "tan", "brown", "dark", "unknown")
+        assert 0 <= r["fitzpatrick"] <= 6
+    columns = set(rows[0])
+    for col in ("image_id", "label", "split", "source", "origin_split", "sex", "age", "site",
+                "patient_id", "lesion_id", "ita", "skin_tone", "image"):
+        assert col in columns
+
+
+def test_odd_modes_and_exif_orientation(ingested, isic_tree):
+    _, expected = isic_tree
+    rows = {r["image_id"]: r for r in _table(ingested["melanoma"][0])}
+    by_path = {p: i for i, p in expected.paths.items()}
+    rotated = rows[by_path[expected.exif_rotated]]
+    assert (rotated["orig_width"], rotated["orig_height"]) == expected.exif_size
+    for path, mode in expected.modes.items():
+        if path in by_path and by_path[path] in rows:
+            arr = image_lib.decode_png(rows[by_path[path]]["image"])
+            assert arr.std() > 1, mode  # not a blank conversion
+
+
+def test_same_input_same_shards(ray_local, isic_tree, ingested, tmp_path):
+    root, _ = isic_tree
+    ingest.run([str(root)], str(tmp_path / "again"), image_size=32, progress=False, shard_mb=0.02)
+    first, second = ingested["melanoma"][0], tmp_path / "again"
+    assert _table(first) == _table(second)
+
+
+def test_interrupted_ingest_leaves_nothing_that_looks_complete(ray_local, isic_tree, tmp_path, monkeypatch):
+    root, _ = isic_tree
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = ingest._record
+    monkeypatch.setattr(ingest, "_record", boom)
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        ingest.run([str(root)], str(out), image_size=32, progress=False)
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_refuses_a_non_empty_out_unless_overwrite(ray_local, isic_tree, tmp_path):
+    root, _ = isic_tree
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    with pytest.raises(ingest.IngestError, match="not empty"):
+        ingest.run([str(root)], str(out), image_size=32, progress=False)
+    assert (out / "precious.txt").exists()
+    ingest.run([str(root)], str(out), image_size=32, progress=False, overwrite=True)
+    assert (out / "manifest.json").exists() and not (out / "precious.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["shards"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"labels": "cancer"}, "--labels"), ({"image_size": 4}, "--image-size"),
+    ({"val_fraction": 1.0}, "--val-fraction"), ({"latent": "/nonexistent"}, "--latent"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, kwargs, match):
+    with pytest.raises(ingest.IngestError, match=match):
+        ingest.run([str(tmp_path)], str(tmp_path / "out"), progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_a_missing_root_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cnd_ray", "ingest", "--root", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"cnd-ray ingest: error: --root {tmp_path / 'nope'}: not a folder"]
+
+
+def _encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_load_handles_modes_16_bit_and_bad_bytes():
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # 16-bit greyscale
+    assert Image.open(io.BytesIO(_encode(Image.fromarray(ramp), "PNG"))).mode.startswith("I")
+    arr, size = image_lib.load(_encode(Image.fromarray(ramp), "PNG"), 32)
+    assert size == (64, 64) and arr.shape == (32, 32, 3)
+    assert arr.min() < 10 and arr.max() > 245  # the full 16-bit range maps onto 0..255
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    for mode in ("L", "P", "RGBA", "CMYK", "1", "LA"):
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        out, _ = image_lib.load(_encode(rgb.convert(mode), fmt), 16)
+        assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    good = _encode(rgb, "JPEG")
+    for data, category in ((b"", "empty file"), (b"GIF89a nonsense", "not an image"),
+                           (b"%PDF-1.4", "not an image"), (good[: len(good) // 2], "truncated image")):
+        with pytest.raises(image_lib.BadImage, match=f"^{category}:"):
+            image_lib.load(data, 16)
+
+
+def test_load_refuses_decompression_bombs():
+    bomb = _encode(Image.new("1", (12000, 8000)), "PNG")  # 96M pixels in a few kB
+    assert len(bomb) < 100_000
+    with pytest.raises(image_lib.BadImage, match="^too large:"):
+        image_lib.load(bomb, 16)
+
+
+def test_load_resizes_short_side_and_centre_crops():
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, 20:60] = 255  # a white centre square in a wide black image
+    out, size = image_lib.load(_encode(Image.fromarray(arr), "PNG"), 20)
+    assert size == (80, 40) and out.shape == (20, 20, 3)
+    assert out.mean() > 250  # the crop is the centre square
+
+
+@pytest.mark.slow
+def test_latent_ingest_stores_posteriors_of_image_and_flip(latent_shards):
+    torch = pytest.importorskip("torch")
+    out, m, vae = latent_shards
+    assert m["latent"]["shape"] == [2, 4, 8, 8] and len(m["latent"]["sha256"]) == 64
+    row = _table(out)[0]
+    mean = np.frombuffer(row["latent_mean"], np.float16).reshape(2, 4, 8, 8)
+    logvar = np.frombuffer(row["latent_logvar"], np.float16).reshape(2, 4, 8, 8)
+    x = torch.from_numpy(image_lib.decode_png(row["image"]).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    assert np.allclose(mean, post.mean.numpy(), atol=2e-2)
+    assert np.allclose(logvar, post.logvar.numpy(), atol=2e-2)
+    assert not np.allclose(mean[0], mean[1])  # the flip is a different posterior
