@@ -6,9 +6,12 @@ for paths; anything that changes what is trained is a config field given as sect
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import sys
 
 from cnd_ray import config as config_lib
+from cnd_ray.errors import UserError
 
 CONFIG_HELP = ("packaged config name ({names}) or a YAML path; dataclass defaults (the paper's "
                "setup) when omitted")
@@ -33,6 +36,95 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default(func, name: str):
+    """The default of func's keyword `name`: run() signatures are where verb defaults live."""
+    return inspect.signature(func).parameters[name].default
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """Only the flags the user gave, so run()'s own defaults apply to the rest."""
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cnd_ray.data import ingest
+
+    m = ingest.run(args.root, args.out, **_given(args, "labels", "image_size", "latent", "ak_malignant",
+                                                 "val_fraction", "seed", "shard_mb", "overwrite"))
+    splits = ", ".join(f"{s} {c['benign'] + c['malignant']} ({c['malignant']} malignant)"
+                       for s, c in m["splits"].items())
+    print(f"ingested {m['num_images']} images ({m['classes']['benign']} benign, "
+          f"{m['classes']['malignant']} malignant; {splits}) in {m['seconds']} s")
+    reasons = ", ".join(f"{n} {r}" for r, n in m["rejects_by_reason"].items()) or "none"
+    print(f"rejected {m['num_rejected']} inputs ({reasons}) and merged {m['num_duplicates']} "
+          "duplicates: see rejects.csv and duplicates.csv")
+    print(f"shards: {os.path.abspath(args.out)}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cnd_ray.data import synth
+
+    s = synth.run(args.out, **_given(args, "num_images", "image_size", "malignant_fraction", "seed"))
+    print(f"wrote {s['num_images']} synthetic images ({s['benign']} benign, {s['malignant']} "
+          f"malignant) in the ISIC 2020 layout to {s['out']} in {s['seconds']:.1f} s")
+    return 0
+
+
+def _add_ingest(verbs) -> None:
+    from cnd_ray.data import ingest, layouts  # numpy/pyarrow only: --help stays free of torch/ray
+
+    run = ingest.run
+    p = verbs.add_parser(
+        "ingest", help="ISIC archives (2016-2020, HAM10000, Archive exports) -> Parquet shards",
+        description="Find every ISIC layout under the roots (recursively), label, de-duplicate, split "
+                    "by patient/lesion, decode and resize through Ray Data, and write Parquet shards "
+                    "with manifest.json, rejects.csv (every input not ingested, and why) and "
+                    "duplicates.csv. Uses the Ray cluster in RAY_ADDRESS, else a local one.")
+    p.add_argument("--root", action="append", required=True, metavar="DIR",
+                   help="folder holding unpacked archives, searched recursively (repeatable)")
+    p.add_argument("--out", required=True, metavar="SHARDS", help="output folder (must not exist "
+                   "or be empty; written under a temporary name and renamed when complete)")
+    p.add_argument("--labels", choices=layouts.LABEL_MODES, default=argparse.SUPPRESS,
+                   help=f"melanoma: melanoma vs rest (the paper's); malignant: MEL, BCC, SCC vs rest "
+                        f"(default: {_default(run, 'labels')})")
+    p.add_argument("--ak-malignant", action="store_true", default=argparse.SUPPRESS,
+                   help="with --labels malignant, count actinic keratosis (AK/AKIEC) as malignant")
+    p.add_argument("--image-size", type=int, default=argparse.SUPPRESS, metavar="S",
+                   help=f"short side resize + centre crop to SxS (default: {_default(run, 'image_size')})")
+    p.add_argument("--latent", default=argparse.SUPPRESS, metavar="none|VAE_DIR",
+                   help="also store VAE posteriors (image and flip) using the diffusers AutoencoderKL "
+                        "saved in this local folder (never downloaded); default: none")
+    p.add_argument("--val-fraction", type=float, default=argparse.SUPPRESS, metavar="F",
+                   help=f"share of patient/lesion groups held out (default: {_default(run, 'val_fraction')})")
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                   help=f"seed of the split and the shard order (default: {_default(run, 'seed')})")
+    p.add_argument("--shard-mb", type=float, default=argparse.SUPPRESS, metavar="MB",
+                   help=f"payload per Parquet shard (default: {_default(run, 'shard_mb')})")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace a non-empty --out (atomically, once the new one is complete)")
+    p.set_defaults(func=cmd_ingest)
+
+
+def _add_synth(verbs) -> None:
+    from cnd_ray.data import synth
+
+    run = synth.run
+    p = verbs.add_parser(
+        "synth", help="write a synthetic dermoscopy data set in the ISIC 2020 layout",
+        description="Dermoscopy-like images across the full range of skin tones (vignette, hairs, a "
+                    "lesion whose class is visible: benign small, round, even brown; malignant "
+                    "larger, asymmetric, irregular, several colours), with the ISIC 2020 ground "
+                    "truth CSV, so `cnd-ray ingest --root DIR` reads it. Deterministic per seed.")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
+    for flag, typ, name in (("--num-images", int, "num_images"), ("--image-size", int, "image_size"),
+                            ("--malignant-fraction", float, "malignant_fraction"),
+                            ("--seed", int, "seed")):
+        p.add_argument(flag, type=typ, default=argparse.SUPPRESS,
+                       help=f"default: {_default(run, name)}")
+    p.set_defaults(func=cmd_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnd-ray",
@@ -46,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", action="store_true",
                    help="also print dit_params and classifier_params (all parameters)")
     p.set_defaults(func=cmd_config)
+    _add_ingest(verbs)
+    _add_synth(verbs)
     return parser
 
 
@@ -54,6 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except config_lib.ConfigError as e:
+    except UserError as e:  # config, paths, data: one line, exit code 2
         print(f"cnd-ray {args.verb}: error: {e}", file=sys.stderr)
         return 2
