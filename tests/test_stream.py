@@ -1,0 +1,182 @@
+"""The Ray Data stream: shards -> decoded batches -> model input, per-epoch shuffle, balancing."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cnd_ray import config as C
+from cnd_ray.data import image as image_lib
+from cnd_ray.data import stream
+from cnd_ray.errors import UserError
+
+
+def _cfg(shards, **over):
+    base = {"data.shards": str(shards), "data.image_size": 32, "data.space": "pixel",
+            "train.global_batch": 4}
+    base.update(over)
+    return C.load("debug", [f"{k}={v}" for k, v in base.items()])
+
+
+def _rows(folder, split):
+    m = json.loads((folder / "manifest.json").read_text())
+    files = [str(folder / s["file"]) for s in m["shards"] if s["split"] == split]
+    return {r["row_id"]: r for r in pq.read_table(files).to_pylist()}
+
+
+def _epoch(ds):
+    return [b for b in ds.iter_torch_batches(batch_size=8, device="cpu")]
+
+
+def test_pixel_round_trip_shards_to_batches(ingested):
+    folder, _ = ingested["melanoma"]
+    cfg = _cfg(folder)
+    rows = _rows(folder, "train")
+    seen = {}
+    for batch in _epoch(stream.dataset(cfg, "train")):
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 32, 32)
+        for rid, img, y in zip(batch["row_id"].tolist(), batch["image"], batch["label"].tolist()):
+            seen[rid] = (img, y)
+    assert set(seen) == set(rows)  # every train row exactly once per epoch
+    for rid, (img, y) in seen.items():
+        assert y == rows[rid]["label"]
+        assert torch.equal(img, torch.from_numpy(image_lib.decode_png(rows[rid]["image"]).copy()).permute(2, 0, 1))
+
+
+def test_each_epoch_is_reshuffled(ingested):
+    folder, _ = ingested["melanoma"]
+    ds = stream.dataset(_cfg(folder), "train")
+    orders = [[i for b in _epoch(ds) for i in b["row_id"].tolist()] for _ in range(3)]
+    assert all(sorted(o) == sorted(orders[0]) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+
+
+def test_oversampling_brings_classes_near_balance(ingested):
+    folder, manifest = ingested["melanoma"]
+    k = stream.oversample_factor(manifest, "train")
+    c = manifest["splits"]["train"]
+    assert k == round(c["benign"] / c["malignant"]) > 1
+    labels = [y for b in _epoch(stream.dataset(_cfg(folder, **{"data.balance": "oversample"}), "train"))
+              for y in b["label"].tolist()]
+    assert labels.count(1) == k * c["malignant"] and labels.count(0) == c["benign"]
+
+
+def test_model_batch_pixel_flip_and_tone():
+    cfg = C.load("debug", ["data.space=pixel", "data.image_size=16", "model.tone_groups=3"])
+    img = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 16, 16)
+    batch = {"image": img, "label": torch.tensor([0, 1]), "row_id": torch.tensor([7, 9]),
+             "tone": torch.tensor([1, 0])}
+    g = torch.Generator().manual_seed(0)
+    flips = set()
+    for _ in range(20):
+        out = stream.model_batch(batch, cfg, g)
+        assert out["x"].dtype == torch.float32 and out["x"].min() >= -1 and out["x"].max() <= 1
+        x0 = img[0].float() / 127.5 - 1
+        flips.add(torch.equal(out["x"][0], x0.flip(-1)))
+        assert torch.equal(out["x"][0], x0) or torch.equal(out["x"][0], x0.flip(-1))
+    assert flips == {True, False}
+    assert out["id"] == [7, 9] and out["tone"].tolist() == [0, 3]  # type I -> group 0; unknown -> null
+
+
+def test_tone_groups_follow_fitzpatrick_bands():
+    fitz = torch.arange(0, 7)
+    assert stream.tone_group(fitz, 3).tolist() == [3, 0, 0, 1, 1, 2, 2]
+    assert stream.tone_group(fitz, 6).tolist() == [6, 0, 1, 2, 3, 4, 5]
+    assert stream.tone_group(fitz, 1).tolist() == [1, 0, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.slow
+def test_latent_stream_draws_from_the_stored_posterior(latent_shards):
+    folder, manifest, _ = latent_shards
+    cfg = C.load("debug", [f"data.shards={folder}", "data.image_size=64", "data.space=latent",
+                           "train.global_batch=4"])
+    batch = _epoch(stream.dataset(cfg, "train"))[0]
+    assert batch["mean"].dtype == torch.float16 and batch["mean"].shape[1:] == (2 * 4 * 8 * 8,)
+    draws = torch.stack([stream.model_batch(batch, cfg, torch.Generator().manual_seed(s))["x"]
+                         for s in range(200)])  # (200, N, 4, 8, 8)
+    mean = batch["mean"].view(-1, 2, 4, 8, 8).float()
+    sigma = torch.exp(0.5 * batch["logvar"].view(-1, 2, 4, 8, 8).float())
+    # each draw is scale * (mu + sigma * xi) for the image or its flip
+    z = draws / cfg.data.latent_scale
+    xi0, xi1 = (z - mean[None, :, 0]) / sigma[None, :, 0], (z - mean[None, :, 1]) / sigma[None, :, 1]
+    use0 = (xi0.abs().amax(dim=(2, 3, 4)) < (xi1.abs().amax(dim=(2, 3, 4))))
+    xi = torch.where(use0[..., None, None, None], xi0, xi1)
+    assert abs(xi.mean().item()) < 0.05 and abs(xi.std().item() - 1) < 0.05
+    assert 0.3 < use0.float().mean().item() < 0.7  # both flips are drawn
+
+
+def test_check_refuses_shards_made_for_another_model(ingested, latent_shards):
+    folder, manifest = ingested["melanoma"]
+    with pytest.raises(UserError, match="data.image_size=64 .* ingested at 32 px"):
+        stream.check(manifest, _cfg(folder, **{"data.image_size": 64}), str(folder))
+    with pytest.raises(UserError, match="holds no latents"):
+        stream.check(manifest, _cfg(folder, **{"data.space": "latent"}), str(folder))
+    lat_folder, lat_manifest, _ = latent_shards
+    with pytest.raises(UserError, match="latent_scale"):
+        stream.check(lat_manifest, C.load("debug", ["data.image_size=64", "data.space=latent",
+                                                       "data.latent_scale=0.5"]),
+                     str(lat_folder))
+    with pytest.raises(UserError, match="manifest.json"):
+        stream.read_manifest(str(folder / "nowhere"))
+
+
+def test_data_wait_times_only_the_blocking_next():
+    import time
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    wait = stream.DataWait()
+    for _ in wait.timed(slow()):
+        time.sleep(0.02)  # "compute" is not counted
+    assert wait.batches == 3 and 0.14 < wait.seconds < 0.2
+
+
+def _stream_worker(config):
+    """A minimal Ray Train loop over the stream; each rank writes what it saw to a file."""
+    import ray.train
+
+    cfg = C.from_dict(config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard("train")
+    wait = stream.DataWait()
+    gen = torch.Generator().manual_seed(rank)
+    seen = []
+    for epoch in range(2):
+        ids = []
+        for batch in stream.batches(shard, cfg, epoch, wait):
+            mb = stream.model_batch(batch, cfg, gen)
+            assert mb["x"].shape == (cfg.per_worker_batch, 3, 32, 32)
+            ids += mb["id"]
+        seen.append(ids)
+    with open(f"{config['out']}/rank{rank}.json", "w") as f:
+        json.dump({"seen": seen, "wait": wait.seconds, "batches": wait.batches}, f)
+    ray.train.report({"data_wait_s": wait.seconds})
+
+
+@pytest.mark.slow
+def test_two_workers_get_equal_disjoint_shards(ingested, ray_local, tmp_path):
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    folder, manifest = ingested["melanoma"]
+    cfg = _cfg(folder, **{"scale.num_workers": 2})
+    trainer = TorchTrainer(
+        _stream_worker, train_loop_config={"config": cfg.to_dict(), "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": stream.dataset(cfg, "train")},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name="stream_test", storage_path=str(tmp_path / "runs")))
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    n_train = manifest["splits"]["train"]["benign"] + manifest["splits"]["train"]["malignant"]
+    for epoch in (0, 1):
+        a, b = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]
+        assert len(a) == len(b) > 0  # equal batches per rank: uneven ones deadlock DDP
+        assert not set(a) & set(b) and len(set(a)) == len(a)  # disjoint, no row twice
+        assert len(a) + len(b) > n_train - 2 * 2 * cfg.per_worker_batch  # only drop_last remainders lost
+    assert ranks[0]["seen"][0] != ranks[0]["seen"][1]  # reshuffled per epoch
+    assert all(r["batches"] == 2 * len(r["seen"][0]) // cfg.per_worker_batch for r in ranks)
