@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from cnd_ray.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SUPERPIXEL = re.compile(r"_superpixels$")  # ISIC 2017 training folder: masks, not lesion photos
 
@@ -34,7 +36,14 @@ DIAGNOSIS_WORDS: dict[str, str | None] = {
     "df": "DF", "dermatofibroma": "DF",
     "vasc": "VASC", "vascular lesion": "VASC", "angioma": "VASC", "angiokeratoma": "VASC",
     "pyogenic granuloma": "VASC",
+    "melanoma in situ": "MEL", "melanoma invasive": "MEL", "melanoma, nos": "MEL",
     "cafe-au-lait macule": "BENIGN", "atypical melanocytic proliferation": "BENIGN",
+    # Further benign diagnoses of the ISIC Archive
+    "acrochordon": "BENIGN", "angiofibroma or fibrous papule": "BENIGN", "clear cell acanthoma": "BENIGN",
+    "mucosal melanosis": "BENIGN", "neurofibroma": "BENIGN", "nevus spilus": "NV", "scar": "BENIGN",
+    "sebaceous adenoma": "BENIGN", "sebaceous hyperplasia": "BENIGN", "verruca": "BENIGN",
+    # The Archive files these as indeterminate or either way: benign_malignant decides
+    "aimp": None, "atypical spitz tumor": None,
     "unknown": None, "other": None, "": None,
 }
 # ISIC Archive benign_malignant; plain "indeterminate" has no label.
@@ -103,13 +112,34 @@ def _meta(sex=None, age=None, site=None, patient_id=None, lesion_id=None) -> dic
 
 
 def _dict_rows(path: str) -> Iterator[dict]:
+    """CSV rows with header names and cells stripped (some exports write `image, MEL, ...`)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
-        yield from csv.DictReader(f)
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                yield {h: c.strip() for h, c in zip(header, cells)}
 
 
 def _header(path: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return next(csv.reader(f), [])
+    """The header of a CSV, or [] when it is not UTF-8 text (then it is not one of ours)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [h.strip() for h in next(csv.reader(f), [])]
+    except (UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _read_csv(reader: Callable, path: str):
+    """Run a CSV reader; a file we recognised but cannot read is the user's to fix."""
+    try:
+        out = reader(path)
+        return out if isinstance(out, dict) else list(out)
+    except KeyError as e:
+        raise UserError(f"{path}: no column {e} (expected the published header; is the header "
+                        "line missing?)") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: not a readable UTF-8 CSV ({e})") from None
 
 
 def _float_flag(value: str) -> bool | None:
@@ -247,47 +277,54 @@ class Layout:
     source: str
     gt: re.Pattern  # file name; group "split" is the release's split name when it has several
     read: Callable[[str], Iterator[tuple]]
-    image_dirs: Callable[[str, str], re.Pattern | str]  # (split name, gt folder) -> folder
+    # split name -> ("name", rx): folders so named anywhere under the root, or ("under", rx):
+    # folders below the ground truth's folder whose relative path matches ("." = that folder)
+    image_dirs: Callable[[str], tuple[str, re.Pattern]]
     metadata: tuple[tuple[re.Pattern, Callable[[str], dict]], ...] = ()
-    header: tuple[str, ...] = ()  # required header columns (for generic file names)
+    header: tuple[str, ...] = ()  # required header columns
+    generic: bool = False  # a common file name: a wrong header means "not ours", not an error
 
 
 _SPLITS = {"training": "train", "validation": "val", "test": "test", "test_v2": "test"}
 
 
-def _named(fmt: str) -> Callable[[str, str], re.Pattern]:
+def _named(fmt: str) -> Callable[[str], tuple[str, re.Pattern]]:
     """Image folders with a release-specific name, anywhere under the root."""
-    return lambda split, _: re.compile(fmt.format(split=re.escape(split)) + r"$")
+    return lambda split: ("name", re.compile("^" + fmt.format(split=re.escape(split)) + r"$"))
+
+
+def _under(rx: str) -> Callable[[str], tuple[str, re.Pattern]]:
+    """Image folders with a generic name, found below the ground truth (ISIC 2020, Archive)."""
+    return lambda split: ("under", re.compile(rx))
 
 
 LAYOUTS = (
     Layout("isic2016", re.compile(r"ISBI2016_ISIC_Part3_(?P<split>Training|Test)_GroundTruth\.csv$"),
            _read_2016, _named("ISBI2016_ISIC_Part3_{split}_Data")),
     Layout("isic2017", re.compile(r"ISIC-2017_(?P<split>Training|Validation|Test_v2)_Part3_GroundTruth\.csv$"),
-           _read_2017, _named("ISIC-2017_{split}_Data"),
+           _read_2017, _named("ISIC-2017_{split}_Data"), header=("image_id", "melanoma", "seborrheic_keratosis"),
            metadata=((re.compile(r"ISIC-2017_(?P<split>Training|Validation|Test_v2)_Data_metadata\.csv$"),
                       _metadata_2017),)),
     Layout("isic2018", re.compile(r"ISIC2018_Task3_(?P<split>Training|Validation|Test)_GroundTruth\.csv$"),
            _one_hot_reader(("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")),
-           _named("ISIC2018_Task3_{split}_Input"),
+           _named("ISIC2018_Task3_{split}_Input"), header=("image", "MEL"),
            metadata=((re.compile(r"ISIC2018_Task3_(?P<split>Training)_LesionGroupings\.csv$"),
                       _groupings_2018),)),
     Layout("ham10000", re.compile(r"HAM10000_metadata(\.csv)?$"), _read_ham,
-           lambda split, _: re.compile(r"HAM10000_images(_part_[12])?$"),
+           lambda split: ("name", re.compile(r"^HAM10000_images(_part_[12])?$")),
            header=("lesion_id", "image_id", "dx")),
     Layout("isic2019", re.compile(r"ISIC_2019_(?P<split>Training|Test)_GroundTruth\.csv$"),
            _one_hot_reader(("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")),
-           _named("ISIC_2019_{split}_Input"),
+           _named("ISIC_2019_{split}_Input"), header=("image", "MEL"),
            metadata=((re.compile(r"ISIC_2019_(?P<split>Training|Test)_Metadata\.csv$"), _metadata_2019),)),
-    # The 2020 folder names are generic, so they are found relative to the ground truth.
+    # The 2020 folder names are generic, so they are found below the ground truth (at any depth:
+    # people unzip into ISIC_2020_Training_JPEG/train/ or train/train/).
     Layout("isic2020", re.compile(r"ISIC_2020_Training_GroundTruth(_v2)?\.csv$"), _read_2020,
-           lambda split, gt_dir: os.path.join(gt_dir, "train"),
-           header=("image_name", "target")),
+           _under(r"(^|/)train$"), header=("image_name", "target")),
     Layout("isic2020", re.compile(r"^train\.csv$"), _read_2020,  # the Kaggle layout
-           lambda split, gt_dir: os.path.join(gt_dir, "jpeg", "train"),
-           header=("image_name", "target")),
+           _under(r"(^|/)jpeg/train$"), header=("image_name", "target"), generic=True),
     Layout("isic_archive", re.compile(r".*\.csv$"), _read_archive,
-           lambda split, gt_dir: gt_dir, header=("isic_id", "benign_malignant")),
+           _under(r"^(\.|images)$"), header=("isic_id", "benign_malignant"), generic=True),
 )
 
 
@@ -295,13 +332,19 @@ def _split_name(match: re.Match) -> str:
     return match.groupdict().get("split") or "Training"
 
 
-def _walk(root: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
-    """(csv files, folder name -> folders, image files) under root, in sorted order."""
-    csvs, dirs, images = [], {}, []
-    for here, subdirs, files in os.walk(root):
+def _walk(root: str) -> tuple[list[str], list[str], list[str]]:
+    """(csv files, folders, image files) under root in sorted order, following symlinked folders
+    (data often lives on another disk) but never into a loop."""
+    csvs, dirs, images = [], [], []
+    seen = set()
+    for here, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
         subdirs.sort()
-        for d in subdirs:
-            dirs.setdefault(d, []).append(os.path.join(here, d))
+        dirs.append(here)
         for name in sorted(files):
             path = os.path.join(here, name)
             low = name.lower()
@@ -326,8 +369,11 @@ def _match(path: str, layout: Layout) -> re.Match | None:
     m = layout.gt.search(os.path.basename(path))
     if m is None or not layout.header:
         return m
-    header = set(_header(path))
-    return m if header.issuperset(layout.header) else None
+    missing = [c for c in layout.header if c not in _header(path)]
+    if missing and not layout.generic:
+        raise UserError(f"{path}: no column {missing[0]!r} (expected the published header; is the "
+                        "header line missing?)")
+    return None if missing else m
 
 
 def scan(roots: list[str]) -> Scan:
@@ -348,12 +394,14 @@ def scan(roots: list[str]) -> Scan:
         for path in csvs:
             name = os.path.basename(path)
             if name == "ISIC_2020_Training_Duplicates.csv":
-                duplicates.update(r["image_name_2"] for r in _dict_rows(path) if r.get("image_name_2"))
+                duplicates.update(r["image_name_2"] for r in _read_csv(_dict_rows, path)
+                                  if r.get("image_name_2"))
             for layout in LAYOUTS:
                 for pattern, reader in layout.metadata:
                     m = pattern.search(name)
                     if m:
-                        metadata.setdefault((layout.source, _split_name(m)), {}).update(reader(path))
+                        metadata.setdefault((layout.source, _split_name(m)), {}).update(
+                            _read_csv(reader, path))
         for path in csvs:
             if path in skip:
                 continue
@@ -362,15 +410,19 @@ def scan(roots: list[str]) -> Scan:
                 continue
             read_csvs.append(path)
             split = _split_name(m)
-            where = layout.image_dirs(split, os.path.dirname(path))
-            folders = ([f for name, fs in dirs.items() if where.search(name) for f in fs]
-                       if isinstance(where, re.Pattern) else [where])
+            kind, rx = layout.image_dirs(split)
+            base = os.path.dirname(path)
+            if kind == "name":
+                folders = [d for d in dirs if rx.search(os.path.basename(d))]
+            else:
+                folders = [d for d in dirs if (d == base or d.startswith(base + os.sep))
+                           and rx.search(os.path.relpath(d, base).replace(os.sep, "/"))]
             files: dict[str, str] = {}
             for folder in folders:
                 for stem, file in _images_in(folder).items():
                     files.setdefault(stem, file)
             extra = metadata.get((layout.source, split), {})
-            for raw, dx, problem, meta in layout.read(path):
+            for raw, dx, problem, meta in _read_csv(layout.read, path):
                 raw = raw.strip()
                 for k, v in extra.get(raw, {}).items():
                     if meta.get(k) is None:
