@@ -141,19 +141,51 @@ def test_refuses_a_non_empty_out_unless_overwrite(ray_local, isic_tree, tmp_path
     (out / "precious.txt").write_text("x")
     with pytest.raises(ingest.IngestError, match="not empty"):
         ingest.run([str(root)], str(out), image_size=32, progress=False)
+    with pytest.raises(ingest.IngestError, match="only replaces an earlier ingest output"):
+        ingest.run([str(root)], str(out), image_size=32, progress=False, overwrite=True)
     assert (out / "precious.txt").exists()
+    (out / "precious.txt").unlink()
+    ingest.run([str(root)], str(out), image_size=32, progress=False, seed=1)
     ingest.run([str(root)], str(out), image_size=32, progress=False, overwrite=True)
-    assert (out / "manifest.json").exists() and not (out / "precious.txt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["shards"]
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["shards"]  # no temp or old folder left behind
+
+
+def test_out_may_not_overlap_the_inputs(tmp_path):
+    from cnd_ray.data import synth
+
+    synth.run(str(tmp_path / "data" / "isic"), num_images=4, image_size=32, progress=False)
+    for out in (tmp_path / "data", tmp_path / "data" / "isic", tmp_path / "data" / "isic" / "shards"):
+        with pytest.raises(ingest.IngestError, match="overlaps --root"):
+            ingest.run([str(tmp_path / "data" / "isic")], str(out), overwrite=True, progress=False)
+    assert len(os.listdir(tmp_path / "data" / "isic" / "train")) == 4
+
+
+def test_nothing_to_ingest_is_an_error(ray_local, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ingest.IngestError, match="no ISIC ground truth found"):
+        ingest.run([str(tmp_path / "empty")], str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+    only_bad = tmp_path / "bad"
+    (only_bad / "train").mkdir(parents=True)
+    (only_bad / "train" / "ISIC_0000001.jpg").write_bytes(b"")
+    (only_bad / "ISIC_2020_Training_GroundTruth.csv").write_text(
+        "image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,target\n"
+        "ISIC_0000001,IP_1,male,40.0,torso,nevus,benign,0\n")
+    with pytest.raises(ingest.IngestError, match="no image could be ingested.*rejects.csv"):
+        ingest.run([str(only_bad)], str(tmp_path / "out"), progress=False)
+    assert "empty file" in (tmp_path / "out" / "rejects.csv").read_text()  # the report is kept
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"labels": "cancer"}, "--labels"), ({"image_size": 4}, "--image-size"),
     ({"val_fraction": 1.0}, "--val-fraction"), ({"latent": "/nonexistent"}, "--latent"),
+    ({"seed": -1}, "--seed"), ({"shard_mb": 0}, "--shard-mb"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, kwargs, match):
+    (tmp_path / "in").mkdir()
     with pytest.raises(ingest.IngestError, match=match):
-        ingest.run([str(tmp_path)], str(tmp_path / "out"), progress=False, **kwargs)
+        ingest.run([str(tmp_path / "in")], str(tmp_path / "out"), progress=False, **kwargs)
     assert not (tmp_path / "out").exists()
 
 

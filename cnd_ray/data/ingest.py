@@ -24,12 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cnd_ray import config as config_lib
 from cnd_ray.data import image as image_lib
 from cnd_ray.data import layouts, tone
 from cnd_ray.errors import UserError
 
 SCHEMA_VERSION = 1
 VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+MISSING_ON_WORKER = "missing on worker"
 ROW_GROUP = 256  # rows per Parquet row group: small enough for Ray Data to split a shard
 
 
@@ -66,9 +68,12 @@ def _check_vae(folder: str) -> dict:
     if not os.path.isfile(cfg_path):
         raise IngestError(f"--latent {folder}: no config.json there (expected a diffusers "
                           "AutoencoderKL folder written by save_pretrained)")
-    with open(cfg_path) as f:
-        vae_cfg = json.load(f)
-    if vae_cfg.get("_class_name") != "AutoencoderKL":
+    try:
+        with open(cfg_path) as f:
+            vae_cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise IngestError(f"--latent {folder}: config.json is not readable JSON ({e})") from None
+    if not isinstance(vae_cfg, dict) or vae_cfg.get("_class_name") != "AutoencoderKL":
         raise IngestError(f"--latent {folder}: config.json describes {vae_cfg.get('_class_name')!r}, "
                           "not an AutoencoderKL")
     weights = [os.path.join(folder, n) for n in VAE_FILES if os.path.isfile(os.path.join(folder, n))]
@@ -84,20 +89,39 @@ def _check_vae(folder: str) -> dict:
             "channels": vae_cfg.get("latent_channels", 4), "downsample": down}
 
 
-def _check_args(roots, out, labels, image_size, latent, val_fraction, overwrite) -> dict | None:
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_args(roots, out, labels, image_size, latent, val_fraction, seed, shard_mb,
+                overwrite) -> dict | None:
     if not roots:
         raise IngestError("give at least one --root folder")
     for root in roots:
         if not os.path.isdir(root):
             raise IngestError(f"--root {root}: not a folder")
+        # --overwrite replaces --out wholesale: it must never hold (or be held by) the inputs
+        if _inside(out, root) or _inside(root, out):
+            raise IngestError(f"--out {out}: overlaps --root {root}; write the shards outside the inputs")
     if labels not in layouts.LABEL_MODES:
         raise IngestError(f"--labels {labels!r}: choose one of {', '.join(layouts.LABEL_MODES)}")
     if image_size < 8:
         raise IngestError(f"--image-size {image_size}: must be >= 8")
     if not 0.0 <= val_fraction < 1.0:
         raise IngestError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise IngestError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    if seed < 0:
+        raise IngestError(f"--seed {seed}: must be >= 0")
+    if not shard_mb > 0:
+        raise IngestError(f"--shard-mb {shard_mb}: must be > 0")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise IngestError(f"--out {out}: exists and is a file")
+        if os.listdir(out) and not overwrite:
+            raise IngestError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, "manifest.json")):
+            raise IngestError(f"--out {out}: --overwrite only replaces an earlier ingest output "
+                              "(this folder has no manifest.json)")
     if latent in (None, "", "none"):
         return None
     info = _check_vae(os.path.abspath(latent))
@@ -211,7 +235,11 @@ def _preprocess(batch: dict, size: int, keep_pixels: bool) -> dict:
             out["image"].append(b"")
             out["error"].append(str(e))
             continue
-        except OSError as e:  # unreadable file (permissions, vanished)
+        except FileNotFoundError as e:  # seen by the driver, absent here: another node's disk
+            out["image"].append(b"")
+            out["error"].append(f"{MISSING_ON_WORKER}: {e}")
+            continue
+        except OSError as e:  # unreadable file (permissions)
             out["image"].append(b"")
             out["error"].append(f"unreadable: {e}")
             continue
@@ -365,15 +393,19 @@ def _record(kept: Candidate, result: dict, copies: list[Candidate], row_id: int)
 
 # --- the verb ------------------------------------------------------------------------------------
 
-def run(roots: list[str], out: str, labels: str = "melanoma", image_size: int = 256,
+def run(roots: list[str], out: str, labels: str = "melanoma",
+        image_size: int = config_lib.DataConfig.image_size,
         latent: str | None = None, ak_malignant: bool = False, val_fraction: float = 0.1,
         seed: int = 0, shard_mb: float = 256.0, overwrite: bool = False, progress: bool = True) -> dict:
     """Ingest ISIC archives under `roots` into Parquet shards in `out`; returns the manifest."""
     roots = [os.path.abspath(r) for r in roots]
     out = os.path.abspath(out)
-    vae = _check_args(roots, out, labels, image_size, latent, val_fraction, overwrite)
+    vae = _check_args(roots, out, labels, image_size, latent, val_fraction, seed, shard_mb, overwrite)
     t0 = time.perf_counter()
     scan = layouts.scan(roots)
+    if not scan.csvs:
+        raise IngestError(f"no ISIC ground truth found under {', '.join(roots)} (looked for the "
+                          "file names of DATA.md's layouts, e.g. ISIC_2020_Training_GroundTruth.csv)")
     ledger = Ledger()
     cands = _select(scan, labels, ak_malignant, ledger)
     _assign_splits(cands, val_fraction, seed)
@@ -398,6 +430,10 @@ def run(roots: list[str], out: str, labels: str = "melanoma", image_size: int = 
                              scan, ledger, shards, stats, schema, time.perf_counter() - t0)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
+        if stats["missing_on_workers"]:
+            raise IngestError(f"{stats['missing_on_workers']} files the driver found were missing on "
+                              "the Ray workers: on a cluster the --root folders must be on storage "
+                              "every node mounts at the same path")
         old = None
         if os.path.exists(out):
             old = f"{out}.old-{uuid.uuid4().hex[:8]}"
@@ -408,13 +444,16 @@ def run(roots: list[str], out: str, labels: str = "melanoma", image_size: int = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if manifest["num_images"] == 0:
+        raise IngestError(f"no image could be ingested: every input is listed with its reason in "
+                          f"{os.path.join(out, 'rejects.csv')}")
     return manifest
 
 
 def _run_pipeline(ordered, groups, image_size, vae, writer, ledger, progress) -> dict:
     """Decode in Ray Data, resolve copies and write rows in order on the driver."""
     stats = {"classes": Counter(), "splits": defaultdict(Counter), "sources": Counter(),
-             "skin_tones": Counter(), "num_images": 0}
+             "skin_tones": Counter(), "num_images": 0, "missing_on_workers": 0}
     if not ordered:
         return stats
     import ray
@@ -448,6 +487,7 @@ def _run_pipeline(ordered, groups, image_size, vae, writer, ledger, progress) ->
         for j in range(len(batch["idx"])):
             cand = ordered[int(batch["idx"][j])]
             result = {k: v[j] for k, v in batch.items()}
+            stats["missing_on_workers"] += result["error"].startswith(MISSING_ON_WORKER)
             got = pending.setdefault(cand.row.image_id, [])
             got.append(result)
             copies = groups[cand.row.image_id]
