@@ -20,15 +20,7 @@ import torch
 
 from cnd_ray import config as config_lib
 from cnd_ray import engine
-from cnd_ray.data import ingest, stream, synth
-
-
-def epochs(ds, cfg, wait=None):
-    """Batches forever, epoch after epoch."""
-    epoch = 0
-    while True:
-        yield from stream.batches(ds, cfg, epoch, wait)
-        epoch += 1
+from cnd_ray.data import augment, ingest, stream, synth
 
 
 def main() -> None:
@@ -48,16 +40,18 @@ def main() -> None:
         ingest.run([os.path.join(tmp, "synth")], os.path.join(tmp, "shards"),
                    image_size=base.data.image_size, progress=False)
         cfg = config_lib.override(base, {"data.shards": os.path.join(tmp, "shards"), "data.space": "pixel"})
-        ds = stream.dataset(cfg, "train")
+        # as many epochs as the bench can consume (an epoch is a few dozen batches here)
+        per_epoch = max(1, args.images * 9 // 10 // cfg.per_worker_batch)
+        ds = stream.dataset(cfg, "train", epochs=(0, 4 * args.steps // per_epoch + 4))
         gen = torch.Generator().manual_seed(0)
 
-        it = epochs(ds, cfg)
+        it = stream.batches(ds, cfg)
         next(it)  # start-up (Ray Data workers, first file) is not steady state
         t = time.perf_counter()
         for _ in range(args.steps):
-            stream.model_batch(next(it), cfg, gen)
+            augment.model_batch(next(it), cfg, gen)
         stream_bps = args.steps / (time.perf_counter() - t)
-        fixed = stream.model_batch(next(it), cfg, gen)
+        fixed = augment.model_batch(next(it), cfg, gen)
         it.close()  # finish the iterator while Ray is still up
 
         state = engine.build_state(cfg, torch.device("cpu"))
@@ -68,15 +62,14 @@ def main() -> None:
         train_sps = args.steps / (time.perf_counter() - t)
 
         wait = stream.DataWait()
-        it = epochs(ds, cfg, wait)
-        engine.train_step(state, [stream.model_batch(next(it), cfg, gen)])
+        it = stream.batches(ds, cfg, wait)
+        engine.train_step(state, [augment.model_batch(next(it), cfg, gen)])
         wait.seconds = 0.0
         t = time.perf_counter()
         for _ in range(args.steps):
-            engine.train_step(state, [stream.model_batch(next(it), cfg, gen)])
+            engine.train_step(state, [augment.model_batch(next(it), cfg, gen)])
         loop = time.perf_counter() - t
         it.close()
-    ray.shutdown()
     share = wait.seconds / loop
     print(f"\nconfig {args.config}: batch {cfg.per_worker_batch} x {cfg.in_channels}x{cfg.input_size}^2, "
           f"{args.images} synthetic images")
@@ -86,7 +79,9 @@ def main() -> None:
     print(f"{'loop: data-wait share':32s} {100 * share:8.2f} %   (target < 5 %)")
     print(json.dumps({"config": args.config, "stream_batches_s": round(stream_bps, 2),
                       "train_steps_s": round(train_sps, 2), "headroom": round(stream_bps / train_sps, 2),
-                      "loop_steps_s": round(args.steps / loop, 2), "data_wait_share": round(share, 4)}))
+                      "loop_steps_s": round(args.steps / loop, 2), "data_wait_share": round(share, 4)}),
+          flush=True)  # Ray's shutdown may end the process without flushing stdout
+    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -101,7 +101,6 @@ def main() -> None:
         m = ingest.run([os.path.join(tmp, "isic")], os.path.join(tmp, "shards"), image_size=args.size,
                        progress=False)
         t_ray = time.perf_counter() - t
-        ray.shutdown()
     ray_ips = m["num_images"] / t_ray
     rows = [("full decode (1 process)", 1 / t_full, 1 / t_full),
             ("image.load draft + png + ITA (1 process)", 1 / t_ours, 1 / t_ours),
@@ -118,7 +117,9 @@ def main() -> None:
                       "full_decode_img_s": round(1 / t_full, 2), "draft_img_s": round(1 / t_ours, 2),
                       "draft_speedup": round(t_full / t_ours, 2), "ray_img_s": round(ray_ips, 2),
                       "ray_img_s_per_core": round(ray_ips / cores, 2),
-                      "pool_minutes_16_cores": round(ISIC_POOL / (ray_ips / cores * 16) / 60, 1)}))
+                      "pool_minutes_16_cores": round(ISIC_POOL / (ray_ips / cores * 16) / 60, 1)}),
+          flush=True)  # Ray's shutdown may end the process without flushing stdout
+    ray.shutdown()
 
 
 if __name__ == "__main__":

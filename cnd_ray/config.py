@@ -137,6 +137,7 @@ class DataConfig:
     latent_scale: float = field(default=0.18215, metadata=_range(0.0, lo_open=True))
     balance: Literal["none", "oversample"] = "none"  # oversample: repeat malignant rows to ~1:1
     shuffle_buffer: int = field(default=1000, metadata=_range(0))  # rows, per worker; 0 = off
+    decode_tasks: int = field(default=0, metadata=_range(0))  # concurrent; 0 = half the cluster's CPUs
 
 
 @dataclass(frozen=True)

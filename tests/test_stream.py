@@ -8,7 +8,7 @@ import torch
 
 from cnd_ray import config as C
 from cnd_ray.data import image as image_lib
-from cnd_ray.data import stream
+from cnd_ray.data import augment, stream
 from cnd_ray.errors import UserError
 
 
@@ -44,12 +44,30 @@ def test_pixel_round_trip_shards_to_batches(ingested):
         assert torch.equal(img, torch.from_numpy(image_lib.decode_png(rows[rid]["image"]).copy()).permute(2, 0, 1))
 
 
-def test_each_epoch_is_reshuffled(ingested):
+def _order(ds):
+    rows = [(e, i) for b in _epoch(ds) for e, i in zip(b["epoch"].tolist(), b["row_id"].tolist())]
+    return [[i for e, i in rows if e == epoch] for epoch in sorted({e for e, _ in rows})]
+
+
+def test_epochs_are_reshuffled_and_reproducible_from_seed_and_epoch(ingested):
     folder, _ = ingested["melanoma"]
-    ds = stream.dataset(_cfg(folder), "train")
-    orders = [[i for b in _epoch(ds) for i in b["row_id"].tolist()] for _ in range(3)]
-    assert all(sorted(o) == sorted(orders[0]) for o in orders)
-    assert len({tuple(o) for o in orders}) > 1
+    cfg = _cfg(folder)
+    orders = _order(stream.dataset(cfg, "train", epochs=(0, 6)))
+    assert len(orders) == 6 and all(sorted(o) == sorted(orders[0]) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # new orders (only 3 row groups here: 6 orders)
+    assert _order(stream.dataset(cfg, "train", epochs=(0, 6))) == orders  # same seed, same stream
+    assert _order(stream.dataset(cfg, "train", epochs=(4, 6))) == orders[4:]  # a resume at epoch 4
+    other = _order(stream.dataset(_cfg(folder, **{"train.seed": 1}), "train", epochs=(0, 1)))
+    assert other[0] != orders[0]
+    plain = _order(stream.dataset(cfg, "train", shuffle=False))
+    assert plain[0] == list(_rows(folder, "train"))  # evaluation: shard order, every row once
+
+
+def test_relative_shards_path_works_inside_ray_tasks(ingested, monkeypatch):
+    folder, _ = ingested["melanoma"]
+    monkeypatch.chdir(folder.parent)
+    rows = [i for b in _epoch(stream.dataset(_cfg(folder.name), "train")) for i in b["row_id"].tolist()]
+    assert len(rows) == sum(ingested["melanoma"][1]["splits"]["train"].values())
 
 
 def test_oversampling_brings_classes_near_balance(ingested):
@@ -60,6 +78,10 @@ def test_oversampling_brings_classes_near_balance(ingested):
     labels = [y for b in _epoch(stream.dataset(_cfg(folder, **{"data.balance": "oversample"}), "train"))
               for y in b["label"].tolist()]
     assert labels.count(1) == k * c["malignant"] and labels.count(0) == c["benign"]
+    val = [y for b in _epoch(stream.dataset(_cfg(folder, **{"data.balance": "oversample"}), "val",
+                                            shuffle=False)) for y in b["label"].tolist()]
+    assert sorted(val) == sorted(manifest["splits"]["val"]["benign"] * [0]
+                                 + manifest["splits"]["val"]["malignant"] * [1])  # never oversampled
 
 
 def test_model_batch_pixel_flip_and_tone():
@@ -70,7 +92,7 @@ def test_model_batch_pixel_flip_and_tone():
     g = torch.Generator().manual_seed(0)
     flips = set()
     for _ in range(20):
-        out = stream.model_batch(batch, cfg, g)
+        out = augment.model_batch(batch, cfg, g)
         assert out["x"].dtype == torch.float32 and out["x"].min() >= -1 and out["x"].max() <= 1
         x0 = img[0].float() / 127.5 - 1
         flips.add(torch.equal(out["x"][0], x0.flip(-1)))
@@ -81,9 +103,9 @@ def test_model_batch_pixel_flip_and_tone():
 
 def test_tone_groups_follow_fitzpatrick_bands():
     fitz = torch.arange(0, 7)
-    assert stream.tone_group(fitz, 3).tolist() == [3, 0, 0, 1, 1, 2, 2]
-    assert stream.tone_group(fitz, 6).tolist() == [6, 0, 1, 2, 3, 4, 5]
-    assert stream.tone_group(fitz, 1).tolist() == [1, 0, 0, 0, 0, 0, 0]
+    assert augment.tone_group(fitz, 3).tolist() == [3, 0, 0, 1, 1, 2, 2]
+    assert augment.tone_group(fitz, 6).tolist() == [6, 0, 1, 2, 3, 4, 5]
+    assert augment.tone_group(fitz, 1).tolist() == [1, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.slow
@@ -93,7 +115,7 @@ def test_latent_stream_draws_from_the_stored_posterior(latent_shards):
                            "train.global_batch=4"])
     batch = _epoch(stream.dataset(cfg, "train"))[0]
     assert batch["mean"].dtype == torch.float16 and batch["mean"].shape[1:] == (2 * 4 * 8 * 8,)
-    draws = torch.stack([stream.model_batch(batch, cfg, torch.Generator().manual_seed(s))["x"]
+    draws = torch.stack([augment.model_batch(batch, cfg, torch.Generator().manual_seed(s))["x"]
                          for s in range(200)])  # (200, N, 4, 8, 8)
     mean = batch["mean"].view(-1, 2, 4, 8, 8).float()
     sigma = torch.exp(0.5 * batch["logvar"].view(-1, 2, 4, 8, 8).float())
@@ -144,14 +166,12 @@ def _stream_worker(config):
     shard = ray.train.get_dataset_shard("train")
     wait = stream.DataWait()
     gen = torch.Generator().manual_seed(rank)
-    seen = []
-    for epoch in range(2):
-        ids = []
-        for batch in stream.batches(shard, cfg, epoch, wait):
-            mb = stream.model_batch(batch, cfg, gen)
-            assert mb["x"].shape == (cfg.per_worker_batch, 3, 32, 32)
-            ids += mb["id"]
-        seen.append(ids)
+    seen = [[], []]
+    for batch in stream.batches(shard, cfg, wait):
+        mb = augment.model_batch(batch, cfg, gen)
+        assert mb["x"].shape == (cfg.per_worker_batch, 3, 32, 32)
+        for epoch, i in zip(batch["epoch"].tolist(), mb["id"]):
+            seen[epoch].append(i)
     with open(f"{config['out']}/rank{rank}.json", "w") as f:
         json.dump({"seen": seen, "wait": wait.seconds, "batches": wait.batches}, f)
     ray.train.report({"data_wait_s": wait.seconds})
@@ -167,16 +187,15 @@ def test_two_workers_get_equal_disjoint_shards(ingested, ray_local, tmp_path):
     trainer = TorchTrainer(
         _stream_worker, train_loop_config={"config": cfg.to_dict(), "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": stream.dataset(cfg, "train")},
+        datasets={"train": stream.dataset(cfg, "train", epochs=(0, 2))},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(name="stream_test", storage_path=str(tmp_path / "runs")))
     trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     n_train = manifest["splits"]["train"]["benign"] + manifest["splits"]["train"]["malignant"]
+    assert ranks[0]["batches"] == ranks[1]["batches"] > 0  # equal batches per rank: uneven deadlock DDP
     for epoch in (0, 1):
         a, b = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]
-        assert len(a) == len(b) > 0  # equal batches per rank: uneven ones deadlock DDP
-        assert not set(a) & set(b) and len(set(a)) == len(a)  # disjoint, no row twice
-        assert len(a) + len(b) > n_train - 2 * 2 * cfg.per_worker_batch  # only drop_last remainders lost
+        assert not set(a) & set(b) and len(set(a)) == len(a)  # disjoint, no row twice in an epoch
+        assert len(a) + len(b) >= n_train - 2 * cfg.per_worker_batch  # only drop_last remainders lost
     assert ranks[0]["seen"][0] != ranks[0]["seen"][1]  # reshuffled per epoch
-    assert all(r["batches"] == 2 * len(r["seen"][0]) // cfg.per_worker_batch for r in ranks)

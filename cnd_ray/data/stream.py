@@ -1,11 +1,11 @@
 """Ray Data over ingested shards -> per-worker torch batches for the training loop.
 
-Driver side: `dataset(cfg, split)` checks the shards against the config (image size, latent VAE) and
-builds a lazy Ray Dataset that reads Parquet files in a new order each epoch and decodes in Ray
-Data tasks. Worker side: `batches(shard, cfg, epoch)` iterates `get_dataset_shard(...)` and
-`model_batch` turns a batch into the model's input with the worker's own torch RNG (random flip; a
-latent draw z = scale * (mu + sigma * xi) from the stored posterior), so augmentation follows the
-checkpointed RNG. Nothing is materialised: the data set streams, whatever its size.
+Driver side: `dataset(cfg, split, epochs=...)` checks the shards against the config (image size,
+latent VAE) and builds a lazy Ray Dataset that streams those epochs, each visiting the row groups in
+an order drawn from (seed, epoch), decoded in Ray Data tasks. Worker side: `batches(shard, cfg)`
+iterates `get_dataset_shard(...)`, and `augment.model_batch` turns each batch into the model's input.
+Nothing is materialised: the data set streams, whatever its size. This module does not import torch:
+Ray Data's decode workers import it, and a new worker that loads torch stalls the stream ~5 s.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import time
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from cnd_ray.config import Config
 from cnd_ray.data import image as image_lib
@@ -26,7 +25,7 @@ from cnd_ray.errors import UserError
 # Decode tasks take half a CPU so that, on a 2-core machine, Ray Data keeps running beside the
 # training workers (whole-CPU tasks starve it; DESIGN.md).
 DATA_TASK_CPUS = 0.5
-FITZPATRICK_TYPES = 6
+MAX_BLOCKS = 2000  # items per Ray Data block grow beyond this; each item is one row group
 
 
 def _join(root: str, name: str) -> str:
@@ -97,55 +96,68 @@ def _decode(batch: dict, space: str, repeat: int) -> dict:
 
 def oversample_factor(manifest: dict, split: str) -> int:
     """How many times each malignant row is repeated to bring the classes near 1:1."""
-    c = manifest["splits"][split]
+    c = manifest["splits"].get(split, {"benign": 0, "malignant": 0})
     return max(1, round(c["benign"] / c["malignant"])) if c["malignant"] else 1
 
 
-def _read_shard(batch: dict, columns: list[str], space: str, repeat: int, shuffle: bool) -> Iterator[dict]:
-    """One Parquet shard -> decoded batches, one per row group (in a random order when shuffling)."""
+def _parquet(path: str):
+    """A ParquetFile on a local path or any pyarrow-filesystem URI (s3://, gs://, ...)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    for path in batch["file"]:
-        if "://" in path:
-            fs, inner = pafs.FileSystem.from_uri(path)
-            pf = pq.ParquetFile(fs.open_input_file(inner))
-        else:
-            pf = pq.ParquetFile(path)
-        groups = np.arange(pf.num_row_groups)
-        if shuffle:
-            np.random.default_rng().shuffle(groups)
-        for g in groups:
-            table = pf.read_row_group(int(g), columns=columns)  # only the columns training needs
-            yield _decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns},
-                          space, repeat)
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return pq.ParquetFile(fs.open_input_file(inner))
+    return pq.ParquetFile(path)
 
 
-def dataset(cfg: Config, split: str = "train", shuffle: bool = True):
-    """A lazy Ray Dataset of decoded numeric columns over the ingested shards of one split.
+def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> Iterator[dict]:
+    """(epoch, file, row group) items -> decoded batches, each tagged with its epoch."""
+    for epoch, path, group in zip(batch["epoch"], batch["file"], batch["group"]):
+        table = _parquet(path).read_row_group(int(group), columns=columns)  # only what training needs
+        out = _decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}, space, repeat)
+        out["epoch"] = np.full(len(out["label"]), epoch, np.int64)
+        yield out
 
-    Each iteration is one epoch: with shuffle, shards and their row groups come in a new order
-    (the worker's local shuffle buffer then mixes rows); without, in shard order. We read the
-    Parquet files ourselves over a list of file names rather than with read_parquet, whose
-    per-execution file listing cost ~2 s at every epoch start here (a small data set's epoch is a
-    few dozen steps); this costs ~0.1 s (bench/data_stream.py).
+
+def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tuple[int, int] = (0, 1)):
+    """A lazy Ray Dataset of decoded numeric columns over one split, for epochs [first, last).
+
+    One iteration streams all those epochs back to back; each row carries its `epoch`. With
+    shuffle (training), epoch e visits the split's row groups in an order drawn from
+    (train.seed, e) alone, so a run resumed at epoch e sees what an uninterrupted one saw (exactly
+    so with one worker; the worker's local shuffle buffer then mixes rows), and oversampling
+    applies. Without shuffle (evaluation), one pass in shard order.
+
+    We list row groups ourselves instead of calling read_parquet, whose file listing cost ~2 s at
+    every epoch start here (a small set's epoch is a few dozen steps): see bench/data_stream.py.
     """
     import ray
-    from ray.data import RandomSeedConfig
 
-    shards = cfg.data.shards
+    shards = cfg.data.shards if "://" in cfg.data.shards else os.path.abspath(
+        os.path.expanduser(cfg.data.shards))  # Ray tasks run in another working directory
     manifest = read_manifest(shards)
     check(manifest, cfg, shards)
+    files = shard_files(shards, manifest, split)
     columns = ["row_id", "label", "fitzpatrick"] + (
         ["image"] if cfg.data.space == "pixel" else ["latent_mean", "latent_logvar"])
-    repeat = oversample_factor(manifest, split) if cfg.data.balance == "oversample" else 1
-    files = shard_files(shards, manifest, split)
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    if shuffle:  # a plain int seed would repeat the same order every epoch
-        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
-    return ds.map_batches(_read_shard, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-                          fn_kwargs={"columns": columns, "space": cfg.data.space, "repeat": repeat,
-                                     "shuffle": shuffle})
+    repeat = oversample_factor(manifest, split) if shuffle and cfg.data.balance == "oversample" else 1
+    groups = [(f, g) for f in files for g in range(_parquet(f).num_row_groups)]
+    items = []
+    for epoch in range(*epochs):
+        order = (np.random.default_rng((cfg.train.seed, epoch)).permutation(len(groups)) if shuffle
+                 else range(len(groups)))
+        items += [{"epoch": epoch, "file": groups[i][0], "group": groups[i][1]} for i in order]
+    if not items:
+        raise UserError(f"no epochs to stream: epochs={epochs}")
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    ds.context.execution_options.preserve_order = True  # the order above is the order delivered
+    # A bounded number of decode tasks reuses the same worker processes; unbounded, Ray Data ramps
+    # up mid-run and each new worker process stalls the stream for seconds (bench/data_stream.py).
+    tasks = cfg.data.decode_tasks or max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    return ds.map_batches(_read_groups, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
+                          concurrency=tasks,
+                          fn_kwargs={"columns": columns, "space": cfg.data.space, "repeat": repeat})
 
 
 class DataWait:
@@ -157,50 +169,26 @@ class DataWait:
 
     def timed(self, iterable) -> Iterator:
         it = iter(iterable)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            self.seconds += time.perf_counter() - t0
-            self.batches += 1
-            yield item
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                self.seconds += time.perf_counter() - t0
+                self.batches += 1
+                yield item
+        finally:  # closing us closes Ray's iterator, which stops its executor decoding ahead
+            if hasattr(it, "close"):
+                it.close()
 
 
-def batches(shard, cfg: Config, epoch: int, wait: DataWait | None = None) -> Iterator[dict]:
-    """One epoch of this worker's batches (numpy -> torch on CPU), locally shuffled per epoch."""
+def batches(shard, cfg: Config, wait: DataWait | None = None) -> Iterator[dict]:
+    """This worker's batches (numpy -> torch on CPU) over every epoch the dataset streams, rows
+    mixed in a seeded local shuffle buffer of data.shuffle_buffer rows."""
     buffer = cfg.data.shuffle_buffer
     it = shard.iter_torch_batches(
         batch_size=cfg.per_worker_batch, drop_last=True, prefetch_batches=2, device="cpu",
-        local_shuffle_buffer_size=buffer or None,
-        local_shuffle_seed=(cfg.train.seed * 100_003 + epoch) if buffer else None)
+        local_shuffle_buffer_size=buffer or None, local_shuffle_seed=cfg.train.seed if buffer else None)
     return wait.timed(it) if wait is not None else iter(it)
-
-
-def model_batch(batch: dict, cfg: Config, generator: torch.Generator | None = None) -> dict:
-    """A stream batch -> {"x", "y", "id"[, "tone"]} for engine.train_step, with random h-flips."""
-    y = batch["label"].long()
-    n = y.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5  # (N,)
-    if cfg.data.space == "pixel":
-        x = batch["image"].float() / 127.5 - 1.0  # (N, 3, S, S) in [-1, 1]
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    else:
-        shape = (n, 2, cfg.in_channels, cfg.input_size, cfg.input_size)
-        pick = torch.arange(n), flip.long()  # index 1 = the posterior of the flipped image
-        mean = batch["mean"].view(shape)[pick].float()  # (N, C, h, w)
-        logvar = batch["logvar"].view(shape)[pick].float()
-        xi = torch.randn(mean.shape, generator=generator)
-        x = cfg.data.latent_scale * (mean + torch.exp(0.5 * logvar) * xi)
-    out = {"x": x, "y": y, "id": batch["row_id"].tolist()}
-    if cfg.model.tone_groups:
-        out["tone"] = tone_group(batch["tone"].long(), cfg.model.tone_groups)
-    return out
-
-
-def tone_group(fitzpatrick: torch.Tensor, groups: int) -> torch.Tensor:
-    """Fitzpatrick type 1..6 -> one of `groups` equal bands (3: I-II / III-IV / V-VI, as DDI);
-    unknown (0) -> the null group `groups`."""
-    g = (fitzpatrick - 1).clamp(min=0) * groups // FITZPATRICK_TYPES
-    return torch.where(fitzpatrick > 0, g, torch.full_like(g, groups))
