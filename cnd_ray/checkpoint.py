@@ -62,8 +62,12 @@ def _grads(m) -> list:
     return [None if p.grad is None else p.grad.detach().clone() for p in m.parameters()]
 
 
-def save(state: TrainState, path: str | Path) -> Path:
-    """Write `state` as a checkpoint directory at `path` (atomically replacing one there)."""
+def save(state: TrainState, path: str | Path, extra: dict | None = None) -> Path:
+    """Write `state` as a checkpoint directory at `path` (atomically replacing one there).
+
+    `extra` holds what the caller needs to resume beyond the train state (the distributed loop's
+    data epoch and every rank's RNG); its plain scalar entries are also copied to meta.json.
+    """
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -75,8 +79,10 @@ def save(state: TrainState, path: str | Path) -> Path:
         torch.save({"dit": _sd(state.opt_dit), "classifier": _sd(state.opt_cls)}, tmp / "optim.pt")
         torch.save({"step": state.step, "cls_pending": state.cls_pending,
                     "cls_grads": _grads(state.classifier) if state.cls_pending else None,
-                    "counters": dict(state.counters), "rng": rng_state()}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": state.step}))
+                    "counters": dict(state.counters), "rng": rng_state(), "extra": extra or {}},
+                   tmp / "state.pt")
+        scalars = {k: v for k, v in (extra or {}).items() if isinstance(v, (int, float, str))}
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": state.step, **scalars}))
         if path.exists():  # rename the old one away first: os.replace cannot replace a non-empty dir
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -94,6 +100,15 @@ def _check(path: Path) -> None:
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a cnd_ray checkpoint (missing {', '.join(missing)})")
+
+
+def read_extra(path: str | Path) -> dict:
+    """The `extra` dict a checkpoint was saved with."""
+    return _load(Path(path), "state.pt").get("extra", {})
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
 
 
 def load_config(path: str | Path):

@@ -71,6 +71,43 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cnd_ray import train
+
+    cfg = config_lib.load(args.config, args.overrides)
+    try:
+        out = train.run(cfg)
+    except train.TrainingStopped as e:
+        print(f"cnd-ray train: stopped: {e}", file=sys.stderr)
+        return 1
+    print(f"checkpoint: {out['checkpoint']}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+
+    from cnd_ray import tracking
+
+    cfg = config_lib.load(args.config, args.overrides)
+    uri = tracking.resolve_uri(cfg.track.tracking_uri)
+    if uri.startswith("http"):
+        print(f"MLflow UI: {uri} (a tracking server already serves it)")
+        return 0
+    port = args.port
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    proc = tracking.ui(uri, port)
+    print(f"MLflow UI for {uri}: http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return 0
+
+
 def _add_ingest(verbs) -> None:
     from cnd_ray.data import ingest, layouts  # numpy/pyarrow only: --help stays free of torch/ray
 
@@ -140,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
     _add_ingest(verbs)
     _add_synth(verbs)
+    p = verbs.add_parser(
+        "train", help="train Class-N-Diff on Ray Train workers, logged to MLflow",
+        description="Train on scale.num_workers Ray Train workers (the cluster in RAY_ADDRESS, else a "
+                    "local Ray) from data.shards (synthetic shards are made when it is empty). The run "
+                    "is named from its config (or train.name): rerunning the same command resumes "
+                    "from the latest checkpoint in train.storage. Prints `checkpoint: <path>` last.")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+    p = verbs.add_parser("ui", help="open the MLflow UI for the configured tracking store",
+                         description="Start `mlflow ui` on 127.0.0.1 (a free port unless --port) for "
+                                     "track.tracking_uri / $MLFLOW_TRACKING_URI / ./mlflow.db.")
+    _config_args(p)
+    p.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

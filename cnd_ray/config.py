@@ -142,13 +142,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training run: length, batch, precision, and what to do on a bad step."""
+    """The training run: length, batch, precision, checkpoints, evaluation, what to do on a bad step."""
 
     seed: int = 0
     steps: int = field(default=100_000, metadata=_range(1))
     global_batch: int = field(default=8, metadata=_range(1))
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    name: str = ""  # Ray Train run name; "" = derived from the config, so the same config resumes
+    storage: str = ""  # local folder or URI (s3://...) for checkpoints; "" = ./ray_results
+    checkpoint_every: int = field(default=1000, metadata=_range(1))  # steps (and at the end)
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    max_failures: int = field(default=2, metadata=_range(0))  # worker-group restarts per launch
+    log_every: int = field(default=50, metadata=_range(1))  # steps between metric lines
+    eval_every: int = field(default=0, metadata=_range(0))  # steps; 0 = only at the end
+    eval_batches: int = field(default=4, metadata=_range(1))  # held-out batches per evaluation
+    synthetic_images: int = field(default=2000, metadata=_range(16))  # when data.shards is ""
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,7 @@ class ScaleConfig:
 class TrackConfig:
     """Where MLflow logs go."""
 
-    tracking_uri: str = ""  # empty: ./mlruns resolved on the driver
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db
     experiment: str = "cnd_ray"
 
 
@@ -340,6 +349,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("method.gamma_levels: must not exceed method.gamma_period")
     if not cfg.classifier.backbone:
         raise ConfigError("classifier.backbone: must name a timm model")
+    if tr.mixed_precision == "fp16" and cfg.use_classifier and cfg.classifier.step_every > 1:
+        raise ConfigError("train.mixed_precision: fp16 loss scaling cannot carry the classifier's "
+                          "gradients across classifier.step_every > 1 steps; use bf16")
 
 
 def to_nested(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, dict[str, Any]]:

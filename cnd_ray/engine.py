@@ -1,8 +1,10 @@
 """Train state (objective, optimizers, EMAs, step) and the one training step. No Ray here."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -36,6 +38,22 @@ class TrainState:
     @property
     def classifier(self) -> nn.Module | None:
         return self.objective.classifier
+
+
+@dataclass
+class Runtime:
+    """How a step runs beyond its maths; the defaults are one process in full precision.
+
+    The Ray layer fills these in from accelerate and torch.distributed. Gradients are averaged
+    explicitly rather than through DDP wrappers, because a step may run the DiT twice (`reference`)
+    or use the classifier frozen (denoised branch), which DDP's hooks do not allow; every rank takes
+    the same branch (the shared coin), so every rank averages the same tensors.
+    """
+
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    average: Callable[[list[torch.Tensor]], None] | None = None  # in-place mean over ranks
+    all_finite: Callable[[bool], bool] = lambda ok: ok  # True only if finite on every rank
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -81,7 +99,11 @@ def _nonfinite_message(state: TrainState, out, batch: dict) -> str:
             "set train.on_nonfinite=skip to skip such steps")
 
 
-def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]:
+def _grads_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in module.parameters() if p.grad is not None]
+
+
+def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None = None) -> dict[str, float]:
     """One optimizer step of the DiT over `optim.grad_accum` micro-batches.
 
     Each batch is {"x": (N, C, H, W), "y": (N,), optional "tone": (N,), optional "id": [...]}.
@@ -89,6 +111,7 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
     from the clean branches in between, averaged (METHOD.md section 3, Settings 3 and 5).
     """
     cfg, objective = state.cfg, state.objective
+    rt = rt or Runtime()
     objective.train()
     accum = len(micro_batches)
     totals: dict[str, float] = {}
@@ -98,8 +121,9 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
     # restore when the step is skipped (buffers are small next to the weights).
     saved = [b.clone() for b in objective.buffers()] if skip else []
     for batch in micro_batches:
-        out = objective(batch["x"], batch["y"], state.step, tone=batch.get("tone"))
-        if not torch.isfinite(out.loss):
+        with rt.autocast():
+            out = objective(batch["x"], batch["y"], state.step, tone=batch.get("tone"))
+        if not rt.all_finite(bool(torch.isfinite(out.loss))):  # every rank decides alike
             if not skip:
                 raise NonFiniteLoss(_nonfinite_message(state, out, batch))
             for b, v in zip(objective.buffers(), saved):
@@ -113,16 +137,24 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
             state.counters["skipped"] += 1
             state.step += 1
             return {"skipped": 1.0}
-        (out.loss / accum).backward()
+        loss = out.loss.float() / accum
+        (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
         if out.branch == CLEAN:
             pending += 1.0 / accum
         for k, v in out.metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) / accum
 
+    if rt.average is not None:
+        rt.average(_grads_of(state.dit))
+    if rt.scaler is not None:
+        rt.scaler.unscale_(state.opt_dit)
     if cfg.optim.grad_clip > 0:
         totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
             state.dit.parameters(), cfg.optim.grad_clip))
-    state.opt_dit.step()
+    if rt.scaler is not None:
+        rt.scaler.step(state.opt_dit)
+    else:
+        state.opt_dit.step()
     state.opt_dit.zero_grad(set_to_none=True)
     ema_update(state.ema, state.dit, cfg.optim.ema_decay)
 
@@ -133,13 +165,22 @@ def train_step(state: TrainState, micro_batches: list[dict]) -> dict[str, float]
             for p in state.classifier.parameters():
                 if p.grad is not None:
                     p.grad.div_(state.cls_pending)
-            state.opt_cls.step()
+            if rt.average is not None:  # grads, and BatchNorm statistics so ranks stay identical
+                rt.average(_grads_of(state.classifier)
+                           + [b for b in state.classifier.buffers() if b.dtype.is_floating_point])
+            if rt.scaler is not None:
+                rt.scaler.unscale_(state.opt_cls)
+                rt.scaler.step(state.opt_cls)
+            else:
+                state.opt_cls.step()
             state.opt_cls.zero_grad(set_to_none=True)
             state.cls_pending = 0.0
             state.counters["cls_steps"] += 1
             totals["cls_step"] = 1.0
             if state.cls_ema is not None:
                 ema_update(state.cls_ema, state.classifier, cfg.classifier.ema_decay)
+    if rt.scaler is not None:
+        rt.scaler.update()
     state.step += 1
     return totals
 

@@ -179,7 +179,7 @@ def _stream_worker(config):
 
 @pytest.mark.slow
 def test_two_workers_get_equal_disjoint_shards(ingested, ray_local, tmp_path):
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     folder, manifest = ingested["melanoma"]
@@ -188,7 +188,7 @@ def test_two_workers_get_equal_disjoint_shards(ingested, ray_local, tmp_path):
         _stream_worker, train_loop_config={"config": cfg.to_dict(), "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         datasets={"train": stream.dataset(cfg, "train", epochs=(0, 2))},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=stream.data_config(),
         run_config=RunConfig(name="stream_test", storage_path=str(tmp_path / "runs")))
     trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -83,6 +83,8 @@ def _decode(batch: dict, space: str, repeat: int) -> dict:
     """Parquet rows -> numeric columns; malignant rows repeated `repeat` times to rebalance."""
     out = {"label": batch["label"].astype(np.int64), "tone": batch["fitzpatrick"].astype(np.int64),
            "row_id": batch["row_id"].astype(np.int64)}
+    if "pos" in batch:
+        out["pos"] = batch["pos"]
     if space == "pixel":
         out["image"] = np.stack([image_lib.decode_png(b) for b in batch["image"]]).transpose(0, 3, 1, 2)
     else:
@@ -112,22 +114,28 @@ def _parquet(path: str):
 
 
 def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> Iterator[dict]:
-    """(epoch, file, row group) items -> decoded batches, each tagged with its epoch."""
-    for epoch, path, group in zip(batch["epoch"], batch["file"], batch["group"]):
-        table = _parquet(path).read_row_group(int(group), columns=columns)  # only what training needs
-        out = _decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}, space, repeat)
+    """(epoch, file, row group, position, first row) items -> decoded batches, each row tagged
+    with its epoch and its position in that epoch's order (what a resume skips to)."""
+    for epoch, path, group, offset, start in zip(batch["epoch"], batch["file"], batch["group"],
+                                                 batch["offset"], batch["start"]):
+        table = _parquet(path).read_row_group(int(group), columns=columns).slice(int(start))
+        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+        cols["pos"] = np.arange(offset + start, offset + start + table.num_rows, dtype=np.int64)
+        out = _decode(cols, space, repeat)
         out["epoch"] = np.full(len(out["label"]), epoch, np.int64)
         yield out
 
 
-def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tuple[int, int] = (0, 1)):
+def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tuple[int, int] = (0, 1),
+            skip_rows: int = 0):
     """A lazy Ray Dataset of decoded numeric columns over one split, for epochs [first, last).
 
     One iteration streams all those epochs back to back; each row carries its `epoch`. With
     shuffle (training), epoch e visits the split's row groups in an order drawn from
     (train.seed, e) alone, so a run resumed at epoch e sees what an uninterrupted one saw (exactly
     so with one worker; the worker's local shuffle buffer then mixes rows), and oversampling
-    applies. Without shuffle (evaluation), one pass in shard order.
+    applies. Without shuffle (evaluation), one pass in shard order. `skip_rows` drops the first
+    rows of the first epoch: a resume continues where the checkpoint's epoch left off.
 
     We list row groups ourselves instead of calling read_parquet, whose file listing cost ~2 s at
     every epoch start here (a small set's epoch is a few dozen steps): see bench/data_stream.py.
@@ -142,12 +150,21 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
     columns = ["row_id", "label", "fitzpatrick"] + (
         ["image"] if cfg.data.space == "pixel" else ["latent_mean", "latent_logvar"])
     repeat = oversample_factor(manifest, split) if shuffle and cfg.data.balance == "oversample" else 1
-    groups = [(f, g) for f in files for g in range(_parquet(f).num_row_groups)]
+    groups = []  # (file, row group, rows)
+    for f in files:
+        meta = _parquet(f).metadata
+        groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     items = []
     for epoch in range(*epochs):
         order = (np.random.default_rng((cfg.train.seed, epoch)).permutation(len(groups)) if shuffle
                  else range(len(groups)))
-        items += [{"epoch": epoch, "file": groups[i][0], "group": groups[i][1]} for i in order]
+        offset = 0
+        for i in order:
+            f, g, n = groups[i]
+            skip = skip_rows - offset if epoch == epochs[0] else 0
+            if skip < n:
+                items.append({"epoch": epoch, "file": f, "group": g, "offset": offset, "start": max(0, skip)})
+            offset += n
     if not items:
         raise UserError(f"no epochs to stream: epochs={epochs}")
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
@@ -156,8 +173,19 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
     # up mid-run and each new worker process stalls the stream for seconds (bench/data_stream.py).
     tasks = cfg.data.decode_tasks or max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
     return ds.map_batches(_read_groups, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-                          concurrency=tasks,
+                          concurrency=min(tasks, len(items)),
                           fn_kwargs={"columns": columns, "space": cfg.data.space, "repeat": repeat})
+
+
+def data_config():
+    """Ray Train's DataConfig for these datasets: split "train" across workers, and keep the order
+    dataset() chose (Ray Train's default ingest options drop preserve_order, which lets parallel
+    decode tasks swap row groups and makes runs differ)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 class DataWait:

@@ -1,0 +1,70 @@
+"""What training shows about itself: held-out losses, classifier AUROC, sample grids. Plain PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cnd_ray.diffusion import guided
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); nan without both classes."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    ranks[order] = np.arange(1, len(order) + 1)
+    allv = np.concatenate([pos, neg])
+    for v in np.unique(allv):  # average ranks over ties
+        tie = allv == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+@torch.no_grad()
+def evaluate(state, batches: list[dict], seed: int = 0) -> dict[str, float]:
+    """Held-out diffusion loss of the EMA model (fixed t and noise) and the classifier's val AUROC."""
+    diffusion = state.objective.diffusion
+    classifier = state.cls_ema if state.cls_ema is not None else state.classifier
+    g = torch.Generator().manual_seed(seed)  # the same draws at every evaluation: comparable curves
+    losses, scores, labels = [], [], []
+    for batch in batches:
+        x0, y = batch["x"], batch["y"]
+        t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        xt = diffusion.q_sample(x0, t, noise)
+        out = state.ema(xt, t, y, batch.get("tone"))
+        losses.append(diffusion.training_losses(out, x0, xt, t, noise)["loss"].mean().item())
+        if classifier is not None:
+            was = classifier.training
+            classifier.eval()
+            scores += classifier(x0).float().cpu().tolist()
+            classifier.train(was)
+            labels += y.cpu().tolist()
+    out = {"val_loss_diff": float(np.mean(losses))} if losses else {}
+    if labels:
+        out["val_auroc"] = auroc(scores, labels)
+    return out
+
+
+@torch.no_grad()
+def sample_grid(state, per_class: int = 8, seed: int = 0) -> np.ndarray:
+    """(rows = classes, cols = per_class) grid of EMA samples as one uint8 (H, W, 3) image, in
+    pixel space; the same noise at every call so grids over training are comparable."""
+    cfg = state.cfg
+    n_cls = cfg.model.num_classes
+    device = next(state.ema.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_cls).repeat_interleave(per_class).to(device)
+    noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device)
+    diffusion = state.objective.diffusion.respaced(cfg.diffusion.sample_steps).to(device)
+    fn = guided(state.ema, y, n_cls, cfg.diffusion.guidance_scale)
+    x = diffusion.sample(fn, noise, sampler=cfg.diffusion.sampler, clip=1.0,
+                         generator=g if device.type == "cpu" else None)
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, 3, S, S)
+    s = cfg.input_size
+    grid = img.view(n_cls, per_class, 3, s, s).permute(0, 3, 1, 4, 2).reshape(n_cls * s, per_class * s, 3)
+    return grid.numpy()

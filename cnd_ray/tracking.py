@@ -1,0 +1,190 @@
+"""MLflow: the only module that imports it.
+
+The driver opens (or, on resume, finds) one MLflow run per training run, keyed by the Ray run name,
+and logs the flattened config as params. Rank 0 of the workers logs metrics and artifacts through a
+`MlflowTracker` that batches in memory and flushes from a background thread, so logging is never on
+the training step's path and a tracking-server outage only delays metrics: failed batches are kept
+and retried. Other ranks get the do-nothing `Tracker` (house rule 8).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RUN_NAME_TAG = "cnd_ray.run_name"
+DEFAULT_DB = "mlflow.db"  # in the working directory, next to ./mlartifacts
+
+
+def resolve_uri(uri: str) -> str:
+    """The tracking URI to use, absolute: config, else $MLFLOW_TRACKING_URI, else ./mlflow.db.
+
+    Resolved on the driver because Ray workers run in another working directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
+    if "://" not in uri:  # a plain folder: MLflow's file store
+        return Path(uri).absolute().as_uri()
+    return uri
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Local stores keep artifacts in ./mlartifacts beside the database, by absolute path."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
+    return None  # a server decides (and proxies artifacts, so workers need no credentials)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> tuple[str, int]:
+    """(run id, last logged step) of the MLflow run for `run_name`: the existing one on a resume."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=_artifact_location(uri))
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        history = client.get_metric_history(run_id, "loss_diff")
+        return run_id, max((m.step for m in history), default=-1)
+    from mlflow.entities import Param, RunTag
+
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id, -1
+
+
+def finish_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
+    client = _client(uri)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, str(v))
+    client.set_terminated(run_id, status=status)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    _client(uri).log_text(run_id, text, artifact_file)
+
+
+class Tracker:
+    """Does nothing: what every rank but 0 gets, and what runs without tracking use."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def artifact(self, path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def tag(self, key: str, value) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker(Tracker):
+    """Batched, retrying MLflow logging from a background thread."""
+
+    def __init__(self, uri: str, run_id: str, after_step: int = -1, flush_every: float = 2.0):
+        # Fail fast and retry ourselves: MLflow's own retries would block the flush thread minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        self.client, self.run_id = _client(uri), run_id
+        self.after_step = after_step  # on resume: steps up to here are already logged
+        self.metrics: list = []
+        self.files: list[tuple[str, str | None]] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.failures = 0
+        self.thread = threading.Thread(target=self._loop, args=(flush_every,), daemon=True)
+        self.thread.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.after_step:  # a resumed run recomputes these: never log a step twice
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self.lock:
+            self.metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Queue a copy of the file (the caller may delete it before the upload happens)."""
+        spool = tempfile.mkdtemp(prefix="cnd_ray_artifact_")
+        copy = shutil.copy(path, spool)
+        with self.lock:
+            self.files.append((copy, artifact_path))
+
+    def tag(self, key: str, value) -> None:
+        from mlflow.entities import RunTag
+
+        self._send(lambda: self.client.log_batch(self.run_id, tags=[RunTag(key, str(value))]))
+
+    def _send(self, fn) -> bool:
+        try:
+            fn()
+            return True
+        except Exception:  # server down, timeout: keep the data and retry on the next flush
+            self.failures += 1
+            return False
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left."""
+        with self.lock:
+            metrics, self.metrics = self.metrics, []
+            files, self.files = self.files, []
+        while metrics:
+            chunk = metrics[:1000]  # MLflow caps a batch at 1000 metrics
+            if not self._send(lambda: self.client.log_batch(self.run_id, metrics=chunk)):
+                break
+            metrics = metrics[1000:]
+        kept = [f for f in files if not self._send(lambda f=f: self.client.log_artifact(self.run_id, *f))]
+        with self.lock:
+            self.metrics = metrics + self.metrics
+            self.files = kept + self.files
+            return not self.metrics and not self.files
+
+    def _loop(self, every: float) -> None:
+        while not self.stop.wait(every):
+            self.flush()
+
+    def close(self, status: str = "FINISHED", timeout: float = 120.0) -> None:
+        """Flush everything (retrying up to `timeout` s while the server is away)."""
+        self.stop.set()
+        self.thread.join()
+        deadline = time.time() + timeout
+        while not self.flush() and time.time() < deadline:
+            time.sleep(1.0)
+
+
+def open_tracker(info: dict | None, rank: int) -> Tracker:
+    """The tracker for this rank: MLflow on rank 0 when the driver opened a run, else nothing."""
+    if rank != 0 or not info:
+        return Tracker()
+    return MlflowTracker(info["uri"], info["run_id"], info.get("after_step", -1))
+
+
+def ui(uri: str, port: int) -> subprocess.Popen:
+    """`mlflow ui` for the store at `uri`, bound to 127.0.0.1 (reach it through an SSH tunnel)."""
+    import sys
+
+    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+            "--port", str(port)]
+    art = _artifact_location(uri)
+    if art:
+        args += ["--default-artifact-root", art]
+    return subprocess.Popen(args)

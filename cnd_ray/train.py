@@ -1,0 +1,413 @@
+"""`cnd-ray train`: Class-N-Diff on Ray Train workers; the one place a TorchTrainer is built.
+
+Driver (`run`): resolve paths, name the run from its config (the same config resumes), make or find
+the data, open or find the MLflow run, check resources, and fit a TorchTrainer whose workers run
+`_worker`. Worker: rebuild the typed config, build the train state (from the latest checkpoint when
+Ray hands one over: resume and restart share this path), and loop over the Ray Data shard calling
+`engine.train_step` with an accelerate-backed `Runtime`. Every rank reports at the same steps; rank
+0 attaches the checkpoint and logs to MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from cnd_ray import checkpoint, engine, monitor, tracking
+from cnd_ray import config as config_lib
+from cnd_ray.data import augment, stream
+from cnd_ray.errors import UserError
+
+STOP_FILE = "STOPPED.txt"  # written by rank 0 when a non-finite loss stops the run
+BUCKET_BYTES = 25 * 2 ** 20  # gradients are averaged in flat buckets of about this size
+# Settings that do not change what is trained: a run keeps its name (and resumes) across them.
+NAME_EXCLUDES = {"train.name", "train.storage", "train.steps", "train.checkpoint_every",
+                 "train.keep_checkpoints", "train.max_failures", "train.log_every", "train.eval_every",
+                 "train.eval_batches", "data.shuffle_buffer", "data.decode_tasks"}
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (a non-finite loss); the message says where and what is kept."""
+
+
+def run_name(cfg) -> str:
+    """`train.name`, else a hash of what is trained: rerunning the same config resumes it."""
+    if cfg.train.name:
+        return cfg.train.name
+    keep = {k: v for k, v in cfg.flat().items()
+            if k not in NAME_EXCLUDES and not k.startswith(("scale.", "track."))}
+    return "cnd-" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def storage_path(cfg) -> str:
+    s = cfg.train.storage
+    return s if "://" in s else os.path.abspath(os.path.expanduser(s or "ray_results"))
+
+
+def _synthetic_shards(cfg, storage: str) -> str:
+    """Shards of a synthetic set for runs without data.shards (made once, then reused)."""
+    if cfg.data.space != "pixel":
+        raise UserError("data.shards: empty, and synthetic data exists only in pixel space "
+                        "(set data.space=pixel, or ingest real data with --latent)")
+    from cnd_ray.data import ingest, synth
+
+    base = os.path.join(storage if "://" not in storage else os.path.abspath("ray_results"), "data")
+    n, size = cfg.train.synthetic_images, cfg.data.image_size
+    shards = os.path.join(base, f"synthetic-{n}-{size}px")
+    if not os.path.isfile(os.path.join(shards, "manifest.json")):
+        images = os.path.join(base, f"synthetic-{n}")
+        if not os.path.isfile(os.path.join(images, "ISIC_2020_Training_GroundTruth.csv")):
+            print(f"data.shards not set: writing {n} synthetic images to {images}", flush=True)
+            synth.run(images, num_images=n, image_size=max(64, size), malignant_fraction=0.3,
+                      progress=False)
+        ingest.run([images], shards, image_size=size, progress=False)
+    print(f"data.shards not set: training on synthetic shards {shards}", flush=True)
+    return shards
+
+
+def _latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint of a run on local storage (what Ray will resume from)."""
+    if "://" in run_dir or not os.path.isdir(run_dir):
+        return None
+    done = [d for d in os.listdir(run_dir) if d.startswith("checkpoint_")
+            and os.path.isfile(os.path.join(run_dir, d, "meta.json"))]
+    return os.path.join(run_dir, max(done)) if done else None
+
+
+def _preflight(cfg, ray) -> None:
+    """Fail in seconds, naming the setting, instead of waiting forever for resources."""
+    res = ray.cluster_resources()
+    s = cfg.scale
+    need_cpu = s.num_workers * s.cpus_per_worker + stream.DATA_TASK_CPUS
+    if res.get("CPU", 0) < need_cpu:
+        raise UserError(f"scale.num_workers x scale.cpus_per_worker = {s.num_workers} x "
+                        f"{s.cpus_per_worker} plus data decoding needs {need_cpu} CPUs; the cluster "
+                        f"has {res.get('CPU', 0)}: lower scale.num_workers or scale.cpus_per_worker")
+    if s.use_gpu and res.get("GPU", 0) < s.num_workers:
+        raise UserError(f"scale.use_gpu with scale.num_workers={s.num_workers} needs as many GPUs; "
+                        f"the cluster has {res.get('GPU', 0)}")
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run(cfg, progress: bool = True) -> dict:
+    """Train `cfg` on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id"}."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cnd_ray import __version__, session
+
+    storage = storage_path(cfg)
+    name = run_name(cfg)
+    session.connect(num_cpus=max(4, os.cpu_count() or 1))  # more logical CPUs than cores: DESIGN.md
+    _preflight(cfg, ray)
+    if not cfg.data.shards:
+        cfg = config_lib.override(cfg, {"data.shards": _synthetic_shards(cfg, storage)})
+    elif "://" not in cfg.data.shards:
+        cfg = config_lib.override(cfg, {"data.shards": os.path.abspath(cfg.data.shards)})
+    manifest = stream.read_manifest(cfg.data.shards)
+    stream.check(manifest, cfg, cfg.data.shards)
+
+    run_dir = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
+    latest = _latest_checkpoint(run_dir)
+    start_step = checkpoint.read_meta(latest)["step"] if latest else 0
+    start_epoch = checkpoint.read_meta(latest).get("epoch", 0) if latest else 0
+    start_pos = checkpoint.read_meta(latest).get("pos", 0) if latest else 0
+    rows = sum(manifest["splits"]["train"].values())
+    if cfg.data.balance == "oversample":
+        c = manifest["splits"]["train"]
+        rows = c["benign"] + c["malignant"] * stream.oversample_factor(manifest, "train")
+    steps_per_epoch = max(1, rows // cfg.train.global_batch)
+    epochs = math.ceil(max(0, cfg.train.steps - start_step) / steps_per_epoch) + 2  # + a margin
+
+    uri = tracking.resolve_uri(cfg.track.tracking_uri)
+    tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
+            "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
+            "data.shards": cfg.data.shards}
+    run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags)
+    tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+    print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
+          f"storage {run_dir}; MLflow run {run_id} at {uri}", flush=True)
+
+    datasets = {"train": stream.dataset(cfg, "train", epochs=(start_epoch, start_epoch + epochs),
+                                        skip_rows=start_pos)}
+    if manifest["splits"].get("val"):
+        datasets["val"] = stream.dataset(cfg, "val", shuffle=False)
+    s = cfg.scale
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir,
+                           "stream_start": [start_epoch, start_pos],
+                           "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged}},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker,
+                                                           **({"GPU": 1} if s.use_gpu else {})}),
+        datasets=datasets,
+        dataset_config=stream.data_config(),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.finish_run(uri, run_id, "FAILED", {"error": repr(e)[:500]})
+        raise
+    stop = os.path.join(run_dir, STOP_FILE)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    if "://" not in run_dir and os.path.isfile(stop):
+        msg = open(stop).read().strip()
+        os.remove(stop)  # a relaunch (say with train.on_nonfinite=skip) starts clean
+        tracking.finish_run(uri, run_id, "FAILED", {"stopped": msg})
+        kept = f"the last good checkpoint is kept: {ckpt}" if ckpt else "no checkpoint was written yet"
+        raise TrainingStopped(f"{msg}; {kept}")
+    tracking.finish_run(uri, run_id, "FINISHED", {"final_checkpoint": ckpt})
+    tracking.log_text(uri, run_id, f"{ckpt}\n", "final_checkpoint.txt")
+    return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id}
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+def _runtime(acc, world: int) -> engine.Runtime:
+    """accelerate's autocast and loss scaler, and gradient averaging over Ray's process group."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return engine.Runtime(autocast=acc.autocast, scaler=acc.scaler)
+
+    def average(tensors: list[torch.Tensor]) -> None:
+        bucket, size = [], 0
+        for t in tensors + [None]:  # None flushes the last bucket
+            if t is not None:
+                bucket.append(t)
+                size += t.numel() * t.element_size()
+            if bucket and (t is None or size >= BUCKET_BYTES):
+                flat = torch.cat([b.reshape(-1).float() for b in bucket])
+                dist.all_reduce(flat)
+                flat /= world
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, size = [], 0
+
+    def all_finite(ok: bool) -> bool:
+        flag = torch.tensor([0.0 if ok else 1.0], device=acc.device)
+        dist.all_reduce(flag)
+        return flag.item() == 0
+
+    return engine.Runtime(autocast=acc.autocast, average=average, all_finite=all_finite,
+                          scaler=acc.scaler)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Distinct noise per rank (identical draws would shrink the effective batch)."""
+    return int(np.random.default_rng((seed, rank, step)).integers(2 ** 62))
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _say(msg: str) -> None:
+    """A worker's progress line, once: Ray Train's patched print() would emit it twice."""
+    sys.__stdout__.write(f"[cnd-ray] {msg}\n")
+    sys.__stdout__.flush()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+    from accelerate import Accelerator
+
+    cfg = config_lib.from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # cpu=True on CPU: otherwise accelerate silently runs non-distributed (DESIGN.md).
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cfg.scale.use_gpu)
+    device = acc.device
+    ckpt = ray.train.get_checkpoint()
+    epoch, pos = 0, 0
+    if ckpt:  # resume and worker-group restart: the same path as a fresh start, plus the state
+        with ckpt.as_directory() as d:
+            state = checkpoint.load(d, device, restore_rng=False)
+            extra = checkpoint.read_extra(d)
+        epoch, pos = extra.get("epoch", 0), extra.get("pos", 0)
+        rngs = extra.get("rng", [])
+        if len(rngs) == world:
+            checkpoint.set_rng_state(rngs[rank])
+        else:  # the world size changed: reseed per rank
+            torch.manual_seed(_rank_seed(cfg.train.seed, rank, state.step))
+    else:
+        state = engine.build_state(cfg, device)  # seeded by train.seed: identical on every rank
+        torch.manual_seed(_rank_seed(cfg.train.seed, rank, 0))
+    rt = _runtime(acc, world)
+    tracker = tracking.open_tracker(config["tracking"], rank)
+    if rank == 0:
+        _say(f"rank 0/{world}: {device}, autocast {acc.mixed_precision}, "
+             f"distributed {acc.distributed_type}, start step {state.step}")
+        tracker.tag("autocast_dtype", acc.mixed_precision)
+    try:
+        _loop(cfg, state, rt, tracker, rank, world, (epoch, pos), tuple(config["stream_start"]),
+              config["run_dir"])
+    finally:
+        tracker.close()
+
+
+def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir) -> None:
+    """Train until train.steps. `resume_at` = (epoch, row position) the state has consumed data up
+    to; the stream starts at `stream_start`, which differs after a worker-group restart inside one
+    launch: then batches before `resume_at` are read and dropped."""
+    import ray.train
+
+    tr = cfg.train
+    shard = ray.train.get_dataset_shard("train")
+    val = ray.train.get_dataset_shard("val") if rank == 0 else None
+    wait = stream.DataWait()
+    window: dict[str, float] = {}
+    n_win, t_win, w_win = 0, time.perf_counter(), 0.0
+    t_start, step0 = time.perf_counter(), state.step
+    history: list[tuple[int, float]] = []
+
+    epoch, frontier = resume_at[0], resume_at[1] - 1  # newest epoch seen; last row position in it
+
+    def report() -> None:
+        rngs = _gather(checkpoint.rng_state(), world)
+        ends = _gather((epoch, frontier), world)
+        e = max(ends)[0]
+        p = max(f for ep, f in ends if ep == e) + 1  # rows of epoch e consumed, across ranks
+        # Ranks must hold the same weights; a cheap checksum per rank says whether they do.
+        sums = _gather(sum(float(p.double().sum()) for p in state.objective.parameters()), world)
+        metrics = {"step": state.step, "epoch": e, "ranks_in_sync": float(len(set(sums)) == 1)}
+        with tempfile.TemporaryDirectory() as d:
+            ck = None
+            if rank == 0:
+                path = checkpoint.save(state, os.path.join(d, "ckpt"),
+                                       extra={"epoch": e, "pos": p, "rng": rngs, "world": world})
+                ck = ray.train.Checkpoint.from_directory(str(path))
+            ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+
+    if state.step >= tr.steps:
+        return
+    stale = tuple(stream_start) < tuple(resume_at)
+    for batch in stream.batches(shard, cfg, wait):
+        b_epoch, b_pos = batch["epoch"], batch["pos"]
+        if stale:  # after a restart: skip what the checkpoint already trained on
+            if (int(b_epoch.max()), int(b_pos.max())) < resume_at:
+                continue
+            stale = False
+        # The shuffle buffer mixes neighbouring epochs: the newest one seen is where a resume starts.
+        newest = int(b_epoch.max())
+        if newest > epoch:
+            epoch, frontier = newest, -1
+        if bool((b_epoch == epoch).any()):
+            frontier = max(frontier, int(b_pos[b_epoch == epoch].max()))
+        mb = _to(augment.model_batch(batch, cfg), next(state.dit.parameters()).device)
+        try:
+            m = engine.train_step(state, engine.split_batch(mb, cfg.optim.grad_accum), rt)
+        except engine.NonFiniteLoss as e:  # every rank raises together (all_finite agreed)
+            if rank == 0:
+                with open(os.path.join(run_dir, STOP_FILE), "w") as f:
+                    f.write(str(e))
+                _say(f"stopped: {e}")
+            return
+        for k, v in m.items():
+            window[k] = window.get(k, 0.0) + v
+        n_win += 1
+        step = state.step
+        if step % tr.log_every == 0 or step == tr.steps:
+            dt = time.perf_counter() - t_win
+            logged = {k: v / n_win for k, v in window.items()}
+            logged.update({"images_per_s": n_win * tr.global_batch / dt,
+                           "data_wait_share": (wait.seconds - w_win) / dt,
+                           "lr_dit": state.opt_dit.param_groups[0]["lr"]})
+            if state.opt_cls is not None:
+                logged["lr_cls"] = state.opt_cls.param_groups[0]["lr"]
+                logged["denoised_share"] = logged.pop("denoised", 0.0)
+            tracker.log(step, logged)
+            history.append((step, logged.get("loss_diff", float("nan"))))
+            if rank == 0:
+                eta = (time.perf_counter() - t_start) / max(1, step - step0) * (tr.steps - step)
+                _say(f"step {step}/{tr.steps} loss_diff {logged.get('loss_diff', 0):.4f} "
+                     f"loss_cls {logged.get('loss_cls', 0):.4f} gamma {logged.get('gamma', 0):.2f} "
+                     f"{logged['images_per_s']:.1f} img/s data-wait {100 * logged['data_wait_share']:.1f}% "
+                     f"ETA {eta:.0f}s")
+            window, n_win, t_win, w_win = {}, 0, time.perf_counter(), wait.seconds
+        if rank == 0 and ((tr.eval_every and step % tr.eval_every == 0) or step == tr.steps):
+            _evaluate(cfg, state, val, tracker, step)
+        if step % tr.checkpoint_every == 0 or step == tr.steps:
+            report()
+        if step >= tr.steps:
+            break
+    if rank == 0 and history:
+        _plot_losses(history, tracker)
+    if state.step < tr.steps:
+        raise RuntimeError(f"the data stream ended at step {state.step} of {tr.steps}")
+
+
+def _evaluate(cfg, state, val, tracker, step: int) -> None:
+    """Rank 0: held-out losses and classifier AUROC on the val split, and a sample grid."""
+    was = state.objective.training
+    device = next(state.ema.parameters()).device
+    batches = []
+    if val is not None:
+        for batch in val.iter_torch_batches(batch_size=cfg.per_worker_batch, device="cpu"):
+            batches.append(_to(augment.model_batch(batch, cfg, torch.Generator().manual_seed(0)), device))
+            if len(batches) >= cfg.train.eval_batches:
+                break
+    metrics = monitor.evaluate(state, batches) if batches else {}
+    if cfg.data.space == "pixel":
+        from PIL import Image
+
+        grid = monitor.sample_grid(state)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, f"samples_step{step:08d}.png")
+            Image.fromarray(grid).save(path)
+            tracker.artifact(path, "samples")
+    state.objective.train(was)
+    if metrics:
+        tracker.log(step, metrics)
+        _say(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _plot_losses(history: list[tuple[int, float]], tracker) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in history], [v for _, v in history])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss_diff")
+    ax.set_title("diffusion loss")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "loss_curve.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        tracker.artifact(path)

@@ -1,0 +1,106 @@
+"""`cnd-ray train` end to end on the real Ray and the real MLflow (debug config, CPU)."""
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from cnd_ray import checkpoint, tracking, train
+from cnd_ray import config as C
+
+
+def _cfg(tmp_path, **over):
+    base = {"train.storage": str(tmp_path / "runs"), "track.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "data.shuffle_buffer": 0}
+    base.update(over)
+    return C.load("debug", [f"{k}={v}" for k, v in base.items()])
+
+
+def _weights(path):
+    return torch.load(f"{path}/weights.pt", map_location="cpu", weights_only=True)
+
+
+def _history(tmp_path, name, key="loss_diff"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("cnd_ray")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = '{name}'")
+    return runs, [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_equals_straight(ray_local, tmp_path):
+    straight = train.run(_cfg(tmp_path, **{"train.name": "straight", "train.steps": 20}))
+    first = train.run(_cfg(tmp_path, **{"train.name": "resumed", "train.steps": 10}))
+    assert first["checkpoint"].endswith("checkpoint_00000010")
+    resumed = train.run(_cfg(tmp_path, **{"train.name": "resumed", "train.steps": 20}))
+    assert checkpoint.read_meta(resumed["checkpoint"])["step"] == 20
+    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    for part in ("dit", "ema", "classifier"):
+        for k in a[part]:
+            assert torch.allclose(a[part][k].float(), b[part][k].float(), atol=1e-6), (part, k)
+    runs, steps = _history(tmp_path, "resumed")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run across launches
+    assert steps == [5, 10, 15, 20]  # every step once: none lost, none duplicated
+    assert straight["metrics"]["ranks_in_sync"] == 1.0
+
+
+def test_run_name_follows_what_is_trained():
+    a = C.load("debug")
+    assert train.run_name(a) == train.run_name(C.override(a, {"train.steps": 999, "scale.num_workers": 2}))
+    assert train.run_name(a) != train.run_name(C.override(a, {"method.lambda_cls": 0.3}))
+    assert train.run_name(C.override(a, {"train.name": "mine"})) == "mine"
+
+
+@pytest.mark.slow
+def test_two_workers_keep_identical_weights(ray_local, tmp_path):
+    out = train.run(_cfg(tmp_path, **{"scale.num_workers": 2, "train.steps": 6,
+                                      "train.checkpoint_every": 3}))
+    assert out["metrics"]["ranks_in_sync"] == 1.0 and out["metrics"]["step"] == 6
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_naming_the_step(ray_local, tmp_path):
+    with pytest.raises(train.TrainingStopped, match=r"non-finite loss at step \d+"):
+        train.run(_cfg(tmp_path, **{"optim.lr": 1e12, "classifier.lr": 1e12, "train.steps": 40}))
+
+
+def test_preflight_names_the_setting_instead_of_hanging(ray_local, tmp_path):
+    with pytest.raises(train.UserError, match="scale.num_workers"):
+        train.run(_cfg(tmp_path, **{"scale.num_workers": 8, "scale.cpus_per_worker": 1.0}))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_runs_over_rest(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id, _ = tracking.start_run(uri, "cnd_ray", "ui-check", {"a": 1}, {})
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cnd_ray", "ui", f"track.tracking_uri={uri}",
+                             "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+                                     data=json.dumps({"experiment_ids": ["1"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
+        assert [r["info"]["run_id"] for r in runs] == [run_id]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
