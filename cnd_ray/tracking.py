@@ -104,7 +104,10 @@ class MlflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         self.client, self.run_id = _client(uri), run_id
-        self.after_step = after_step  # on resume: steps up to here are already logged
+        # Steps up to here are already logged (a resume, or a worker-group restart that went back
+        # to an earlier checkpoint than the last step it logged): asked again here, not trusted
+        # from the driver, which only knows the state at launch.
+        self.after_step = max(after_step, self._last_step())
         self.metrics: list = []
         self.files: list[tuple[str, str | None]] = []
         self.lock = threading.Lock()
@@ -112,6 +115,13 @@ class MlflowTracker(Tracker):
         self.failures = 0
         self.thread = threading.Thread(target=self._loop, args=(flush_every,), daemon=True)
         self.thread.start()
+
+    def _last_step(self) -> int:
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, "loss_diff")),
+                       default=-1)
+        except Exception:  # server away: the driver's value stands
+            return -1
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if step <= self.after_step:  # a resumed run recomputes these: never log a step twice

@@ -104,3 +104,102 @@ def test_ui_serves_the_runs_over_rest(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _run_in_thread(cfg):
+    import threading
+
+    out = {}
+
+    def target():
+        try:
+            out["result"] = train.run(cfg)
+        except BaseException as e:  # surfaced by the test
+            out["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    return th, out
+
+
+def _wait_for(pred, timeout=180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tmp_path):
+    import os
+    import signal
+
+    import psutil
+
+    cfg = _cfg(tmp_path, **{"train.name": "killme", "train.steps": 300, "train.checkpoint_every": 30,
+                            "train.log_every": 30, "train.max_failures": 2})
+    th, out = _run_in_thread(cfg)
+    first = tmp_path / "runs" / "killme" / "checkpoint_00000030"
+    assert _wait_for(lambda: (first / "meta.json").exists())
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    th.join(timeout=400)
+    assert "error" not in out, out.get("error")
+    assert checkpoint.read_meta(out["result"]["checkpoint"])["step"] == 300
+    runs, steps = _history(tmp_path, "killme")
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # no step logged twice
+
+
+@pytest.mark.slow
+def test_metrics_survive_a_tracking_server_outage(ray_local, tmp_path):
+    port = _free_port()
+    db = tmp_path / "server.db"
+
+    def serve():
+        return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                 f"sqlite:///{db}", "--artifacts-destination", str(tmp_path / "art"),
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return True
+        except OSError:
+            return False
+
+    server = serve()
+    try:
+        assert _wait_for(up, 120)
+        uri = f"http://127.0.0.1:{port}"
+        cfg = _cfg(tmp_path, **{"train.name": "outage", "train.steps": 300, "train.log_every": 5,
+                                "train.checkpoint_every": 100, "track.tracking_uri": uri})
+        th, out = _run_in_thread(cfg)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+
+        def some_metrics():
+            exp = client.get_experiment_by_name("cnd_ray")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "loss_diff"))
+
+        assert _wait_for(some_metrics)
+        server.terminate()
+        server.wait(timeout=30)
+        time.sleep(4)  # training goes on while the server is away
+        server = serve()
+        assert _wait_for(up, 120)
+        th.join(timeout=400)
+        assert "error" not in out, out.get("error")
+        exp = client.get_experiment_by_name("cnd_ray")
+        run = client.search_runs([exp.experiment_id])[0]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")]
+        assert sorted(steps) == list(range(5, 301, 5))  # every logged step arrived, once
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
