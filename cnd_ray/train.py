@@ -247,6 +247,9 @@ def _worker(config: dict) -> None:
     cfg = config_lib.from_dict(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray sets OMP threads from the worker's (fractional, scheduling-only) CPU share, i.e. 1; the
+    # node's cores shared among its workers is what the step should use (bench/ray_overhead.py).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     # cpu=True on CPU: otherwise accelerate silently runs non-distributed (DESIGN.md).
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cfg.scale.use_gpu)
     device = acc.device
