@@ -84,16 +84,16 @@ class Tracker:
     """Does nothing: what every rank but 0 gets, and what runs without tracking use."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        pass
+        """Dropped: only rank 0 of a tracked run logs."""
 
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
-        pass
+        """Dropped."""
 
     def tag(self, key: str, value) -> None:
-        pass
+        """Dropped."""
 
     def close(self, status: str = "FINISHED") -> None:
-        pass
+        """Nothing to flush."""
 
 
 class MlflowTracker(Tracker):

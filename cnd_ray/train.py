@@ -126,9 +126,8 @@ def run(cfg, progress: bool = True) -> dict:
 
     run_dir = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
     latest = _latest_checkpoint(run_dir)
-    start_step = checkpoint.read_meta(latest)["step"] if latest else 0
-    start_epoch = checkpoint.read_meta(latest).get("epoch", 0) if latest else 0
-    start_pos = checkpoint.read_meta(latest).get("pos", 0) if latest else 0
+    meta = checkpoint.read_meta(latest) if latest else {}
+    start_step, start_epoch, start_pos = meta.get("step", 0), meta.get("epoch", 0), meta.get("pos", 0)
     rows = sum(manifest["splits"]["train"].values())
     if cfg.data.balance == "oversample":
         c = manifest["splits"]["train"]
