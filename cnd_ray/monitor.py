@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from cnd_ray.diffusion import guided
+from cnd_ray.vae import to_pixels
 
 
 def auroc(scores, labels) -> float:
@@ -45,9 +46,9 @@ def evaluate(state, batches: list[dict], seed: int = 0) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sample_grid(state, per_class: int = 8, seed: int = 0) -> np.ndarray:
-    """(rows = classes, cols = per_class) grid of EMA samples as one uint8 (H, W, 3) image, in
-    pixel space; the same noise at every call so grids over training are comparable."""
+def sample_grid(state, per_class: int = 8, seed: int = 0, vae=None) -> np.ndarray:
+    """(rows = classes, cols = per_class) grid of EMA samples as one uint8 (H, W, 3) image, decoded
+    by `vae` in latent space; the same noise at every call so grids over training are comparable."""
     cfg = state.cfg
     n_cls = cfg.model.num_classes
     device = next(state.ema.parameters()).device
@@ -56,9 +57,9 @@ def sample_grid(state, per_class: int = 8, seed: int = 0) -> np.ndarray:
     noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device)
     diffusion = state.objective.diffusion.respaced(cfg.diffusion.sample_steps).to(device)
     fn = guided(state.ema, y, n_cls, cfg.diffusion.guidance_scale)
-    x = diffusion.sample(fn, noise, sampler=cfg.diffusion.sampler, clip=1.0,
+    x = diffusion.sample(fn, noise, sampler=cfg.diffusion.sampler, clip=1.0 if vae is None else 0.0,
                          generator=g if device.type == "cpu" else None)
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, 3, S, S)
-    s = cfg.input_size
+    img = to_pixels(x, vae, cfg.data.latent_scale)  # (N, 3, S, S)
+    s = img.shape[-1]
     grid = img.view(n_cls, per_class, 3, s, s).permute(0, 3, 1, 4, 2).reshape(n_cls * s, per_class * s, 3)
     return grid.numpy()

@@ -260,11 +260,12 @@ class _Encoder:
 
     def __init__(self, folder: str):
         import torch
-        from diffusers import AutoencoderKL
+
+        from cnd_ray import vae
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True).to(self.device).eval()
+        self.vae = vae.load(folder, self.device)
 
     def __call__(self, batch: dict) -> dict:
         torch = self.torch

@@ -1,0 +1,39 @@
+"""The latent-space VAE (a diffusers AutoencoderKL), loaded only from a local folder. Plain PyTorch.
+
+Ingest encodes with it; training's sample grids and `cnd-ray sample` decode with it. Which folder:
+`data.vae` when set, else the one the shards were encoded with (their manifest records it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cnd_ray.errors import UserError
+
+
+def folder_for(cfg, manifest: dict) -> str:
+    """The VAE folder of a latent-space run; UserError when it is not on this machine."""
+    folder = cfg.data.vae or (manifest.get("latent") or {}).get("vae", "")
+    if not folder:
+        raise UserError(f"data.vae: the shards in {cfg.data.shards} record no VAE; set data.vae=FOLDER")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UserError(f"data.vae: no VAE at {folder} (a diffusers AutoencoderKL folder with "
+                        "config.json and weights; set data.vae=FOLDER where it lives on this machine)")
+    return folder
+
+
+def load(folder: str, device: str | torch.device = "cpu"):
+    """The AutoencoderKL saved in `folder`, in eval mode; never downloads."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True).to(device).eval()
+
+
+@torch.no_grad()
+def to_pixels(x: torch.Tensor, vae=None, latent_scale: float = 1.0) -> torch.Tensor:
+    """Model-space samples (N, C, h, w) -> uint8 RGB (N, 3, H, W) on the CPU: latents are divided by
+    the scale and decoded; pixel-space samples in [-1, 1] are only rescaled."""
+    if vae is not None:
+        x = vae.decode(x.to(vae.dtype) / latent_scale).sample.float()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
