@@ -108,6 +108,14 @@ def read_extra(path: str | Path) -> dict:
 
 
 def read_meta(path: str | Path) -> dict:
+    """meta.json of a checkpoint in a folder or at a URI (s3://..., any pyarrow filesystem)."""
+    path = str(path)
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(f"{inner.rstrip('/')}/meta.json") as f:
+            return json.loads(f.read())
     return json.loads((Path(path) / "meta.json").read_text())
 
 

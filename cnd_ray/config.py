@@ -135,6 +135,7 @@ class DataConfig:
     image_size: int = field(default=256, metadata=_range(8))
     space: Literal["latent", "pixel"] = "latent"
     latent_scale: float = field(default=0.18215, metadata=_range(0.0, lo_open=True))
+    vae: str = ""  # VAE folder that decodes samples; empty = the one the shards were encoded with
     balance: Literal["none", "oversample"] = "none"  # oversample: repeat malignant rows to ~1:1
     shuffle_buffer: int = field(default=1000, metadata=_range(0))  # rows, per worker; 0 = off
     decode_tasks: int = field(default=0, metadata=_range(0))  # concurrent; 0 = half the cluster's CPUs
@@ -167,6 +168,9 @@ class ScaleConfig:
     num_workers: int = field(default=1, metadata=_range(1))
     use_gpu: bool = False
     cpus_per_worker: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    # torch threads per worker; 0 = the node's cores shared among the run's workers on it. Ray's
+    # CPU share is for scheduling only (fractional here), so it cannot say this.
+    threads_per_worker: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 RUN_NAME_TAG = "cnd_ray.run_name"
+PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests a trial's run under its search's run
 DEFAULT_DB = "mlflow.db"  # in the working directory, next to ./mlartifacts
 
 
@@ -60,7 +61,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
         client.update_run(run_id, status="RUNNING")
         history = client.get_metric_history(run_id, "loss_diff")
         return run_id, max((m.step for m in history), default=-1)
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
     items = [Param(k, str(v)) for k, v in params.items()]
@@ -78,6 +79,18 @@ def finish_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     _client(uri).log_text(run_id, text, artifact_file)
+
+
+def log_file(uri: str, run_id: str, path: str, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, path, artifact_path)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    if metrics:
+        _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 class Tracker:
@@ -162,7 +175,12 @@ class MlflowTracker(Tracker):
             if not self._send(lambda: self.client.log_batch(self.run_id, metrics=chunk)):
                 break
             metrics = metrics[1000:]
-        kept = [f for f in files if not self._send(lambda f=f: self.client.log_artifact(self.run_id, *f))]
+        kept = []
+        for f in files:
+            if self._send(lambda f=f: self.client.log_artifact(self.run_id, *f)):
+                shutil.rmtree(os.path.dirname(f[0]), ignore_errors=True)  # the spooled copy
+            else:
+                kept.append(f)
         with self.lock:
             self.metrics = metrics + self.metrics
             self.files = kept + self.files
@@ -186,6 +204,11 @@ def open_tracker(info: dict | None, rank: int) -> Tracker:
     if rank != 0 or not info:
         return Tracker()
     return MlflowTracker(info["uri"], info["run_id"], info.get("after_step", -1))
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on the store at `uri`, from any directory."""
+    return f"cnd-ray ui track.tracking_uri={uri}"
 
 
 def ui(uri: str, port: int) -> subprocess.Popen:

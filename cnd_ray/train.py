@@ -9,8 +9,10 @@ Ray hands one over: resume and restart share this path), and loop over the Ray D
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from cnd_ray import checkpoint, engine, monitor, tracking
+from cnd_ray import vae as vae_lib
 from cnd_ray import config as config_lib
 from cnd_ray.data import augment, stream
 from cnd_ray.errors import UserError
@@ -30,7 +33,7 @@ BUCKET_BYTES = 25 * 2 ** 20  # gradients are averaged in flat buckets of about t
 # Settings that do not change what is trained: a run keeps its name (and resumes) across them.
 NAME_EXCLUDES = {"train.name", "train.storage", "train.steps", "train.checkpoint_every",
                  "train.keep_checkpoints", "train.max_failures", "train.log_every", "train.eval_every",
-                 "train.eval_batches", "data.shuffle_buffer", "data.decode_tasks"}
+                 "train.eval_batches", "data.shuffle_buffer", "data.decode_tasks", "data.vae"}
 
 
 class TrainingStopped(RuntimeError):
@@ -72,13 +75,26 @@ def _synthetic_shards(cfg, storage: str) -> str:
     return shards
 
 
-def _latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint of a run on local storage (what Ray will resume from)."""
-    if "://" in run_dir or not os.path.isdir(run_dir):
+def with_shards(cfg):
+    """`cfg` with data.shards absolute (Ray workers run elsewhere), or made synthetic when empty."""
+    if not cfg.data.shards:
+        return config_lib.override(cfg, {"data.shards": _synthetic_shards(cfg, storage_path(cfg))})
+    if "://" not in cfg.data.shards:
+        return config_lib.override(cfg, {"data.shards": os.path.abspath(cfg.data.shards)})
+    return cfg
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint Ray Train resumes the run in `run_dir` (a folder or URI) from: its latest
+    *recorded* one. A newer folder written just before a crash, but never registered, is not it
+    (the data stream must start where the restored state left off)."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(run_dir)
+    except RuntimeError:  # no such run yet, or it never recorded a checkpoint
         return None
-    done = [d for d in os.listdir(run_dir) if d.startswith("checkpoint_")
-            and os.path.isfile(os.path.join(run_dir, d, "meta.json"))]
-    return os.path.join(run_dir, max(done)) if done else None
+    return result.checkpoint.path if result.checkpoint else None
 
 
 def _preflight(cfg, ray) -> None:
@@ -105,8 +121,11 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run(cfg, progress: bool = True) -> dict:
-    """Train `cfg` on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id"}."""
+def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
+    """Train `cfg` on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id"}.
+
+    `callbacks` go to Ray Train's RunConfig (Tune passes its report callback); `tags` are added to
+    the MLflow run (Tune passes the parent run id and the trial's setting)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -115,17 +134,14 @@ def run(cfg, progress: bool = True) -> dict:
 
     storage = storage_path(cfg)
     name = run_name(cfg)
-    session.connect(num_cpus=max(4, os.cpu_count() or 1))  # more logical CPUs than cores: DESIGN.md
+    session.connect()
     _preflight(cfg, ray)
-    if not cfg.data.shards:
-        cfg = config_lib.override(cfg, {"data.shards": _synthetic_shards(cfg, storage)})
-    elif "://" not in cfg.data.shards:
-        cfg = config_lib.override(cfg, {"data.shards": os.path.abspath(cfg.data.shards)})
+    cfg = with_shards(cfg)
     manifest = stream.read_manifest(cfg.data.shards)
     stream.check(manifest, cfg, cfg.data.shards)
 
     run_dir = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
-    latest = _latest_checkpoint(run_dir)
+    latest = latest_checkpoint(run_dir)
     meta = checkpoint.read_meta(latest) if latest else {}
     start_step, start_epoch, start_pos = meta.get("step", 0), meta.get("epoch", 0), meta.get("pos", 0)
     rows = sum(manifest["splits"]["train"].values())
@@ -138,12 +154,15 @@ def run(cfg, progress: bool = True) -> dict:
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
     tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
             "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
-            "data.shards": cfg.data.shards}
+            "data.shards": cfg.data.shards, **(tags or {})}
     run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags)
     tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
           f"storage {run_dir}; MLflow run {run_id} at {uri}", flush=True)
 
+    # Rank 0 prints one progress line per log_every steps; Ray Data's per-operator bars (redrawn
+    # by every worker and trial) would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": stream.dataset(cfg, "train", epochs=(start_epoch, start_epoch + epochs),
                                         skip_rows=start_pos)}
     if manifest["splits"].get("val"):
@@ -159,7 +178,7 @@ def run(cfg, progress: bool = True) -> dict:
                                                            **({"GPU": 1} if s.use_gpu else {})}),
         datasets=datasets,
         dataset_config=stream.data_config(),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
     try:
@@ -244,11 +263,15 @@ def _worker(config: dict) -> None:
     from accelerate import Accelerator
 
     cfg = config_lib.from_dict(config["config"])
+    # Ray Data's per-execution and Ray Train's per-report INFO lines would bury rank 0's progress.
+    for name in ("ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Ray sets OMP threads from the worker's (fractional, scheduling-only) CPU share, i.e. 1; the
     # node's cores shared among its workers is what the step should use (bench/ray_overhead.py).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    torch.set_num_threads(cfg.scale.threads_per_worker
+                          or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     # cpu=True on CPU: otherwise accelerate silently runs non-distributed (DESIGN.md).
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cfg.scale.use_gpu)
     device = acc.device
@@ -297,14 +320,20 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
 
     epoch, frontier = resume_at[0], resume_at[1] - 1  # newest epoch seen; last row position in it
 
-    def report() -> None:
+    def report(evaluated: dict, save: bool) -> None:
+        """Every rank, at the same steps: metrics (rank 0's evaluation included: Ray Tune reads
+        rank 0's) and, when `save`, the checkpoint rank 0 writes."""
+        metrics = {"step": state.step, **evaluated}
+        if not save:
+            ray.train.report(metrics)
+            return
         rngs = _gather(checkpoint.rng_state(), world)
         ends = _gather((epoch, frontier), world)
         e = max(ends)[0]
         p = max(f for ep, f in ends if ep == e) + 1  # rows of epoch e consumed, across ranks
         # Ranks must hold the same weights; a cheap checksum per rank says whether they do.
         sums = _gather(sum(float(p.double().sum()) for p in state.objective.parameters()), world)
-        metrics = {"step": state.step, "epoch": e, "ranks_in_sync": float(len(set(sums)) == 1)}
+        metrics.update(epoch=e, ranks_in_sync=float(len(set(sums)) == 1))
         with tempfile.TemporaryDirectory() as d:
             ck = None
             if rank == 0:
@@ -315,6 +344,9 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
 
     if state.step >= tr.steps:
         return
+    if tuple(stream_start) > tuple(resume_at):  # would train on the wrong rows: say so, loudly
+        raise RuntimeError(f"the data stream starts at (epoch, row) {tuple(stream_start)} but the "
+                           f"restored checkpoint (step {state.step}) is at {tuple(resume_at)}")
     stale = tuple(stream_start) < tuple(resume_at)
     for batch in stream.batches(shard, cfg, wait):
         b_epoch, b_pos = batch["epoch"], batch["pos"]
@@ -359,10 +391,10 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
                      f"{logged['images_per_s']:.1f} img/s data-wait {100 * logged['data_wait_share']:.1f}% "
                      f"ETA {eta:.0f}s")
             window, n_win, t_win, w_win = {}, 0, time.perf_counter(), wait.seconds
-        if rank == 0 and ((tr.eval_every and step % tr.eval_every == 0) or step == tr.steps):
-            _evaluate(cfg, state, val, tracker, step)
-        if step % tr.checkpoint_every == 0 or step == tr.steps:
-            report()
+        evaluate = (tr.eval_every and step % tr.eval_every == 0) or step == tr.steps
+        save = step % tr.checkpoint_every == 0 or step == tr.steps
+        if evaluate or save:
+            report(_evaluate(cfg, state, val, tracker, step) if evaluate and rank == 0 else {}, save)
         if step >= tr.steps:
             break
     if rank == 0 and history:
@@ -371,8 +403,9 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
         raise RuntimeError(f"the data stream ended at step {state.step} of {tr.steps}")
 
 
-def _evaluate(cfg, state, val, tracker, step: int) -> None:
-    """Rank 0: held-out losses and classifier AUROC on the val split, and a sample grid."""
+def _evaluate(cfg, state, val, tracker, step: int) -> dict[str, float]:
+    """Rank 0: held-out losses and classifier AUROC on the val split (logged and returned), and a
+    sample grid."""
     was = state.objective.training
     device = next(state.ema.parameters()).device
     batches = []
@@ -382,10 +415,11 @@ def _evaluate(cfg, state, val, tracker, step: int) -> None:
             if len(batches) >= cfg.train.eval_batches:
                 break
     metrics = monitor.evaluate(state, batches) if batches else {}
-    if cfg.data.space == "pixel":
+    decoder = _decoder(cfg, str(device)) if cfg.data.space == "latent" else None
+    if cfg.data.space == "pixel" or decoder is not None:
         from PIL import Image
 
-        grid = monitor.sample_grid(state)
+        grid = monitor.sample_grid(state, vae=decoder)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, f"samples_step{step:08d}.png")
             Image.fromarray(grid).save(path)
@@ -394,6 +428,18 @@ def _evaluate(cfg, state, val, tracker, step: int) -> None:
     if metrics:
         tracker.log(step, metrics)
         _say(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+@functools.cache
+def _decoder(cfg, device: str):
+    """The VAE that turns latent sample grids into images, loaded once per worker; None (said
+    once) when it is not on this machine: training goes on without grids."""
+    try:
+        return vae_lib.load(vae_lib.folder_for(cfg, stream.read_manifest(cfg.data.shards)), device)
+    except UserError as e:
+        _say(f"no sample grids: {e}")
+        return None
 
 
 def _plot_losses(history: list[tuple[int, float]], tracker) -> None:

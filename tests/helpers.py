@@ -20,3 +20,74 @@ def tiny_vae(folder):
                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
     vae.save_pretrained(folder)
     return vae
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float = 180.0, every: float = 0.2) -> bool:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts) that can be stopped
+    and started again on the same port."""
+
+    def __init__(self, folder):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             f"sqlite:///{self.folder}/server.db", "--artifacts-destination", str(self.folder / "art"),
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(self.up, 120), "mlflow server did not start"
+        return self
+
+    def up(self) -> bool:
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def rest(self, endpoint: str, body: dict | None = None) -> dict:
+        """GET (body None) or POST an MLflow REST endpoint, e.g. 'runs/search'."""
+        import json
+        import urllib.request
+
+        url = f"{self.uri}/api/2.0/mlflow/{endpoint}"
+        req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

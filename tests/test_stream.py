@@ -1,7 +1,6 @@
 """The Ray Data stream: shards -> decoded batches -> model input, per-epoch shuffle, balancing."""
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch

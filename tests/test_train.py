@@ -1,6 +1,5 @@
 """`cnd-ray train` end to end on the real Ray and the real MLflow (debug config, CPU)."""
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import torch
 
 from cnd_ray import checkpoint, tracking, train
 from cnd_ray import config as C
+from tests.helpers import MlflowServer, free_port, wait_for
 
 
 def _cfg(tmp_path, **over):
@@ -75,17 +75,11 @@ def test_preflight_names_the_setting_instead_of_hanging(ray_local, tmp_path):
         train.run(_cfg(tmp_path, **{"scale.num_workers": 8, "scale.cpus_per_worker": 1.0}))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ui_serves_the_runs_over_rest(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id, _ = tracking.start_run(uri, "cnd_ray", "ui-check", {"a": 1}, {})
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cnd_ray", "ui", f"track.tracking_uri={uri}",
                              "--port", str(port)], stdout=subprocess.PIPE, text=True)
     try:
@@ -122,15 +116,6 @@ def _run_in_thread(cfg):
     return th, out
 
 
-def _wait_for(pred, timeout=180.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.mark.slow
 def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tmp_path):
     import os
@@ -142,7 +127,7 @@ def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tm
                             "train.log_every": 30, "train.max_failures": 2})
     th, out = _run_in_thread(cfg)
     first = tmp_path / "runs" / "killme" / "checkpoint_00000030"
-    assert _wait_for(lambda: (first / "meta.json").exists())
+    assert wait_for(lambda: (first / "meta.json").exists())
     workers = [p for p in psutil.process_iter(["cmdline"])
                if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert workers, "no Ray Train worker process found"
@@ -156,44 +141,24 @@ def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tm
 
 @pytest.mark.slow
 def test_metrics_survive_a_tracking_server_outage(ray_local, tmp_path):
-    port = _free_port()
-    db = tmp_path / "server.db"
-
-    def serve():
-        return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                                 f"sqlite:///{db}", "--artifacts-destination", str(tmp_path / "art"),
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up():
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return True
-        except OSError:
-            return False
-
-    server = serve()
+    server = MlflowServer(tmp_path).start()
     try:
-        assert _wait_for(up, 120)
-        uri = f"http://127.0.0.1:{port}"
         cfg = _cfg(tmp_path, **{"train.name": "outage", "train.steps": 300, "train.log_every": 5,
-                                "train.checkpoint_every": 100, "track.tracking_uri": uri})
+                                "train.checkpoint_every": 100, "track.tracking_uri": server.uri})
         th, out = _run_in_thread(cfg)
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(uri)
+        client = MlflowClient(server.uri)
 
         def some_metrics():
             exp = client.get_experiment_by_name("cnd_ray")
             runs = client.search_runs([exp.experiment_id]) if exp else []
             return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "loss_diff"))
 
-        assert _wait_for(some_metrics)
-        server.terminate()
-        server.wait(timeout=30)
+        assert wait_for(some_metrics)
+        server.stop()
         time.sleep(4)  # training goes on while the server is away
-        server = serve()
-        assert _wait_for(up, 120)
+        server.start()
         th.join(timeout=400)
         assert "error" not in out, out.get("error")
         exp = client.get_experiment_by_name("cnd_ray")
@@ -201,5 +166,35 @@ def test_metrics_survive_a_tracking_server_outage(ray_local, tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")]
         assert sorted(steps) == list(range(5, 301, 5))  # every logged step arrived, once
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
+
+
+def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards):
+    """Latent space: grids are decoded by the VAE the shards record (64 px tiles, not 8 px latents),
+    and the spooled artifact copies are cleaned up once uploaded."""
+    import glob
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    shards, manifest, _ = latent_shards
+    spool_before = set(glob.glob(f"{tempfile.gettempdir()}/cnd_ray_artifact_*"))
+    out = train.run(_cfg(tmp_path, **{"data.shards": shards, "data.space": "latent",
+                                      "data.image_size": 64, "train.steps": 4, "train.eval_every": 4,
+                                      "train.checkpoint_every": 4}))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    grids = [f.path for f in client.list_artifacts(out["mlflow_run_id"], "samples")]
+    assert grids == ["samples/samples_step00000004.png"]
+    img = Image.open(client.download_artifacts(out["mlflow_run_id"], grids[0], str(tmp_path)))
+    assert img.size == (8 * 64, 2 * 64)  # 8 per class, 2 classes, decoded to pixels
+    assert set(glob.glob(f"{tempfile.gettempdir()}/cnd_ray_artifact_*")) <= spool_before
+
+
+def test_latent_run_without_its_vae_names_the_setting(tmp_path, latent_shards):
+    from cnd_ray import vae
+
+    cfg = _cfg(tmp_path, **{"data.shards": latent_shards[0], "data.space": "latent",
+                            "data.image_size": 64, "data.vae": str(tmp_path / "gone")})
+    with pytest.raises(train.UserError, match="data.vae: no VAE at .*gone"):
+        vae.folder_for(cfg, {})
