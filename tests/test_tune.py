@@ -1,0 +1,243 @@
+"""Search-space files and `cnd-ray tune`: the shipped spaces, bad files, a real search with MLflow
+nesting checked through a real tracking server, and a search resumed after its driver is killed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from cnd_ray import config as C
+from cnd_ray import train, tune
+
+SHIPPED = sorted(p.stem for p in tune.SPACE_DIR.glob("*.yaml"))
+
+
+def test_the_issue_spaces_are_shipped():
+    assert {"paper_settings", "gamma_lambda", "smoke"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("base", ["quickstart", "paper", "debug"])
+def test_every_shipped_space_loads_and_names_real_fields(name, base):
+    cfg = C.load(base)
+    s = tune.load_space(name, cfg)
+    keys = set(cfg.flat())
+    for k in list(s.space) + list(s.fixed) + [k for b in s.settings.values() for k in b]:
+        assert k in keys, k
+    assert tune.trial_count(s) >= 2
+
+
+def test_paper_settings_are_the_papers_five():
+    s = tune.load_space("paper_settings", C.load("quickstart"))
+    assert list(s.settings) == ["1", "2", "3", "4", "5"] and tune.trial_count(s) == 5
+    get = lambda n, k: C.override(C.load("quickstart"), s.settings[n]).flat()[k]  # noqa: E731
+    assert [get(n, "method.gamma_schedule") for n in s.settings] == \
+        ["off", "constant", "periodic_ramp", "periodic_ramp", "periodic_ramp"]
+    assert [get(n, "method.lambda_cls") for n in "2345"] == [0.2, 0.2, 0.2, 0.3]
+    assert [get(n, "classifier.step_every") for n in "2345"] == [1, 3, 1, 3]
+    assert get("2", "method.gamma") == 0.25
+
+
+BAD = [
+    ("serach: grid\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"unknown key 'serach' \(did you mean search\?\)"),
+    ("space: {method.lamda_cls: {grid: [0.1]}}\n", r"space.method.lamda_cls: unknown config key .*did you mean method.lambda_cls"),
+    ("space: {method.lambda_cls: {gird: [0.1]}}\n", r"space.method.lambda_cls: unknown distribution 'gird' \(did you mean grid\?\)"),
+    ("space: {method.lambda_cls: {grid: [-1.0]}}\n", r"space.method.lambda_cls: .*-1.0 is outside"),
+    ("search: random\nspace: {method.lambda_cls: {uniform: [0.5, 0.1]}}\n", r"space.method.lambda_cls: uniform takes \[low, high\]"),
+    ("search: random\nspace: {method.lambda_cls: {loguniform: [0.0, 0.5]}}\n", r"loguniform needs low > 0"),
+    ("search: random\nspace: {method.gamma_schedule: {choice: [constant, cosine]}}\n", r"space.method.gamma_schedule: .*'cosine' is not one of"),
+    ("space: {method.lambda_cls: {uniform: [0.1, 0.5]}}\n", r"search: grid takes only `grid:` lists"),
+    ("metric: val_auroc\nsettings: {'1': {method.gamma_schedule: 'off'}}\n", r"metric: val_auroc, but settings.1 .*has no classifier"),
+    ("metric: fid\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"metric: 'fid' is not one of"),
+    ("resources: {train.steps: 3}\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"resources.train.steps: only scale.\* keys"),
+    ("scheduler: {kind: asha, grace: 3}\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"unknown key 'scheduler.grace'"),
+    ("settings: {'9': {train.mixed_precision: fp16, classifier.step_every: 3}}\n", r"settings.9: .*fp16"),
+    ("search: grid\n", r"nothing to search"),
+    ("space: [1, 2]\n", r"space: expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_a_bad_space_file_fails_before_any_trial_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(tune.SpaceError, match=message) as e:
+        tune.load_space(str(path), C.load("debug"))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_space_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("space: {method.lambda_cls: {grid: [-1.0]}}\n")
+    r = subprocess.run([sys.executable, "-m", "cnd_ray", "tune", "--space", str(path), "--config", "debug"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("cnd-ray tune: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_search_name_follows_space_and_config_not_where_it_logs():
+    cfg = C.load("debug")
+    s = tune.load_space("smoke", cfg)
+    a = tune.search_name(s, cfg)
+    assert a == tune.search_name(s, C.override(cfg, {"train.storage": "/elsewhere",
+                                                     "track.tracking_uri": "http://x"}))
+    assert a != tune.search_name(s, C.override(cfg, {"train.steps": 21}))
+    assert a.startswith("smoke-")
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+# Long enough that the second trial can be caught between its checkpoints (the kill test).
+# Threads pinned: the float results (and so the table) must not depend on how many trials ran at once.
+E2E = ["data.shuffle_buffer=0", "scale.threads_per_worker=1", "train.steps=400", "train.checkpoint_every=100", "train.eval_every=100",
+       "train.log_every=100"]
+
+
+@pytest.fixture(scope="module")
+def smoke_search(ray_local, tmp_path_factory):
+    """The smoke search run once, uninterrupted, logging to a real MLflow server: (result, runs)."""
+    from tests.helpers import MlflowServer
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    with MlflowServer(tmp) as server:
+        cfg = C.load("debug", E2E + [f"train.storage={tmp}/runs", f"track.tracking_uri={server.uri}"])
+        out = tune.run("smoke", cfg)
+        exp = server.rest("experiments/get-by-name?experiment_name=cnd_ray")["experiment"]
+        runs = server.rest("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        artifacts = {r["info"]["run_id"]: server.rest(f"artifacts/list?run_id={r['info']['run_id']}")
+                     for r in runs}
+        history = {r["info"]["run_id"]: server.rest(
+            f"metrics/get-history?run_id={r['info']['run_id']}&metric_key=val_loss_diff")
+            for r in runs}
+    return out, runs, artifacts, history
+
+
+def _tags(run):
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _params(run):
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+@pytest.mark.slow
+def test_smoke_search_is_one_parent_with_a_child_per_trial_over_rest(smoke_search):
+    out, runs, artifacts, history = smoke_search
+    parents = [r for r in runs if _tags(r).get("cnd_ray.kind") == "search"]
+    assert len(parents) == 1 and len(runs) == 3  # 1 + N, no orphans, no duplicates
+    parent = parents[0]["info"]["run_id"]
+    assert parent == out["parent_run_id"] and parents[0]["info"]["status"] == "FINISHED"
+    children = [r for r in runs if r["info"]["run_id"] != parent]
+    assert {_tags(c)["mlflow.parentRunId"] for c in children} == {parent}
+    assert sorted(_tags(c)["cnd_ray.setting"] for c in children) == ["1", "2"]
+    for c in children:
+        assert c["info"]["status"] == "FINISHED"
+        want = {"1": "off", "2": "constant"}[_tags(c)["cnd_ray.setting"]]
+        assert _params(c)["method.gamma_schedule"] == want  # the compare view's columns
+        assert [m["step"] for m in history[c["info"]["run_id"]]["metrics"]] == [100, 200, 300, 400]
+    ptags = _tags(parents[0])
+    assert ptags["best_trial"] == out["best"]["trial"] and ptags["trials_finished"] == "2"
+    assert "best_setting" in ptags and "best.method.gamma_schedule" in ptags
+    assert {"summary.md", "trials.json", "base_config.yaml", "space"} <= {
+        f["path"] for f in artifacts[parent]["files"]}
+    assert all(r["status"] == "finished" and r["step"] == 400 for r in out["rows"])
+    m = [r["val_loss_diff"] for r in out["rows"]]
+    assert m == sorted(m)  # ranked best first
+    assert out["best"]["checkpoint"].endswith("checkpoint_00000400")
+
+
+@pytest.mark.slow
+def test_search_leaves_no_placement_groups_or_actors_behind(smoke_search, ray_local):
+    from tests.helpers import wait_for
+
+    pgs = ray_local.util.placement_group_table()
+    assert pgs and all(pg["state"] == "REMOVED" for pg in pgs.values())
+    # Every trial actor, Train controller and worker gave its CPU share back.
+    total = ray_local.cluster_resources()["CPU"]
+    assert wait_for(lambda: abs(ray_local.available_resources().get("CPU", 0) - total) < 1e-6, 30)
+
+
+def _marked_processes(mark):
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("CND_RAY_TEST_MARK") == mark:
+                found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search, tmp_path):
+    """SIGKILL the `cnd-ray tune` driver (and its whole local Ray) while the second of two trials
+    runs; the same command then finishes the search: the first trial is not rerun, the second
+    resumes its checkpoint, MLflow has 1 + 2 runs, and the table equals the uninterrupted one."""
+    import glob
+
+    from tests.helpers import wait_for
+
+    space = tmp_path / "one_at_a_time.yaml"
+    space.write_text((tune.SPACE_DIR / "smoke.yaml").read_text() + "max_concurrent_trials: 1\n")
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, "-m", "cnd_ray", "tune", "--space", str(space), "--config", "debug", *E2E,
+           f"train.storage={tmp_path}/runs", f"track.tracking_uri=sqlite:///{db}"]
+    mark = uuid.uuid4().hex
+    env = {**os.environ, "CND_RAY_TEST_MARK": mark}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def checkpoints(step):
+        return {p.split("/")[-3] for p in glob.glob(
+            f"{tmp_path}/runs/*-trials/*/checkpoint_{step:08d}/meta.json")}
+
+    def second_trial_midway():
+        done = checkpoints(400)
+        started = checkpoints(100) - done
+        if len(done) != 1 or not started:
+            return False
+        # Ray Train has recorded the checkpoint (what a relaunch resumes from) ...
+        latest = train.latest_checkpoint(f"{tmp_path}/runs/{glob.glob(f'{tmp_path}/runs/*-trials')[0].split('/')[-1]}/{started.pop()}")
+        # ... and Tune has saved the first trial as finished (it saves its state every few seconds)
+        saved = "".join(open(f).read() for f in glob.glob(f"{tmp_path}/runs/one_at_a_time-*/experiment_state*.json"))
+        return latest is not None and "TERMINATED" in saved
+
+    try:
+        assert wait_for(second_trial_midway, timeout=400, every=0.1), open(tmp_path / "first.log").read()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        for p in _marked_processes(mark):  # the killed driver's local Ray: raylet, GCS, workers
+            p.kill()
+    first_done = checkpoints(400)
+    assert len(first_done) == 1
+    time.sleep(2)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        for p in _marked_processes(mark):
+            p.kill()
+    out = r.stdout + r.stderr
+    (tmp_path / "second.log").write_text(out)
+    assert r.returncode == 0, out[-4000:]
+    assert "resuming" in out
+    (finished,) = first_done
+    assert f"run {finished}:" not in out  # the finished trial was not rerun
+    assert "resuming at step" in out, out[-4000:]  # the interrupted one continued from its checkpoint
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
+    assert sorted((x.info.run_name, x.info.status) for x in runs) == sorted((x.info.run_name, "FINISHED") for x in runs)
+    assert len(runs) == 3
+    for x in runs:
+        steps = [m.step for m in client.get_metric_history(x.info.run_id, "loss_diff")]
+        assert steps == sorted(set(steps))  # no step logged twice across the kill
+    table = r.stdout[r.stdout.index("| rank"):].split("\n\n")[0].strip()
+    assert table == smoke_search[0]["table"].strip()  # same seed, same table, interrupted or not
