@@ -1,0 +1,32 @@
+"""`cnd-ray quickstart` as a user runs it (a subprocess with its own local Ray), at the debug scale."""
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = subprocess.run([sys.executable, "-m", "cnd_ray", "quickstart", "--config", "debug", "--space", "smoke",
+                        "--out", str(tmp_path / "report"), f"train.storage={tmp_path}/runs",
+                        f"track.tracking_uri={uri}", "train.eval_every=5"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    for step in ("1/4 data", "2/4 search", "3/4 samples", "4/4 report"):
+        assert f"[cnd-ray quickstart] {step}" in r.stdout
+    tail = r.stdout[r.stdout.index("| rank"):]
+    assert f"report:  {tmp_path / 'report' / 'report.md'}" in tail
+    assert f"MLflow:  cnd-ray ui track.tracking_uri={uri}" in tail
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| 1 |" in report and "| 2 |" in report  # both trials ranked
+    for png in ("samples_setting1.png", "samples_setting2.png", "samples_best.png", "val_curves.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 0
+        assert f"({png})" in report
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cnd_ray")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`cnd_ray.kind` = 'search'")
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "quickstart")}
+    assert "quickstart/report.md" in logged and "quickstart/samples_best.png" in logged
