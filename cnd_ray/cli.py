@@ -17,9 +17,11 @@ CONFIG_HELP = ("packaged config name ({names}) or a YAML path; dataclass default
                "setup) when omitted")
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help=CONFIG_HELP.format(names=", ".join(config_lib.packaged_names())))
+def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    names = ", ".join(config_lib.packaged_names())
+    p.add_argument("--config", default=default,
+                   help=CONFIG_HELP.format(names=names) if default is None else
+                   f"packaged config name ({names}) or a YAML path (default: {default})")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. method.lambda_cls=0.3 model.size=S")
 
@@ -224,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Rerunning the same command resumes an interrupted search (finished trials are "
                     "not rerun).")
     p.add_argument("--space", required=True, metavar="NAME|FILE",
-                   help="a space file, or the name of a shipped one (paper_settings, gamma_lambda, smoke)")
+                   help="a space file, or the name of a shipped one (" + ", ".join(
+                       sorted(q.stem for q in config_lib.SPACE_DIR.glob("*.yaml"))) + ")")
     _config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="require an interrupted search to resume (without it: resume if there is one)")
@@ -238,12 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "paper_settings search (METHOD.md section 4: five Class-N-Diff trials) at the "
                     "quickstart scale on a local Ray (or RAY_ADDRESS), sample every trial's EMA model, "
                     "and write OUT/report.md: the ranked table, a validation-loss plot and sample "
-                    "grids. About 15 minutes on a 2-core laptop; rerunning resumes.")
-    p.add_argument("--config", default="quickstart",
-                   help=CONFIG_HELP.format(names=", ".join(config_lib.packaged_names()))
-                   .replace("dataclass defaults (the paper's setup) when omitted", "default: quickstart"))
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. train.steps=1000 data.shards=DIR")
+                    "grids. About 10 minutes on a 2-core laptop; rerunning resumes.")
+    _config_args(p, default="quickstart")
     p.add_argument("--space", default=argparse.SUPPRESS, metavar="NAME|FILE",
                    help=f"search space (default: {_default(quickstart.run, 'space')})")
     p.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",

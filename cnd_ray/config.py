@@ -20,6 +20,7 @@ import yaml
 from cnd_ray.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"  # shipped search spaces (cnd_ray.tune)
 
 # Sizes of models/dit.py's registry (kept here as names only so config stays torch-free; a test
 # checks both lists agree).

@@ -28,7 +28,7 @@ from ray import tune
 from cnd_ray import config as config_lib
 from cnd_ray.errors import UserError
 
-SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+SPACE_DIR = config_lib.SPACE_DIR
 SEARCHES = ("grid", "random", "optuna", "hyperopt")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # What each training evaluation reports (train._evaluate) and which way is better.
