@@ -241,3 +241,46 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
         assert steps == sorted(set(steps))  # no step logged twice across the kill
     table = r.stdout[r.stdout.index("| rank"):].split("\n\n")[0].strip()
     assert table == smoke_search[0]["table"].strip()  # same seed, same table, interrupted or not
+
+
+def test_model_based_search_needs_its_package_or_says_so(tmp_path):
+    path = tmp_path / "opt.yaml"
+    path.write_text("search: optuna\nspace: {method.lambda_cls: {uniform: [0.1, 0.5]}}\n")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(tune.SpaceError, match="search: optuna needs the optuna package"):
+            tune.load_space(str(path), C.load("debug"))
+    else:
+        assert tune.load_space(str(path), C.load("debug")).search == "optuna"
+
+
+def test_asha_rungs_are_training_steps_capped_at_the_run():
+    s = tune.load_space("gamma_lambda", C.load("quickstart"))
+    asha = tune._scheduler(s, steps=300)
+    assert asha._time_attr == "step" and asha._max_t == 300  # grace 500 in the file, capped
+    assert tune._scheduler(s, steps=5000)._brackets[0]._rungs[-1][0] == 500  # first rung = grace
+    assert tune._scheduler(tune.load_space("smoke", C.load("debug")), 20) is None
+
+
+def test_concurrency_follows_resources_and_cpu_trials_share_cores():
+    cfg = C.load("quickstart")  # 1 worker x 0.5 CPU + 2 decode tasks x 0.5 CPU per trial
+    s = tune.load_space("paper_settings", cfg)
+    assert tune._concurrency(s, cfg, {"CPU": 4}, 5) == 2
+    assert tune._concurrency(s, cfg, {"CPU": 64}, 5) == 5  # never more than there are trials
+    with pytest.raises(tune.UserError, match="one trial needs 1.51 CPUs"):
+        tune._concurrency(s, cfg, {"CPU": 1}, 5)
+    gpu = C.override(cfg, {"scale.use_gpu": True, "scale.num_workers": 2, "train.global_batch": 32})
+    assert tune._concurrency(s, gpu, {"CPU": 64, "GPU": 4}, 5) == 2
+
+    class FakeRay:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True}]
+
+    import os
+
+    shared = tune._share_cores(cfg, 2, FakeRay)
+    assert shared.scale.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
+    pinned = C.override(cfg, {"scale.threads_per_worker": 3})
+    assert tune._share_cores(pinned, 2, FakeRay).scale.threads_per_worker == 3
