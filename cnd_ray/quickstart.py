@@ -41,24 +41,14 @@ def _step(i: int, what: str) -> None:
     print(f"\n[cnd-ray quickstart] {i}/4 {what}", flush=True)
 
 
-def _decoder(cfg):
-    """The VAE that turns latent samples into pixels (None in pixel space)."""
-    if cfg.data.space == "pixel":
-        return None
-    from cnd_ray import vae
-    from cnd_ray.data import stream
-
-    return vae.load(vae.folder_for(cfg, stream.read_manifest(cfg.data.shards)))
-
-
 def _grids(rows: list[dict], out_dir: Path, cfg) -> dict[str, str]:
     """trial id -> PNG of its class grid (rows = benign, malignant); 'best' -> the best's larger one."""
     from PIL import Image
 
-    from cnd_ray import checkpoint, monitor
+    from cnd_ray import checkpoint, monitor, vae
 
     try:
-        decoder = _decoder(cfg)
+        decoder = vae.for_run(cfg)
     except UserError as e:
         print(f"no sample grids: {e}", flush=True)
         return {}

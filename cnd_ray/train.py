@@ -415,7 +415,7 @@ def _evaluate(cfg, state, val, tracker, step: int) -> dict[str, float]:
             if len(batches) >= cfg.train.eval_batches:
                 break
     metrics = monitor.evaluate(state, batches) if batches else {}
-    decoder = _decoder(cfg, str(device)) if cfg.data.space == "latent" else None
+    decoder = _decoder(cfg, str(device))
     if cfg.data.space == "pixel" or decoder is not None:
         from PIL import Image
 
@@ -433,10 +433,10 @@ def _evaluate(cfg, state, val, tracker, step: int) -> dict[str, float]:
 
 @functools.cache
 def _decoder(cfg, device: str):
-    """The VAE that turns latent sample grids into images, loaded once per worker; None (said
-    once) when it is not on this machine: training goes on without grids."""
+    """The VAE that turns latent sample grids into images, loaded once per worker; None in pixel
+    space, and None (said once) when it is not on this machine: training goes on without grids."""
     try:
-        return vae_lib.load(vae_lib.folder_for(cfg, stream.read_manifest(cfg.data.shards)), device)
+        return vae_lib.for_run(cfg, device)
     except UserError as e:
         _say(f"no sample grids: {e}")
         return None

@@ -368,6 +368,19 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def _overrides(config: dict, settings: dict) -> tuple[str, dict]:
+    """A trial's (setting name, dotted overrides): its settings bundle, then its sampled values."""
+    setting = str(config.get(SETTING, ""))
+    return setting, {**settings.get(setting, {}),
+                     **{k: _plain(v) for k, v in config.items() if k != SETTING}}
+
+
+def _trial_run(search: str, trial_id: str) -> str:
+    """The training run a trial is (`train.name`): the same on a restored search, so Ray Train
+    resumes its checkpoint and MLflow its child run."""
+    return f"{search}-{trial_id}"
+
+
 def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage: str,
            parent_run_id: str) -> None:
     """One trial = one `cnd-ray train` run with the trial's overrides, a child of the parent run."""
@@ -376,13 +389,9 @@ def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage
     from cnd_ray import train, tracking
 
     trial_id = tune.get_context().get_trial_id()
-    setting = config.get(SETTING, "")
-    overrides = {**settings.get(setting, {}),
-                 **{k: _plain(v) for k, v in config.items() if k != SETTING}}
-    # Named after the trial: a restored search relaunches the trial under the same name, so Ray
-    # Train resumes its checkpoint and MLflow its child run.
+    setting, overrides = _overrides(config, settings)
     cfg = config_lib.override(config_lib.from_dict(base), {
-        **overrides, "train.name": f"{search}-{trial_id}", "train.storage": trials_storage})
+        **overrides, "train.name": _trial_run(search, trial_id), "train.storage": trials_storage})
     tags = {tracking.PARENT_TAG: parent_run_id, "cnd_ray.search": search, "cnd_ray.trial_id": trial_id,
             "cnd_ray.overrides": json.dumps(overrides, sort_keys=True)}
     if setting:
@@ -469,7 +478,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     except Exception as e:
         tracking.finish_run(uri, parent, "FAILED", {"error": repr(e)[:500]})
         raise
-    rows = _rows(grid, s, cfg, trials_storage)
+    rows = _rows(grid, s, cfg, search, trials_storage)
     table = format_table(rows, s)
     best = rows[0] if rows and rows[0]["status"] != "error" else None
     _log_parent(uri, parent, s, rows, table, best, time.time() - t0)
@@ -482,27 +491,24 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
 STATUS_ORDER = {"finished": 0, "stopped": 1, "error": 2}
 
 
-def _rows(grid, s: Space, cfg, trials_storage: str) -> list[dict]:
+def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
     """One row per trial, best first: finished trials by the metric, then ones ASHA stopped early,
     then failed ones."""
     from cnd_ray import train
 
-    search = Path(trials_storage).name.removesuffix("-trials")
     rows = []
     for r in grid:
-        m, config = r.metrics or {}, r.config or {}
+        m = r.metrics or {}
         trial_id = Path(r.path).name.split("-setting")[0]
-        setting = str(config.get(SETTING, ""))
+        setting, overrides = _overrides(r.config or {}, s.settings)
         step = int(m.get("step", 0))
         status = "error" if r.error else "finished" if step >= cfg.train.steps else "stopped"
         rows.append({
-            "trial": trial_id, "setting": setting,
-            "overrides": {**s.settings.get(setting, {}),
-                          **{k: _plain(v) for k, v in config.items() if k != SETTING}},
+            "trial": trial_id, "setting": setting, "overrides": overrides,
             **{k: m[k] for k in METRICS if k in m},
             "step": step, "status": status, "error": str(r.error).splitlines()[0][:300] if r.error else "",
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
-            "checkpoint": train.latest_checkpoint(f"{trials_storage}/{search}-{trial_id}"),
+            "checkpoint": train.latest_checkpoint(f"{trials_storage}/{_trial_run(search, trial_id)}"),
             "curve": _curve(r, s.metric),
         })
 

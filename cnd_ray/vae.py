@@ -23,6 +23,16 @@ def folder_for(cfg, manifest: dict) -> str:
     return folder
 
 
+def for_run(cfg, device: str | torch.device = "cpu"):
+    """The VAE that decodes a run's samples: None in pixel space; UserError when a latent run's
+    VAE is not on this machine."""
+    if cfg.data.space == "pixel":
+        return None
+    from cnd_ray.data import stream
+
+    return load(folder_for(cfg, stream.read_manifest(cfg.data.shards)), device)
+
+
 def load(folder: str, device: str | torch.device = "cpu"):
     """The AutoencoderKL saved in `folder`, in eval mode; never downloads."""
     from diffusers import AutoencoderKL
