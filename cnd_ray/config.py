@@ -75,8 +75,10 @@ class DiffusionConfig:
     num_timesteps: int = field(default=1000, metadata=_range(2))
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    sample_steps: int = field(default=250, metadata=_range(2))
+    # ddpm: ancestral, the paper's; ddim; dpm++: DPM-Solver++(2M), good in 20-50 steps
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
+    sample_steps: int = field(default=250, metadata=_range(2))  # model calls per sample
+    eta: float = field(default=0.0, metadata=_range(0.0, 1.0))  # DDIM noise; 1 = DDPM's posterior
     guidance_scale: float = field(default=1.0, metadata=_range(0.0))  # 1.0 = no guidance
 
 
@@ -175,6 +177,36 @@ class ScaleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """`cnd-ray sample` and `cnd-ray evaluate`: generation at scale and the sample-quality metrics
+    of METHOD.md section 4 (the sampler itself is diffusion.*)."""
+
+    seed: int = 0  # image i's noise comes from seed (seed, i) alone
+    batch_size: int = field(default=64, metadata=_range(1))  # images per model call; fixes the chunks
+    actors: int = field(default=0, metadata=_range(0))  # generation actors; 0 = one per GPU / 2 CPUs
+    # Comma list of feature spaces, each giving its own FD/KD (GUARANTEES 15): "inception" (clean-fid's
+    # Inception-v3: the metrics are FID and KID), "fidelity" (the independent classifier below),
+    # "timm:<model>" (any timm model, weights from eval.timm_weights).
+    extractors: str = "inception,fidelity"
+    inception_weights: str = ""  # inception-2015-12-05.pt; "" = clean-fid's cache folder
+    timm_weights: str = ""  # local weights file for timm:<model>, or "random" (tests only)
+    reference_split: str = "train"  # real images FID compares against (the paper: training data)
+    reference_max: int = field(default=0, metadata=_range(0))  # cap on reference images; 0 = all
+    heldout_split: str = "val"  # real images that calibrate memorisation and fidelity
+    msssim_pairs: int = field(default=1000, metadata=_range(1))  # same-class pairs per class
+    kid_subsets: int = field(default=100, metadata=_range(1))
+    kid_subset_size: int = field(default=1000, metadata=_range(2))
+    force_fid: bool = False  # report FD even with fewer samples than feature dimensions
+    memorisation_quantile: float = field(default=0.01, metadata=_range(0.0, 1.0, lo_open=True))
+    # The independent benign/malignant classifier for class fidelity (and the "fidelity" features).
+    fidelity_backbone: str = "resnet18"
+    fidelity_steps: int = field(default=2000, metadata=_range(1))
+    fidelity_lr: float = field(default=1e-2, metadata=_range(0.0, lo_open=True))
+    fidelity_max_images: int = field(default=20000, metadata=_range(16))  # training images, in memory
+    fidelity_weights: str = ""  # a saved fidelity classifier (.pt) to reuse; "" = train one
+
+
+@dataclass(frozen=True)
 class TrackConfig:
     """Where MLflow logs go."""
 
@@ -194,6 +226,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
     # Derived values are properties, not settings (house rule 4).

@@ -15,6 +15,22 @@ import torch
 from torch import nn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
+# One generator for the batch, or one per row: then row i's noise comes from generator i alone, so
+# an image depends on its seed only, not on which batch (or Ray actor) made it.
+Generators = torch.Generator | list[torch.Generator] | None
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape`, drawn on the CPU from `generator`(s), moved to `device`."""
+    if isinstance(generator, list):
+        assert len(generator) == shape[0]
+        z = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator])
+    elif generator is not None and generator.device.type == "cpu":
+        z = torch.randn(tuple(shape), generator=generator)
+    else:
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    return z.to(device=device, dtype=dtype)
 
 
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -205,21 +221,46 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, sampler: str = "ddpm",
-               eta: float = 0.0, clip: float = 0.0, generator: torch.Generator | None = None,
+               eta: float = 0.0, clip: float = 0.0, generator: Generators = None,
                progress: Callable | None = None) -> torch.Tensor:
-        """Run the reverse chain from `noise` over all of this diffusion's steps."""
+        """Run the ancestral (ddpm) or DDIM chain from `noise` over all of this diffusion's steps
+        (respace first for fewer); `generator` draws the per-step noise (see `randn`)."""
         x = noise
         steps = range(self.num_timesteps - 1, -1, -1)
         for i in (progress(steps) if progress else steps):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             pmv = self.p_mean_variance(model_fn(x, self.model_t(t)), x, t, clip=clip)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if sampler == "ddim" and eta == 0:
+                x = self.ddim_step(pmv, x, t, torch.zeros_like(x), eta)  # draws nothing
+                continue
+            z = randn(x.shape, generator, x.device, x.dtype)
             if sampler == "ddpm":
                 x = self.ancestral_step(pmv, t, z)
             elif sampler == "ddim":
                 x = self.ddim_step(pmv, x, t, z, eta)
             else:
                 raise ValueError(f"unknown sampler {sampler!r}")
+        return x
+
+    @torch.no_grad()
+    def dpm_solver(self, model_fn: ModelFn, noise: torch.Tensor, steps: int, clip: float = 0.0,
+                   progress: Callable | None = None) -> torch.Tensor:
+        """DPM-Solver++(2M) (Lu et al. 2022) in `steps` model calls, using diffusers' well-tested
+        multistep scheduler on this (not respaced) schedule. Deterministic: it draws no noise."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        assert self.timestep_map.tolist() == list(range(self.num_timesteps)), "use the full schedule"
+        sched = DPMSolverMultistepScheduler(
+            num_train_timesteps=self.num_timesteps, trained_betas=self._np["betas"].tolist(),
+            algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon")
+        sched.set_timesteps(steps, device=noise.device)
+        x = noise
+        for ts in (progress(sched.timesteps) if progress else sched.timesteps):
+            t = torch.full((x.shape[0],), int(ts), device=x.device, dtype=torch.long)
+            eps, _ = self.split(model_fn(x, t).float(), x.shape[1])
+            if clip > 0:  # the eps that a clamped x0 implies, so the solver's x0 is clamped too
+                eps = self.predict_eps(x, t, self.predict_x0(x, t, eps, clip))
+            x = sched.step(eps, ts, x).prev_sample
         return x
 
     def ddim_step(self, pmv: dict[str, torch.Tensor], xt: torch.Tensor, t: torch.Tensor,
@@ -232,6 +273,18 @@ class GaussianDiffusion(nn.Module):
         mean = pmv["x0"] * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma ** 2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (xt.ndim - 1)))
         return mean + nonzero * sigma * noise
+
+
+def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, noise: torch.Tensor, sampler: str,
+           steps: int, eta: float = 0.0, clip: float = 0.0, generator: Generators = None,
+           progress: Callable | None = None) -> torch.Tensor:
+    """The one sampling entry point: `steps` model calls of `sampler` (ddpm and ddim on a
+    respaced schedule, dpm++ on the full one) from `noise`, on the trained `diffusion`."""
+    if sampler == "dpm++":
+        return diffusion.dpm_solver(model_fn, noise, steps, clip, progress)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    return diffusion.respaced(steps).sample(model_fn, noise, sampler, eta, clip, generator, progress)
 
 
 def guided(model: Callable, y: torch.Tensor, null_label: int, scale: float,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cnd_ray.diffusion import guided
+from cnd_ray.diffusion import guided, sample
 from cnd_ray.vae import to_pixels
 
 
@@ -55,10 +55,10 @@ def sample_grid(state, per_class: int = 8, seed: int = 0, vae=None) -> np.ndarra
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n_cls).repeat_interleave(per_class).to(device)
     noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device)
-    diffusion = state.objective.diffusion.respaced(cfg.diffusion.sample_steps).to(device)
-    fn = guided(state.ema, y, n_cls, cfg.diffusion.guidance_scale)
-    x = diffusion.sample(fn, noise, sampler=cfg.diffusion.sampler, clip=1.0 if vae is None else 0.0,
-                         generator=g if device.type == "cpu" else None)
+    d = cfg.diffusion
+    fn = guided(state.ema, y, n_cls, d.guidance_scale)
+    x = sample(state.objective.diffusion, fn, noise, d.sampler, d.sample_steps, d.eta,
+               clip=1.0 if vae is None else 0.0, generator=g)
     img = to_pixels(x, vae, cfg.data.latent_scale)  # (N, 3, S, S)
     s = img.shape[-1]
     grid = img.view(n_cls, per_class, 3, s, s).permute(0, 3, 1, 4, 2).reshape(n_cls * s, per_class * s, 3)

@@ -33,7 +33,9 @@ BUCKET_BYTES = 25 * 2 ** 20  # gradients are averaged in flat buckets of about t
 # Settings that do not change what is trained: a run keeps its name (and resumes) across them.
 NAME_EXCLUDES = {"train.name", "train.storage", "train.steps", "train.checkpoint_every",
                  "train.keep_checkpoints", "train.max_failures", "train.log_every", "train.eval_every",
-                 "train.eval_batches", "data.shuffle_buffer", "data.decode_tasks", "data.vae"}
+                 "train.eval_batches", "data.shuffle_buffer", "data.decode_tasks", "data.vae",
+                 "diffusion.eta"}
+NAME_EXCLUDED_SECTIONS = ("scale.", "track.", "eval.")  # how it runs, where it logs, how it is judged
 
 
 class TrainingStopped(RuntimeError):
@@ -45,7 +47,7 @@ def run_name(cfg) -> str:
     if cfg.train.name:
         return cfg.train.name
     keep = {k: v for k, v in cfg.flat().items()
-            if k not in NAME_EXCLUDES and not k.startswith(("scale.", "track."))}
+            if k not in NAME_EXCLUDES and not k.startswith(NAME_EXCLUDED_SECTIONS)}
     return "cnd-" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -252,7 +252,8 @@ def search_name(s: Space, base: config_lib.Config) -> str:
     """`<space>-<hash of the space file and the base config>`: the same command finds (and
     resumes) the same search; where things are stored and logged does not count."""
     keep = {k: v for k, v in base.flat().items()
-            if k not in ("train.name", "train.storage") and not k.startswith("track.")}
+            if k not in ("train.name", "train.storage", "diffusion.eta")
+            and not k.startswith(("track.", "eval."))}
     digest = hashlib.sha256(json.dumps([s.text, keep], sort_keys=True).encode()).hexdigest()[:8]
     return f"{s.name}-{digest}"
 
