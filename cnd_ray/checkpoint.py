@@ -126,6 +126,16 @@ def load_config(path: str | Path):
     return config_lib.load(path / "config.yaml")
 
 
+def load_ema(path: str | Path) -> tuple[config_lib.Config, dict, int]:
+    """(config, EMA DiT weights, step): all that sampling needs, without building the optimizers
+    or the classifier (mmap reads only the EMA's bytes of weights.pt)."""
+    path = Path(path)
+    cfg = load_config(path)
+    weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True, mmap=True)
+    ema = {k: v.clone() for k, v in weights["ema"].items()}  # off the mmap: the file may go away
+    return cfg, ema, read_meta(path)["step"]
+
+
 def _load(path: Path, name: str) -> dict:
     return torch.load(path / name, map_location="cpu", weights_only=True)
 

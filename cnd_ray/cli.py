@@ -117,6 +117,45 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0 if out["best"] else 1
 
 
+# Sampling flags the users type, and the config key each one sets.
+SAMPLING_FLAGS = {"sampler": "diffusion.sampler", "steps": "diffusion.sample_steps",
+                  "cfg_scale": "diffusion.guidance_scale", "seed": "eval.seed"}
+
+
+def _sampling_overrides(args: argparse.Namespace) -> list[str]:
+    return [f"{key}={getattr(args, flag)}" for flag, key in SAMPLING_FLAGS.items()
+            if getattr(args, flag, None) is not None] + list(args.overrides)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from cnd_ray import sample
+
+    out = sample.run(args.ckpt, args.out, args.num_per_class, _sampling_overrides(args), tone=args.tone)
+    p = out["protocol"]
+    rate = f", {out['images_per_s']} img/s on {out['actors']} actors" if out["generated"] else ""
+    print(f"{out['images']} images ({out['generated']} new{rate}) from step {p['step']} with "
+          f"{p['sampler']} x {p['steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']}")
+    print(f"samples: {out['out']}")
+    return 0
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="CKPT",
+                   help="checkpoint folder, or a training run folder (its latest checkpoint)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None,
+                   help="ddpm: ancestral, the paper's (250 steps); ddim; dpm++: DPM-Solver++(2M), "
+                        "good in 20-50 steps (default: the checkpoint's diffusion.sampler)")
+    p.add_argument("--steps", type=int, default=None, metavar="S",
+                   help="model calls per image (default: the checkpoint's diffusion.sample_steps)")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale; 1 = none (default: the checkpoint's "
+                        "diffusion.guidance_scale)")
+    p.add_argument("--seed", type=int, default=None, metavar="K",
+                   help="image i's noise comes from (K, i) alone (default: eval.seed, 0)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="sampling settings: diffusion.eta, data.vae, eval.batch_size, eval.actors, ...")
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import socket
 
@@ -248,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
                    help=f"report folder (default: {_default(quickstart.run, 'out')})")
     p.set_defaults(func=cmd_quickstart)
+    p = verbs.add_parser(
+        "sample", help="class folders of PNGs from a checkpoint's EMA model, on Ray actors",
+        description="Generate --num-per-class images of every class from the checkpoint's EMA weights "
+                    "(decoded by the run's VAE in latent space) on a pool of Ray actors, one model "
+                    "each (a GPU each when the cluster has GPUs). Writes OUT/<class>/<index>.png, "
+                    "OUT/index.parquet (seed, label, tone of every image) and OUT/sample.json (the "
+                    "protocol). Image i depends only on (seed, i): the same command gives the same "
+                    "images whatever the number of actors, and rerunning finishes an interrupted one.")
+    _sampling_args(p)
+    p.add_argument("--num-per-class", type=int, required=True, metavar="N", help="images per class")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or one to finish)")
+    p.add_argument("--tone", type=int, default=None, metavar="G",
+                   help="skin-tone group to request (models trained with model.tone_groups > 0)")
+    p.set_defaults(func=cmd_sample)
     p = verbs.add_parser("ui", help="open the MLflow UI for the configured tracking store",
                          description="Start `mlflow ui` on 127.0.0.1 (a free port unless --port) for "
                                      "track.tracking_uri / $MLFLOW_TRACKING_URI / ./mlflow.db.")

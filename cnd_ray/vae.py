@@ -47,3 +47,17 @@ def to_pixels(x: torch.Tensor, vae=None, latent_scale: float = 1.0) -> torch.Ten
     if vae is not None:
         x = vae.decode(x.to(vae.dtype) / latent_scale).sample.float()
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def to_parts(vae) -> tuple[dict, dict]:
+    """(config, state dict) of a loaded VAE: what a Ray actor on another node rebuilds it from."""
+    return dict(vae.config), vae.state_dict()
+
+
+def from_parts(config: dict, state: dict, device: str | torch.device = "cpu"):
+    """The VAE `to_parts` described, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(config)
+    vae.load_state_dict(state)
+    return vae.to(device).eval()

@@ -91,3 +91,22 @@ class MlflowServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def random_checkpoint(folder, cfg_name: str = "debug", overrides=(), std: float = 0.05):
+    """A checkpoint whose EMA DiT has random (not zero-initialised) weights, so samples depend on
+    every part of the model; no training needed."""
+    import torch
+
+    from cnd_ray import checkpoint, config
+    from cnd_ray.engine import build_state
+
+    cfg = config.load(cfg_name, list(overrides))
+    state = build_state(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in state.ema.parameters():
+            if p.requires_grad or p.ndim:  # the frozen pos_embed keeps its sin-cos values
+                if p.shape != state.ema.pos_embed.shape:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+    return str(checkpoint.save(state, folder))
