@@ -1,0 +1,1 @@
+"""Sampling-quality and fidelity evaluation (issue 6)."""

@@ -1,0 +1,80 @@
+"""Class fidelity: a benign/malignant classifier trained apart from the diffusion model, to judge
+whether samples show the class they were asked for. Plain PyTorch on uint8 pixel images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnd_ray.errors import UserError
+from cnd_ray.evaluate.features import signed
+from cnd_ray.models.classifier import Classifier
+
+
+def train(images: torch.Tensor, labels: np.ndarray, backbone: str, steps: int, batch: int = 32,
+          lr: float = 1e-2, seed: int = 0, device="cpu", progress=None) -> Classifier:
+    """A randomly initialised Classifier trained on uint8 (N, 3, H, W) images; returned in eval mode."""
+    labels = np.asarray(labels).astype(bool)
+    pos, neg = torch.from_numpy(np.flatnonzero(labels)), torch.from_numpy(np.flatnonzero(~labels))
+    if len(pos) == 0 or len(neg) == 0:
+        raise UserError(f"fidelity classifier: its training images need both classes "
+                        f"(got {len(neg)} benign, {len(pos)} malignant)")
+    assert batch >= 2, batch
+    device = torch.device(device)
+    half = batch // 2
+    y = torch.cat([torch.ones(half), torch.zeros(batch - half)]).to(device)  # (B,)
+    # Seeded init and dropout without disturbing the caller's RNG; batches and flips use `g`.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = Classifier(backbone, in_channels=3).to(device).train()
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        for step in range(steps):
+            # Half malignant, half benign: the data are ~10% malignant.
+            idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
+                             neg[torch.randint(len(neg), (batch - half,), generator=g)]])
+            x = signed(images[idx]).to(device)  # (B, 3, H, W)
+            flip = (torch.rand(2, batch, 1, 1, 1, generator=g) < 0.5).to(device)  # (2, B, 1, 1, 1)
+            x = torch.where(flip[0], x.flip(-1), x)
+            x = torch.where(flip[1], x.flip(-2), x)
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress(step + 1)
+    return model.eval()
+
+
+@torch.no_grad()
+def scores(model, images: torch.Tensor, batch: int = 128) -> np.ndarray:
+    """float64 (N,) malignant logits of uint8 (N, 3, H, W) images."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(signed(images[i:i + batch]).to(device)).double().cpu() for i in range(0, len(images), batch)]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def save(model, path, meta: dict) -> None:
+    """One .pt file: {"state_dict", "meta"}; meta holds backbone, steps, lr, seed and val AUROC."""
+    assert "backbone" in meta, meta
+    # Through JSON so that load(weights_only=True) meets only plain types (no numpy scalars).
+    meta = json.loads(json.dumps(meta))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}, path)
+
+
+def load(path) -> tuple[Classifier, dict]:
+    """The classifier save() wrote (eval mode, CPU) and its meta."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"fidelity classifier: {path} does not exist")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta = blob["meta"]
+    model = Classifier(meta["backbone"], in_channels=3)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), meta
