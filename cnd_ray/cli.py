@@ -139,6 +139,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cnd_ray.evaluate import run as evaluate
+
+    counts = [f"eval.num_samples={args.num_samples}"] if args.num_samples else []
+    res = evaluate.run(args.ckpt, args.reference, out=args.out or "",
+                       overrides=counts + _sampling_overrides(args))
+    print()
+    print(evaluate.report(res), end="")
+    m = res["mlflow"]
+    print(f"\nmetrics: {res['out']}/metrics.json and metrics.md")
+    print(f"MLflow run {m['run_id']}{' (new)' if m['new_run'] else ''} at {m['tracking_uri']}")
+    return 0
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="CKPT",
                    help="checkpoint folder, or a training run folder (its latest checkpoint)")
@@ -301,6 +315,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tone", type=int, default=None, metavar="G",
                    help="skin-tone group to request (models trained with model.tone_groups > 0)")
     p.set_defaults(func=cmd_sample)
+    p = verbs.add_parser(
+        "evaluate", help="FID/KID at 5k/10k/20k samples, MS-SSIM, class fidelity, memorisation",
+        description="Reproduce the paper's table for a checkpoint (METHOD.md section 4): generate the "
+                    "largest --num-samples count with `cnd-ray sample` (the reference split's class "
+                    "mix), then report per class and overall, for each feature space in "
+                    "eval.extractors, the Frechet and kernel distances to the reference images at "
+                    "every count (FID/KID in clean-fid's Inception space, whose weights must be on "
+                    "disk: eval.inception_weights); MS-SSIM diversity of generated and real "
+                    "same-class pairs; class fidelity under an independently trained classifier; a "
+                    "memorisation check; PCA plots. Writes OUT/metrics.json and OUT/metrics.md and "
+                    "logs them to the checkpoint's MLflow run. Rerunning reuses finished samples.")
+    _sampling_args(p)
+    p.add_argument("--reference", required=True, metavar="SHARDS",
+                   help="ingested shards whose real images are the reference (eval.reference_split, "
+                        "default train) and the held-out set (eval.heldout_split, default val)")
+    p.add_argument("--num-samples", default=None, metavar="N[,N...]",
+                   help="generated-image counts to report (default: eval.num_samples, the paper's "
+                        "5000,10000,20000)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: evaluation/<run name>-step<step>)")
+    p.set_defaults(func=cmd_evaluate)
     p = verbs.add_parser("ui", help="open the MLflow UI for the configured tracking store",
                          description="Start `mlflow ui` on 127.0.0.1 (a free port unless --port) for "
                                      "track.tracking_uri / $MLFLOW_TRACKING_URI / ./mlflow.db.")

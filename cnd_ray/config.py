@@ -182,6 +182,7 @@ class EvalConfig:
     of METHOD.md section 4 (the sampler itself is diffusion.*)."""
 
     seed: int = 0  # image i's noise comes from seed (seed, i) alone
+    num_samples: str = "5000,10000,20000"  # generated-image counts `evaluate` reports (the paper's)
     batch_size: int = field(default=64, metadata=_range(1))  # images per model call; fixes the chunks
     actors: int = field(default=0, metadata=_range(0))  # generation actors; 0 = one per GPU / 2 CPUs
     # Comma list of feature spaces, each giving its own FD/KD (GUARANTEES 15): "inception" (clean-fid's
@@ -201,7 +202,9 @@ class EvalConfig:
     # The independent benign/malignant classifier for class fidelity (and the "fidelity" features).
     fidelity_backbone: str = "resnet18"
     fidelity_steps: int = field(default=2000, metadata=_range(1))
-    fidelity_lr: float = field(default=1e-2, metadata=_range(0.0, lo_open=True))
+    # SGD from random init: 1e-2 learnt nothing in 300 steps on the quickstart data, 3e-2 reached
+    # held-out AUROC 1.0 (resnet18, 32 px, batch 32).
+    fidelity_lr: float = field(default=3e-2, metadata=_range(0.0, lo_open=True))
     fidelity_max_images: int = field(default=20000, metadata=_range(16))  # training images, in memory
     fidelity_weights: str = ""  # a saved fidelity classifier (.pt) to reuse; "" = train one
 
@@ -385,6 +388,10 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.model.num_classes} (or set method.gamma_schedule=off)")
     if m.gamma_schedule == "staircase" and m.gamma_levels > m.gamma_period:
         raise ConfigError("method.gamma_levels: must not exceed method.gamma_period")
+    counts = cfg.eval.num_samples.split(",")
+    if not all(c.strip().isdigit() and int(c) >= 2 for c in counts):
+        raise ConfigError(f"eval.num_samples: {cfg.eval.num_samples!r} is not a comma list of counts "
+                          ">= 2 (e.g. 5000,10000,20000)")
     if not cfg.classifier.backbone:
         raise ConfigError("classifier.backbone: must name a timm model")
     if tr.mixed_precision == "fp16" and cfg.use_classifier and cfg.classifier.step_every > 1:

@@ -28,7 +28,7 @@ from cnd_ray.errors import UserError
 # What sampling may change on top of the checkpoint's config; the model itself is the checkpoint's.
 SAMPLE_KEYS = {"diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
                "diffusion.guidance_scale", "data.vae", "data.shards"}
-SAMPLE_SECTIONS = ("eval.",)
+SAMPLE_SECTIONS = ("eval.", "track.")  # how images are judged, where results are logged
 ACTOR_CPUS = 1  # per CPU actor; a whole core, because a denoiser forward is the whole job
 
 
@@ -55,7 +55,7 @@ def sampling_config(cfg, overrides) -> config_lib.Config:
             key = f"{sec}.{k}"
             if key not in SAMPLE_KEYS and not key.startswith(SAMPLE_SECTIONS):
                 raise ConfigError(f"{key}: fixed by the checkpoint; sampling may set only "
-                                  f"{', '.join(sorted(SAMPLE_KEYS))} and eval.*")
+                                  f"{', '.join(sorted(SAMPLE_KEYS))}, eval.* and track.*")
     return config_lib.override(cfg, overrides)  # validate() refuses guidance without a null label
 
 
@@ -155,10 +155,11 @@ def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
         (out / name).mkdir(parents=True, exist_ok=True)
     have = np.array([(out / f).exists() for f in files])
     todo = sorted({int(c) for c, h in zip(rows["chunk"], have) if not h})
-    t0, made, actors = time.perf_counter(), 0, 0
+    t0, made, actors, device = time.perf_counter(), 0, 0, "CPU"
     if todo:
         session.connect()
         actors, cpus, gpus, threads = _pool(ray, len(todo), cfg.eval.actors)
+        device = "GPU" if gpus else "CPU"
         vae = vae_lib.for_run(cfg)  # UserError here, before any actor starts, when it is missing
         refs = {"ema": ray.put(ema), "vae": None if vae is None else ray.put(vae_lib.to_parts(vae))}
         items = []
@@ -183,18 +184,24 @@ def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
             bar.update(len(new))
         bar.close()
     seconds = time.perf_counter() - t0
-    table = pa.table({**{k: rows[k] for k in ("index", "seed", "label", "tone", "chunk")},
-                      "class": [generate.class_name(int(y)) for y in rows["label"]], "file": files})
-    old = out / "index.parquet"
-    if not old.exists() or pq.read_metadata(old).num_rows < n:  # keep the longer plan's index
-        pq.write_table(table, old)
-        counts = {generate.class_name(k): int((rows["label"] == k).sum())
-                  for k in np.unique(rows["label"])}
-        (out / "sample.json").write_text(json.dumps({"protocol": proto, "images": n, "counts": counts},
-                                                    indent=2))
-    return {"out": str(out), "images": n, "generated": made, "seconds": round(seconds, 2),
-            "images_per_s": round(made / seconds, 2) if made else None, "actors": actors,
-            "protocol": proto}
+    meta_path, index_path = out / "sample.json", out / "index.parquet"
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    # Sampler speed is reported next to quality (GUARANTEES 18): the latest run that made images.
+    timing = ({"images": made, "seconds": round(seconds, 2), "images_per_s": round(made / seconds, 2),
+               "actors": actors, "device": device}
+              if made else old.get("timing"))
+    meta = {"protocol": proto, "images": old.get("images", 0), "counts": old.get("counts"),
+            "timing": timing}
+    if n >= meta["images"]:  # keep the longer plan's index: shorter plans are its prefixes
+        pq.write_table(pa.table({**{k: rows[k] for k in ("index", "seed", "label", "tone", "chunk")},
+                                 "class": [generate.class_name(int(y)) for y in rows["label"]],
+                                 "file": files}), index_path)
+        meta["images"] = n
+        meta["counts"] = {generate.class_name(int(k)): int((rows["label"] == k).sum())
+                          for k in np.unique(rows["label"])}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return {"out": str(out), "images": n, "generated": made, "timing": timing, "actors": actors,
+            "images_per_s": round(made / seconds, 2) if made else None, "protocol": proto}
 
 
 def run(ckpt: str, out: str, num_per_class: int = 16, overrides=(), tone: int | None = None,

@@ -54,10 +54,8 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=_artifact_location(uri))
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                               max_results=1)
-    if found:
-        run_id = found[0].info.run_id
+    run_id = find_run(uri, experiment, run_name)
+    if run_id:
         client.update_run(run_id, status="RUNNING")
         history = client.get_metric_history(run_id, "loss_diff")
         return run_id, max((m.step for m in history), default=-1)
@@ -68,6 +66,17 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id, -1
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The id of the MLflow run logged for `run_name`, if the store has one."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id],
+                               filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def finish_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
