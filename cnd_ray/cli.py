@@ -113,6 +113,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"search:  {search['path']}")
     if out["best"]:
         print(f"best:    {out['best']['checkpoint']}")
+        print(f"next:    cnd-ray evaluate --ckpt {out['best']['checkpoint']} --reference "
+              f"{out['shards']} --num-samples 1000 eval.extractors=fidelity")
     print(f"MLflow:  {tracking.ui_command(search['tracking_uri'])}")
     return 0 if out["best"] else 1
 
@@ -345,9 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse argv; overrides may come anywhere, also after flags (`... a.b=1 --out D c.d=2`), which
+    argparse alone refuses once the positional list has been consumed."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     try:
         return args.func(args)
     except UserError as e:  # config, paths, data: one line, exit code 2

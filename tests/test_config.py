@@ -141,3 +141,17 @@ def test_help_lists_only_working_verbs_and_imports_no_torch():
     h = _cli("--help").stdout
     for verb in ("config", "ingest", "synth"):
         assert verb in h
+
+
+def test_cli_overrides_may_follow_flags():
+    from cnd_ray import cli
+
+    args = cli.parse(["evaluate", "--ckpt", "C", "--reference", "R", "eval.seed=1", "--out", "D",
+                      "eval.actors=2", "--steps", "5", "diffusion.eta=0.5"])
+    assert args.overrides == ["eval.seed=1", "eval.actors=2", "diffusion.eta=0.5"]
+    assert args.out == "D" and args.steps == 5
+    assert cli._sampling_overrides(args)[0] == "diffusion.sample_steps=5"
+    with pytest.raises(SystemExit):  # a stray word, or an unknown flag, is still an error
+        cli.parse(["train", "train.steps=3", "--config", "debug", "oops"])
+    with pytest.raises(SystemExit):
+        cli.parse(["sample", "--ckpt", "C", "--out", "D", "--num-per-class", "1", "--bogus"])

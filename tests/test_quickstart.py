@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from cnd_ray.tracking import PARENT_TAG
+
 
 @pytest.mark.slow
 def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
@@ -30,3 +32,18 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     (parent,) = client.search_runs([exp.experiment_id], "tags.`cnd_ray.kind` = 'search'")
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "quickstart")}
     assert "quickstart/report.md" in logged and "quickstart/samples_best.png" in logged
+    # The evaluate command it prints next runs as printed (here at the debug scale), and logs into
+    # the best trial's own MLflow run.
+    (nxt,) = [line.split()[1:] for line in tail.splitlines() if line.startswith("next:")]
+    assert nxt[:2] == ["cnd-ray", "evaluate"]
+    r = subprocess.run([sys.executable, "-m", "cnd_ray", *nxt[1:], "--num-samples", "16",
+                        "--out", str(tmp_path / "eval"), "eval.fidelity_backbone=test_resnet",
+                        "eval.fidelity_steps=20", "eval.msssim_pairs=10", "eval.kid_subsets=5",
+                        "eval.kid_subset_size=8", "eval.actors=1", f"track.tracking_uri={uri}"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    best_run = r.stdout.strip().splitlines()[-1]
+    assert best_run.startswith("MLflow run ") and "(new)" not in best_run
+    run_id = best_run.split()[2]
+    assert client.get_run(run_id).data.tags[PARENT_TAG] == parent.info.run_id
+    assert "eval/fidelity_auroc" in client.get_run(run_id).data.metrics
