@@ -102,6 +102,10 @@ def test_evaluate_end_to_end_with_mlflow(ray_local, tmp_path, ckpt, shards):
         f = saved["fidelity"]
         assert f["generated"]["n"] == 48 and 0 <= f["generated"]["auroc"] <= 1
         assert f["heldout"]["auroc"] > 0.8  # the independent classifier learnt the synthetic classes
+        tones = saved["skin_tone"]  # every image in one band, real and generated
+        assert sum(r["generated"] for r in tones.values()) == 48
+        assert sum(r["real"] for r in tones.values()) == p["reference"]["images"]
+        assert "## Skin tone" in (out / "metrics.md").read_text()
         m = saved["memorisation"]
         assert m["space"] == "fidelity-test_resnet" and 0 <= m["share_under"] <= 1
         md = (out / "metrics.md").read_text()

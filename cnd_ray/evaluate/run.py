@@ -26,7 +26,7 @@ import torch
 
 from cnd_ray import checkpoint, generate, sample
 from cnd_ray.config import ConfigError
-from cnd_ray.data import image as image_lib, stream
+from cnd_ray.data import image as image_lib, stream, tone
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity, metrics
 
@@ -119,13 +119,16 @@ class _Collector:
         self.extractors, self.classifier = extractors, classifier
         self.keep = set() if keep is None else set(keep.tolist())
         self.feats = {k: [] for k in extractors}
-        self.scores, self.labels, self.kept, self.seen = [], [], [], 0
+        self.scores, self.labels, self.kept, self.tones, self.seen = [], [], [], [], 0
 
     def add(self, images: torch.Tensor, labels: np.ndarray) -> None:
         for k, ext in self.extractors.items():
             self.feats[k].append(ext.features(images))
         if self.classifier is not None:
             self.scores.append(fidelity.scores(self.classifier, images))
+            # Skin-tone band of every judged image, estimated the same way on real and generated
+            # pixels (ingest's ITA, at the evaluated size), so the two are comparable.
+            self.tones += [tone.band(tone.estimate_ita(a)) for a in images.permute(0, 2, 3, 1).numpy()]
         pos = [i for i in range(len(labels)) if self.seen + i in self.keep]
         if pos:
             self.kept.append(images[pos])
@@ -136,7 +139,7 @@ class _Collector:
         cat = np.concatenate
         return {"feats": {k: cat(v) for k, v in self.feats.items()},
                 "scores": cat(self.scores) if self.scores else None,
-                "labels": cat(self.labels).astype(np.int64),
+                "labels": cat(self.labels).astype(np.int64), "tones": np.asarray(self.tones),
                 "kept": torch.cat(self.kept) if self.kept else None}
 
 
@@ -220,6 +223,28 @@ def _memorisation(space: str, real: np.ndarray, heldout: np.ndarray, gen: np.nda
             "expected_share": m["expected_share"], "duplicate_rate": m["duplicate_rate"],
             "nn_distance_median": float(np.median(d)), "nn_distance_min": float(d.min()),
             "closest": [int(i) for i in np.argsort(d)[:8]]}
+
+
+def _by_tone(real: dict, held: dict, gen: dict) -> dict:
+    """Per ITA band (GUARANTEES 17): real and generated counts and shares (does the model keep the
+    skin-tone mix?), and class fidelity on generated and held-out real images of that band; a band
+    without both classes is flagged instead of scored."""
+    bands = [b for b, _ in tone.BANDS] + [tone.UNKNOWN]
+    out = {}
+    for b in bands:
+        row = {}
+        for name, part in (("real", real), ("generated", gen)):
+            n = int((part["tones"] == b).sum())
+            row[name], row[f"{name}_share"] = n, n / max(1, len(part["tones"]))
+        for name, part in (("generated", gen), ("heldout", held)):
+            sel = part["tones"] == b
+            classes = np.unique(part["labels"][sel])
+            row[f"{name}_fidelity"] = (_named(metrics.classification(part["scores"][sel], part["labels"][sel]))
+                                       if len(classes) == 2 else
+                                       {"n": int(sel.sum()), "flag": "needs both classes"})
+        if row["real"] or row["generated"]:
+            out[b] = row
+    return out
 
 
 def _named(result: dict) -> dict:
@@ -306,6 +331,17 @@ def report(res: dict) -> str:
     for name, r in (("generated", g), ("held-out real", f["heldout"])):
         lines.append(f"| {name} | {_fmt(r['auroc'], 3)} | {_fmt(r['accuracy'], 3)} | "
                      + " | ".join(_fmt(v, 3) for v in r["per_class_accuracy"].values()) + " |")
+    lines += ["", "## Skin tone (ITA bands estimated on the pixels, real and generated alike)", "",
+              "| band | real | generated | fidelity AUROC generated | fidelity AUROC held-out real |",
+              "|---|---|---|---|---|"]
+
+    def auc(r: dict) -> str:
+        return f"{r['auroc']:.3f} (n={r['n']})" if "auroc" in r else f"- (n={r['n']}, one class)"
+
+    for b, r in res["skin_tone"].items():
+        lines.append(f"| {b} | {r['real']} ({100 * r['real_share']:.1f}%) | {r['generated']} "
+                     f"({100 * r['generated_share']:.1f}%) | {auc(r['generated_fidelity'])} | "
+                     f"{auc(r['heldout_fidelity'])} |")
     m = res.get("memorisation")
     if m:
         lines += ["", f"## Memorisation ({m['space']} features)", "",
@@ -395,7 +431,7 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
     pairs = e.msssim_pairs
     real_keep = _keep(ref_labels, 2 * pairs, e.seed)  # the images MS-SSIM pairs come from
     real = _collect(iter_split(str(reference), manifest, e.reference_split, e.reference_max), n_ref,
-                    "reference features", progress, extractors=exts, keep=real_keep)
+                    "reference features", progress, extractors=exts, classifier=clf, keep=real_keep)
     held = _collect(iter_split(str(reference), manifest, e.heldout_split), n_held, "held-out",
                     progress, extractors={mem_space: exts[mem_space]}, classifier=clf)
 
@@ -431,6 +467,7 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
     res["fidelity"] = {"classifier": clf_meta,
                        "generated": _named(metrics.classification(gen["scores"], gen["labels"])),
                        "heldout": _named(metrics.classification(held["scores"], held["labels"]))}
+    res["skin_tone"] = _by_tone(real, held, gen)
     res["memorisation"] = _memorisation(exts[mem_space].name, real["feats"][mem_space],
                                         held["feats"][mem_space], gen["feats"][mem_space], cfg)
     res["plots"] = []
