@@ -12,6 +12,10 @@ Three measurements in one run, variants side by side:
                     the measured quickstart chains.
      Every sampler costs one DiT forward per step; guidance != 1 doubles the forward's batch
      (ddpm at the quickstart shape, guidance 1.0 vs 2.0, shows the ratio).
+     Part 1 runs torch on --threads (default 1, what each of 2 CPU actors gets): on a shared 2-core
+     machine a 2-thread forward slows 20-50x whenever another process takes a core (OpenMP threads
+     wait on each other), which no side-by-side ratio survives. The forward's time at 1 and at all
+     cores' threads (min and median of 10 calls) is printed so the figures can be scaled.
   2. `cnd_ray.sample.run` with eval.actors=1 vs 2 (quickstart shape, dpm++ x 25, batch 32): wall
      seconds including actor start-up, images/s from its `timing`, and whether the PNGs match.
   3. FD/KD, MS-SSIM and class-fidelity AUROC of each sampler vs ddpm x 250 on a trained quickstart
@@ -80,17 +84,29 @@ def forward_seconds(gen, batch: int, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def thread_scaling(gen, batch: int, threads: int) -> dict:
+    """Bare forward seconds (min, median of 10 single calls) at 1 thread and at all cores."""
+    out = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        ts = sorted(forward_seconds(gen, batch, 1) for _ in range(10))
+        out[str(n)] = {"min": ts[0], "median": ts[len(ts) // 2]}
+    torch.set_num_threads(threads)
+    return out
+
+
 def bench_speed(args) -> dict:
     """Part 1: images/s per sampler at the quickstart shape (measured) and the paper shape."""
     from cnd_ray import config as config_lib, generate
 
-    out = {}
+    out = {"threads": args.threads}
     # quickstart: full chains, measured; then the short-run extrapolation the paper shape relies on
     cfg = config_lib.load("quickstart")
     gen = generate.Generator(cfg, random_ema(cfg))
     b = args.batch
     rows = generate.plan(b, [1.0, 1.0], 0, b)
     forward_seconds(gen, b, 3)  # warm-up
+    out["forward_threads"] = thread_scaling(gen, b, args.threads)
     fwd = forward_seconds(gen, b, 10)
     full = {tag(s, n): [] for s, n in SAMPLERS}
     for _ in range(args.repeats):  # round-robin, so machine noise hits every sampler alike
@@ -241,7 +257,11 @@ def bench_quality(args, tmp: str) -> dict:
 
 def print_speed(sp: dict) -> None:
     q = sp["quickstart"]
-    print(f"\n1. Sampler speed, in-process Generator, {os.cpu_count()} cores, random EMA weights")
+    print(f"\n1. Sampler speed, in-process Generator, {os.cpu_count()} cores, {sp['threads']} torch "
+          f"thread(s), random EMA weights")
+    print("   bare quickstart forward, batch 32, by torch threads: " + ", ".join(
+        f"{k}: min {1e3 * v['min']:.1f} ms, median {1e3 * v['median']:.1f} ms"
+        for k, v in sp["forward_threads"].items()))
     print(f"quickstart (XS/4, 32 px pixel), batch {q['batch']}: one DiT forward "
           f"{1e3 * q['forward_s']:.1f} ms = {q['forward_ms_per_image']:.2f} ms/image")
     print(f"{'sampler':10s} {'steps':>5s} {'seconds':>8s} {'images/s':>9s} {'ms/img/step':>12s} "
@@ -333,6 +353,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=1000, help="without --ckpt")
     ap.add_argument("--inception", default="", help="clean-fid Inception weights: adds FID/KID")
     ap.add_argument("--batch", type=int, default=32, help="quickstart batch in part 1")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in part 1 (see above)")
     ap.add_argument("--repeats", type=int, default=2, help="quickstart full chains per sampler (min)")
     ap.add_argument("--guidance-steps", type=int, default=20)
     ap.add_argument("--paper-batch", type=int, default=4)
@@ -347,7 +368,7 @@ def main() -> None:
     import ray
 
     t_all = time.perf_counter()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     out = {"cores": os.cpu_count()}
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         os.makedirs(tmp, exist_ok=True)

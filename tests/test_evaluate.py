@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cnd_ray import config as C
 from cnd_ray.errors import UserError
@@ -55,6 +56,18 @@ def test_distance_of_a_set_to_itself_is_zero_and_grows_with_a_shift():
 def test_ms_ssim_of_identical_images_is_one():
     x = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
     torch.testing.assert_close(metrics.ms_ssim(x, x), torch.ones(4, dtype=torch.float64))
+
+
+def test_read_rows_picks_the_rows_iter_split_yields(shards):
+    from cnd_ray.data import stream
+
+    m = stream.read_manifest(shards)
+    images = torch.cat([x for x, _ in evaluate.iter_split(shards, m, "train")])
+    pos = [len(images) - 1, 0, 5, 5]
+    assert torch.equal(evaluate.read_rows(shards, m, "train", pos), images[pos])
+    labels = np.concatenate([y for _, y in evaluate.iter_split(shards, m, "train")])
+    np.testing.assert_array_equal(evaluate.split_labels(shards, m, "train"), labels)
+    assert len(torch.cat([x for x, _ in evaluate.iter_split(shards, m, "train", limit=7)])) == 7
 
 
 def test_bad_settings_fail_before_any_work(tmp_path, ckpt, shards):
@@ -111,6 +124,8 @@ def test_evaluate_end_to_end_with_mlflow(ray_local, tmp_path, ckpt, shards):
         md = (out / "metrics.md").read_text()
         assert "| FD_timm-test_resnet | all | refused | refused |" in md and "KD_timm-test_resnet x1e3" in md
         assert "## Class fidelity" in md and "## Memorisation" in md
+        assert Image.open(out / "nearest.png").size == (8 * 64, 2 * 64)  # 8 pairs of 16 px, x4
+        assert "![nearest](nearest.png)" in md
         for name in ("pca_fidelity-test_resnet.png", "pca_timm-test_resnet.png"):
             assert (out / name).stat().st_size > 1000
         assert len(list((out / "samples").rglob("*.png"))) == 48

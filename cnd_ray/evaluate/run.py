@@ -32,6 +32,7 @@ from cnd_ray.evaluate import features, fidelity, metrics
 
 FIDELITY = "fidelity"
 READ_BATCH = 256  # images decoded and featurised at a time
+NN_SHOWN = 8  # samples shown next to their nearest reference image
 
 
 def sample_counts(cfg) -> list[int]:
@@ -83,6 +84,24 @@ def split_labels(shards: str, manifest: dict, split: str, limit: int = 0) -> np.
     labels = np.concatenate([_open(p).read(columns=["label"]).column("label").to_numpy()
                              for p in stream.shard_files(shards, manifest, split)]).astype(np.int64)
     return labels[:limit] if limit else labels
+
+
+def read_rows(shards: str, manifest: dict, split: str, positions) -> torch.Tensor:
+    """uint8 images (N, 3, S, S) of the split's rows at `positions` (shard order), reading only the
+    row groups that hold them."""
+    want = {int(p): None for p in positions}
+    start = 0
+    for path in stream.shard_files(shards, manifest, split):
+        f = _open(path)
+        for g in range(f.metadata.num_row_groups):
+            n = f.metadata.row_group(g).num_rows
+            hits = [p for p in want if start <= p < start + n]
+            if hits:
+                col = f.read_row_group(g, columns=["image"]).column("image")
+                for p in hits:
+                    want[p] = image_lib.decode_png(col[p - start].as_py())
+            start += n
+    return torch.from_numpy(np.stack([want[int(p)] for p in positions])).permute(0, 3, 1, 2)
 
 
 def iter_samples(folder: Path, rows: dict) -> Iterator[tuple]:
@@ -219,10 +238,28 @@ def _distances(ext, real, real_y, gen, gen_y, counts: list[int], cfg) -> dict:
 def _memorisation(space: str, real: np.ndarray, heldout: np.ndarray, gen: np.ndarray, cfg) -> dict:
     m = metrics.memorisation(gen, real, heldout, cfg.eval.memorisation_quantile)
     d = m["nn_distance"]
+    closest = np.argsort(d)[:NN_SHOWN]
     return {"space": space, "threshold": m["threshold"], "share_under": m["share_under"],
             "expected_share": m["expected_share"], "duplicate_rate": m["duplicate_rate"],
             "nn_distance_median": float(np.median(d)), "nn_distance_min": float(d.min()),
-            "closest": [int(i) for i in np.argsort(d)[:8]]}
+            "closest": [{"generated": int(i), "reference": int(m["nn_index"][i]), "distance": float(d[i])}
+                        for i in closest]}
+
+
+def _nn_grid(pairs: list[dict], gen_folder: Path, rows: dict, reference: str, manifest: dict,
+             split: str, path: Path) -> None:
+    """The samples nearest to a reference image (top row) over those images (bottom row): what a
+    reader checks for copying at a glance."""
+    from PIL import Image
+
+    gen = torch.stack([torch.from_numpy(np.asarray(Image.open(gen_folder / generate.file_name(
+        int(rows["index"][p["generated"]]), int(rows["label"][p["generated"]]))).convert("RGB"))).permute(2, 0, 1)
+        for p in pairs])  # (K, 3, S, S)
+    ref = read_rows(reference, manifest, split, [p["reference"] for p in pairs])
+    grid = torch.cat([torch.cat(list(gen), dim=2), torch.cat(list(ref), dim=2)], dim=1)  # (3, 2S, K*S)
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    scale = max(1, 64 // gen.shape[-1])  # small images drawn bigger
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 def _by_tone(real: dict, held: dict, gen: dict) -> dict:
@@ -350,8 +387,10 @@ def report(res: dict) -> str:
                   f"copying: {100 * m['expected_share']:g}%); {100 * m['duplicate_rate']:.2f}% have a "
                   f"near-duplicate among the samples. Median nearest-neighbour distance "
                   f"{m['nn_distance_median']:.3f} (threshold {m['threshold']:.3f})."]
+        lines += ["", "Top: the samples nearest to a reference image; bottom: that image.", "",
+                  "![nearest](nearest.png)"]
     lines += ["", "## Feature PCA (real vs generated)", ""]
-    lines += [f"![{Path(q).stem}]({Path(q).name})" for q in res["plots"]]
+    lines += [f"![{Path(q).stem}]({Path(q).name})" for q in res["plots"] if "pca_" in q]
     return "\n".join(lines) + "\n"
 
 
@@ -470,7 +509,9 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
     res["skin_tone"] = _by_tone(real, held, gen)
     res["memorisation"] = _memorisation(exts[mem_space].name, real["feats"][mem_space],
                                         held["feats"][mem_space], gen["feats"][mem_space], cfg)
-    res["plots"] = []
+    res["plots"] = [str(out_dir / "nearest.png")]
+    _nn_grid(res["memorisation"]["closest"], samples, rows, str(reference), manifest,
+             e.reference_split, out_dir / "nearest.png")
     for k, x in exts.items():
         plot = out_dir / f"pca_{x.name}.png"
         metrics.pca_plot(real["feats"][k], real["labels"], gen["feats"][k], gen["labels"], plot,
