@@ -1,7 +1,7 @@
 """What do the samplers cost and what do they give up? (issue 6, deliverable 5)
 
 Three measurements in one run, variants side by side:
-  1. images/s per sampler (ddpm x 250, the paper's; ddim x 50; dpm++ x 25; dpm++ x 50), in this
+  1. images/s per sampler (ddpm x 250, the paper's; ddim x 50; dpm++ x 25 and 50; dpm++-sde x 25), in
      process with `generate.Generator` (no Ray) and random EMA weights, at two shapes:
        quickstart - DiT XS/4 on 32 px pixel space, batch 32: full chains, measured;
        paper      - DiT-L/4 on 4x32x32 latents (458M params): a full chain on CPU takes far too
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-SAMPLERS = (("ddpm", 250), ("ddim", 50), ("dpm++", 25), ("dpm++", 50))
+SAMPLERS = (("ddpm", 250), ("ddim", 50), ("dpm++", 25), ("dpm++", 50), ("dpm++-sde", 25))
 BASE = "ddpm-250"
 
 

@@ -158,9 +158,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="CKPT",
                    help="checkpoint folder, or a training run folder (its latest checkpoint)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None,
-                   help="ddpm: ancestral, the paper's (250 steps); ddim; dpm++: DPM-Solver++(2M), "
-                        "good in 20-50 steps (default: the checkpoint's diffusion.sampler)")
+    p.add_argument("--sampler", choices=config_lib.SAMPLERS, default=None,
+                   help="ddpm: ancestral, the paper's (250 steps); ddim; dpm++: DPM-Solver++(2M), an "
+                        "ODE solver for 20-50 steps; dpm++-sde: its stochastic form, clean in 25 steps "
+                        "even on a short-trained model (default: the checkpoint's diffusion.sampler)")
     p.add_argument("--steps", type=int, default=None, metavar="S",
                    help="model calls per image (default: the checkpoint's diffusion.sample_steps)")
     p.add_argument("--cfg-scale", type=float, default=None, metavar="W",

@@ -25,6 +25,11 @@ SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"  # shipped searc
 # Sizes of models/dit.py's registry (kept here as names only so config stays torch-free; a test
 # checks both lists agree).
 DIT_SIZES = ("T", "XS", "S", "B", "L", "XL")
+# ddpm: ancestral, the paper's (250 steps); ddim (diffusion.eta); dpm++: DPM-Solver++(2M), an ODE
+# solver; dpm++-sde: its stochastic form. Both dpm++ are good in 20-50 steps on a well-trained model;
+# on an undertrained one the ODE samplers (ddim eta 0, dpm++) show patch artefacts that the
+# stochastic ones wash out (bench/sampling.py).
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++-sde")
 
 
 class _Loader(yaml.SafeLoader):
@@ -75,8 +80,7 @@ class DiffusionConfig:
     num_timesteps: int = field(default=1000, metadata=_range(2))
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
-    # ddpm: ancestral, the paper's; ddim; dpm++: DPM-Solver++(2M), good in 20-50 steps
-    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
+    sampler: Literal[SAMPLERS] = "ddpm"  # see SAMPLERS above
     sample_steps: int = field(default=250, metadata=_range(2))  # model calls per sample
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0))  # DDIM noise; 1 = DDPM's posterior
     guidance_scale: float = field(default=1.0, metadata=_range(0.0))  # 1.0 = no guidance

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnd_ray.config import SAMPLERS
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
 # One generator for the batch, or one per row: then row i's noise comes from generator i alone, so
 # an image depends on its seed only, not on which batch (or Ray actor) made it.
 Generators = torch.Generator | list[torch.Generator] | None
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
 def randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
@@ -244,15 +245,18 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def dpm_solver(self, model_fn: ModelFn, noise: torch.Tensor, steps: int, clip: float = 0.0,
+                   stochastic: bool = False, generator: Generators = None,
                    progress: Callable | None = None) -> torch.Tensor:
-        """DPM-Solver++(2M) (Lu et al. 2022) in `steps` model calls, using diffusers' well-tested
-        multistep scheduler on this (not respaced) schedule. Deterministic: it draws no noise."""
+        """DPM-Solver++(2M) (Lu et al. 2022) in `steps` model calls, or its SDE form when
+        `stochastic` (noise drawn from `generator`), using diffusers' well-tested multistep
+        scheduler on this (not respaced) schedule."""
         from diffusers import DPMSolverMultistepScheduler
 
         assert self.timestep_map.tolist() == list(range(self.num_timesteps)), "use the full schedule"
         sched = DPMSolverMultistepScheduler(
             num_train_timesteps=self.num_timesteps, trained_betas=self._np["betas"].tolist(),
-            algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon")
+            algorithm_type="sde-dpmsolver++" if stochastic else "dpmsolver++", solver_order=2,
+            prediction_type="epsilon")
         sched.set_timesteps(steps, device=noise.device)
         x = noise
         for ts in (progress(sched.timesteps) if progress else sched.timesteps):
@@ -260,7 +264,9 @@ class GaussianDiffusion(nn.Module):
             eps, _ = self.split(model_fn(x, t).float(), x.shape[1])
             if clip > 0:  # the eps that a clamped x0 implies, so the solver's x0 is clamped too
                 eps = self.predict_eps(x, t, self.predict_x0(x, t, eps, clip))
-            x = sched.step(eps, ts, x).prev_sample
+            # Our per-row noise, not the scheduler's own draw: an image depends on its seed only.
+            z = randn(x.shape, generator, x.device, x.dtype) if stochastic else None
+            x = sched.step(eps, ts, x, variance_noise=z).prev_sample
         return x
 
     def ddim_step(self, pmv: dict[str, torch.Tensor], xt: torch.Tensor, t: torch.Tensor,
@@ -280,8 +286,9 @@ def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, noise: torch.Tensor,
            progress: Callable | None = None) -> torch.Tensor:
     """The one sampling entry point: `steps` model calls of `sampler` (ddpm and ddim on a
     respaced schedule, dpm++ on the full one) from `noise`, on the trained `diffusion`."""
-    if sampler == "dpm++":
-        return diffusion.dpm_solver(model_fn, noise, steps, clip, progress)
+    if sampler in ("dpm++", "dpm++-sde"):
+        return diffusion.dpm_solver(model_fn, noise, steps, clip, sampler == "dpm++-sde", generator,
+                                    progress)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}")
     return diffusion.respaced(steps).sample(model_fn, noise, sampler, eta, clip, generator, progress)

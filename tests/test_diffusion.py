@@ -138,10 +138,12 @@ def test_real_dit_samples_with_guidance():
     assert x.shape == noise.shape and torch.isfinite(x).all()
 
 
-def test_dpm_solver_reaches_the_data_with_a_perfect_model(diff):
+@pytest.mark.parametrize("sampler", ["dpm++", "dpm++-sde"])
+def test_dpm_solver_reaches_the_data_with_a_perfect_model(diff, sampler):
     x0 = torch.full((1, 2, 4, 4), 0.5)
-    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = sample(diff, _toy_model(x0), noise, "dpm++", steps=20)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 2, 4, 4, generator=g)
+    out = sample(diff, _toy_model(x0), noise, sampler, steps=20, generator=g)
     torch.testing.assert_close(out, x0.expand_as(out), atol=2e-2, rtol=0)
 
 
@@ -176,7 +178,11 @@ def test_ddim_with_all_timesteps_follows_ddpm_mean_path(diff, monkeypatch):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_samplers_are_one_list_everywhere():
+    assert D.SAMPLERS == C.SAMPLERS == ("ddpm", "ddim", "dpm++", "dpm++-sde")
+
+
+@pytest.mark.parametrize("sampler", C.SAMPLERS)
 def test_samplers_are_deterministic_per_seed_and_batch_independent(sampler):
     """Per-row generators: an image depends on its own seed, not on its batch-mates."""
     from cnd_ray import checkpoint
