@@ -252,7 +252,7 @@ def _nn_grid(pairs: list[dict], gen_folder: Path, rows: dict, reference: str, ma
     reader checks for copying at a glance."""
     from PIL import Image
 
-    gen = torch.stack([torch.from_numpy(np.asarray(Image.open(gen_folder / generate.file_name(
+    gen = torch.stack([torch.from_numpy(np.array(Image.open(gen_folder / generate.file_name(
         int(rows["index"][p["generated"]]), int(rows["label"][p["generated"]]))).convert("RGB"))).permute(2, 0, 1)
         for p in pairs])  # (K, 3, S, S)
     ref = read_rows(reference, manifest, split, [p["reference"] for p in pairs])
