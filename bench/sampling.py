@@ -178,7 +178,7 @@ def bench_actors(args, tmp: str) -> dict:
             f"eval.actors={actors}"])
         res[actors].append({"wall_s": time.perf_counter() - t, "images": r["images"],
                             "images_per_s": r["timing"]["images_per_s"],
-                            "timing_s": r["timing"]["seconds"], "actors": r["actors"], "out": out})
+                            "timing_s": r["timing"]["seconds"], "actors": r["timing"]["actors"], "out": out})
     a, b = Path(res[1][0]["out"]), Path(res[2][0]["out"])
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
     same = sum((a / f).read_bytes() == (b / f).read_bytes() for f in files if (b / f).exists())

@@ -134,7 +134,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = sample.run(args.ckpt, args.out, args.num_per_class, _sampling_overrides(args), tone=args.tone)
     p = out["protocol"]
-    rate = f", {out['images_per_s']} img/s on {out['actors']} actors" if out["generated"] else ""
+    t = out["timing"]
+    rate = f", {t['images_per_s']} img/s on {t['actors']} {t['device']} actors" if out["generated"] else ""
     print(f"{out['images']} images ({out['generated']} new{rate}) from step {p['step']} with "
           f"{p['sampler']} x {p['steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']}")
     print(f"samples: {out['out']}")

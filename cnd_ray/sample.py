@@ -200,8 +200,7 @@ def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
         meta["counts"] = {generate.class_name(int(k)): int((rows["label"] == k).sum())
                           for k in np.unique(rows["label"])}
     meta_path.write_text(json.dumps(meta, indent=2))
-    return {"out": str(out), "images": n, "generated": made, "timing": timing, "actors": actors,
-            "images_per_s": round(made / seconds, 2) if made else None, "protocol": proto}
+    return {"out": str(out), "images": n, "generated": made, "timing": timing, "protocol": proto}
 
 
 def run(ckpt: str, out: str, num_per_class: int = 16, overrides=(), tone: int | None = None,

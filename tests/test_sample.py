@@ -40,7 +40,7 @@ def test_two_actors_make_the_images_one_process_makes(ray_local, tmp_path, ckpt)
     over = ["eval.batch_size=4", "diffusion.sampler=ddpm", "diffusion.sample_steps=6"]
     out = sample.run(ckpt, str(tmp_path / "s"), num_per_class=7, overrides=over + ["eval.actors=2"],
                      progress=False)
-    assert out["images"] == 14 and out["generated"] == 14 and out["actors"] == 2
+    assert out["images"] == 14 and out["generated"] == 14 and out["timing"]["actors"] == 2
     got = _images(tmp_path / "s")
     # The same chunks in this process, without Ray.
     cfg, ema, _ = checkpoint.load_ema(ckpt)

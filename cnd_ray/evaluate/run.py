@@ -104,15 +104,20 @@ def read_rows(shards: str, manifest: dict, split: str, positions) -> torch.Tenso
     return torch.from_numpy(np.stack([want[int(p)] for p in positions])).permute(0, 3, 1, 2)
 
 
-def iter_samples(folder: Path, rows: dict) -> Iterator[tuple]:
-    """(uint8 images, labels) batches of a generation's PNGs, in plan order."""
+def read_samples(folder: Path, index, labels) -> torch.Tensor:
+    """uint8 images (N, 3, S, S) of a generation's PNGs (`cnd-ray sample`'s layout)."""
     from PIL import Image
 
+    imgs = np.stack([np.array(Image.open(folder / generate.file_name(int(i), int(y))).convert("RGB"))
+                     for i, y in zip(index, labels)])  # (N, S, S, 3)
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+
+
+def iter_samples(folder: Path, rows: dict) -> Iterator[tuple]:
+    """(uint8 images, labels) batches of a generation's PNGs, in plan order."""
     for s in range(0, len(rows["index"]), READ_BATCH):
         idx, labels = rows["index"][s:s + READ_BATCH], rows["label"][s:s + READ_BATCH]
-        imgs = np.stack([np.asarray(Image.open(folder / generate.file_name(int(i), int(y))).convert("RGB"))
-                         for i, y in zip(idx, labels)])  # (B, S, S, 3)
-        yield torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), labels
+        yield read_samples(folder, idx, labels), labels
 
 
 def _split_size(manifest: dict, split: str, limit: int) -> int:
@@ -252,9 +257,8 @@ def _nn_grid(pairs: list[dict], gen_folder: Path, rows: dict, reference: str, ma
     reader checks for copying at a glance."""
     from PIL import Image
 
-    gen = torch.stack([torch.from_numpy(np.array(Image.open(gen_folder / generate.file_name(
-        int(rows["index"][p["generated"]]), int(rows["label"][p["generated"]]))).convert("RGB"))).permute(2, 0, 1)
-        for p in pairs])  # (K, 3, S, S)
+    at = [p["generated"] for p in pairs]
+    gen = read_samples(gen_folder, rows["index"][at], rows["label"][at])  # (K, 3, S, S)
     ref = read_rows(reference, manifest, split, [p["reference"] for p in pairs])
     grid = torch.cat([torch.cat(list(gen), dim=2), torch.cat(list(ref), dim=2)], dim=1)  # (3, 2S, K*S)
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
