@@ -1,0 +1,68 @@
+"""What `ray submit cluster/<config>.yaml cluster/run.py -- <verb> ...` runs on the head node: the
+`cnd-ray` CLI, connected to the running cluster, with the cluster's storage and MLflow server as
+defaults, so the same verbs work on a laptop and on the cluster.
+
+    ray submit cluster/aws.yaml cluster/run.py -- tune --space tune_spaces/paper_settings.yaml --config paper
+    python cluster/run.py --check cluster/aws.yaml     # before `ray up`: what to fix, field by field
+    python cluster/run.py --storage                    # the storage the head's config names
+
+Defaults it adds (an override you give wins): train.storage=<metadata.cnd_ray.storage>/runs for the
+verbs that train, and track.tracking_uri=http://<head address>:5000 (the head's MLflow server).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+BOOTSTRAP = "~/ray_bootstrap_config.yaml"  # the config `ray up` leaves on the head node
+TRAINING_VERBS = ("train", "tune", "quickstart")
+TRACKED_VERBS = TRAINING_VERBS + ("sample", "evaluate", "ui")
+MLFLOW_PORT = 5000
+
+
+def _config_path() -> str:
+    return os.path.expanduser(os.environ.get("CND_RAY_CLUSTER_CONFIG", BOOTSTRAP))
+
+
+def cluster_argv(argv: list[str], storage: str, head_ip: str, environ=os.environ) -> list[str]:
+    """`cnd-ray` arguments with the cluster's defaults added where the user gave none."""
+    if not argv or argv[0] not in TRACKED_VERBS:
+        return list(argv)
+    given = {a.split("=", 1)[0] for a in argv if "=" in a and not a.startswith("-")}
+    extra = []
+    if argv[0] in TRAINING_VERBS and "train.storage" not in given:
+        extra.append(f"train.storage={storage.rstrip('/')}/runs")
+    if "track.tracking_uri" not in given and not environ.get("MLFLOW_TRACKING_URI"):
+        extra.append(f"track.tracking_uri=http://{head_ip}:{MLFLOW_PORT}")
+    return list(argv) + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from cnd_ray import cli, cluster
+    from cnd_ray.errors import UserError
+
+    try:
+        if argv[:1] == ["--check"]:
+            if len(argv) != 2:
+                raise UserError("usage: run.py --check CLUSTER_YAML")
+            found = cluster.problems(argv[1])
+            for p in found:
+                print(f"{argv[1]}: {p}")
+            print(f"{argv[1]}: {'OK' if not found else f'{len(found)} to fix'}")
+            return 1 if found else 0
+        storage = cluster.storage(cluster.load(_config_path()))
+        if argv == ["--storage"]:
+            print(storage)
+            return 0
+    except UserError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", "auto")  # the running cluster, never a new local one
+    return cli.main(cluster_argv(argv, storage, ray.util.get_node_ip_address()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
