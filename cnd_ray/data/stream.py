@@ -102,7 +102,7 @@ def oversample_factor(manifest: dict, split: str) -> int:
     return max(1, round(c["benign"] / c["malignant"])) if c["malignant"] else 1
 
 
-def _parquet(path: str):
+def parquet_file(path: str):
     """A ParquetFile on a local path or any pyarrow-filesystem URI (s3://, gs://, ...)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -118,7 +118,7 @@ def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> It
     with its epoch and its position in that epoch's order (what a resume skips to)."""
     for epoch, path, group, offset, start in zip(batch["epoch"], batch["file"], batch["group"],
                                                  batch["offset"], batch["start"]):
-        table = _parquet(path).read_row_group(int(group), columns=columns).slice(int(start))
+        table = parquet_file(path).read_row_group(int(group), columns=columns).slice(int(start))
         cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
         cols["pos"] = np.arange(offset + start, offset + start + table.num_rows, dtype=np.int64)
         out = _decode(cols, space, repeat)
@@ -152,7 +152,7 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
     repeat = oversample_factor(manifest, split) if shuffle and cfg.data.balance == "oversample" else 1
     groups = []  # (file, row group, rows)
     for f in files:
-        meta = _parquet(f).metadata
+        meta = parquet_file(f).metadata
         groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     items = []
     for epoch in range(*epochs):

@@ -57,19 +57,11 @@ def metric_names(ext: features.Extractor) -> tuple[str, str]:
 
 # --- real images -------------------------------------------------------------------------------
 
-def _open(path: str):
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    return pq.ParquetFile(fs.open_input_file(inner))
-
-
 def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Iterator[tuple]:
     """(uint8 images (B, 3, S, S), labels (B,)) batches of a split's rows, in shard order."""
     seen = 0
     for path in stream.shard_files(shards, manifest, split):
-        for b in _open(path).iter_batches(batch_size=READ_BATCH, columns=["image", "label"]):
+        for b in stream.parquet_file(path).iter_batches(batch_size=READ_BATCH, columns=["image", "label"]):
             if limit and seen >= limit:
                 return
             rows = b.to_pydict()
@@ -81,7 +73,7 @@ def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Itera
 
 def split_labels(shards: str, manifest: dict, split: str, limit: int = 0) -> np.ndarray:
     """The labels of a split's rows in shard order (the label column only: cheap)."""
-    labels = np.concatenate([_open(p).read(columns=["label"]).column("label").to_numpy()
+    labels = np.concatenate([stream.parquet_file(p).read(columns=["label"]).column("label").to_numpy()
                              for p in stream.shard_files(shards, manifest, split)]).astype(np.int64)
     return labels[:limit] if limit else labels
 
@@ -92,7 +84,7 @@ def read_rows(shards: str, manifest: dict, split: str, positions) -> torch.Tenso
     want = {int(p): None for p in positions}
     start = 0
     for path in stream.shard_files(shards, manifest, split):
-        f = _open(path)
+        f = stream.parquet_file(path)
         for g in range(f.metadata.num_row_groups):
             n = f.metadata.row_group(g).num_rows
             hits = [p for p in want if start <= p < start + n]
@@ -184,9 +176,9 @@ def _collect(batches, total: int, desc: str, show: bool, **kw) -> dict:
 
 # --- the fidelity classifier -------------------------------------------------------------------
 
-def _fidelity_classifier(cfg, shards, manifest, out: Path, device, show: bool):
+def _fidelity_classifier(cfg, shards, manifest, n: int, out: Path, device, show: bool):
     """(classifier, meta): eval.fidelity_weights, else a cached one trained the same way, else a new
-    one trained on (up to eval.fidelity_max_images of) the reference split."""
+    one trained on (up to eval.fidelity_max_images of) the reference split's n rows."""
     e = cfg.eval
     if e.fidelity_weights:
         model, meta = fidelity.load(e.fidelity_weights)
@@ -199,7 +191,6 @@ def _fidelity_classifier(cfg, shards, manifest, out: Path, device, show: bool):
         model, old = fidelity.load(cached)
         if all(old.get(k) == v for k, v in meta.items()):
             return model.to(device), old
-    n = _split_size(manifest, e.reference_split, e.reference_max)
     keep = np.sort(np.random.default_rng(e.seed).choice(n, min(n, e.fidelity_max_images), replace=False))
     got = _collect(iter_split(str(shards), manifest, e.reference_split, e.reference_max), n,
                    "fidelity classifier: reading", show, extractors={}, keep=keep)
@@ -464,7 +455,7 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
         elif n.startswith("timm:"):
             exts[n] = features.timm_model(n[5:], e.timm_weights, device)
     _step(2, "the independent fidelity classifier")
-    clf, clf_meta = _fidelity_classifier(cfg, reference, manifest, out_dir, device, progress)
+    clf, clf_meta = _fidelity_classifier(cfg, reference, manifest, n_ref, out_dir, device, progress)
     if FIDELITY in names:
         exts[FIDELITY] = features.classifier_features(clf, f"{FIDELITY}-{clf_meta['backbone']}")
     exts = {n: exts[n] for n in names}
