@@ -178,6 +178,9 @@ class ScaleConfig:
     # torch threads per worker; 0 = the node's cores shared among the run's workers on it. Ray's
     # CPU share is for scheduling only (fractional here), so it cannot say this.
     threads_per_worker: int = field(default=0, metadata=_range(0))
+    # Where Ray puts the workers: PACK fills a node first (fast all-reduce); SPREAD / STRICT_SPREAD
+    # put them on different nodes (one GPU per node, or surviving the loss of one node's workers).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)

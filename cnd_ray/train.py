@@ -177,7 +177,8 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
                            "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker,
-                                                           **({"GPU": 1} if s.use_gpu else {})}),
+                                                           **({"GPU": 1} if s.use_gpu else {})},
+                                     placement_strategy=s.placement_strategy),
         datasets=datasets,
         dataset_config=stream.data_config(),
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
@@ -261,6 +262,7 @@ def _to(batch: dict, device) -> dict:
 
 
 def _worker(config: dict) -> None:
+    import ray
     import ray.train
     from accelerate import Accelerator
 
@@ -294,10 +296,15 @@ def _worker(config: dict) -> None:
         torch.manual_seed(_rank_seed(cfg.train.seed, rank, 0))
     rt = _runtime(acc, world)
     tracker = tracking.open_tracker(config["tracking"], rank)
+    # Which Ray nodes hold the ranks (rank order), so a multi-node run says where it ran and a
+    # restart after losing a node shows where it went.
+    nodes = _gather(ray.get_runtime_context().get_node_id(), world)
     if rank == 0:
         _say(f"rank 0/{world}: {device}, autocast {acc.mixed_precision}, "
-             f"distributed {acc.distributed_type}, start step {state.step}")
+             f"distributed {acc.distributed_type}, start step {state.step}, "
+             f"{len(set(nodes))} node(s)")
         tracker.tag("autocast_dtype", acc.mixed_precision)
+        tracker.tag("worker_nodes", ",".join(nodes))
     try:
         _loop(cfg, state, rt, tracker, rank, world, (epoch, pos), tuple(config["stream_start"]),
               config["run_dir"])
@@ -337,12 +344,16 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
         sums = _gather(sum(float(p.double().sum()) for p in state.objective.parameters()), world)
         metrics.update(epoch=e, ranks_in_sync=float(len(set(sums)) == 1))
         with tempfile.TemporaryDirectory() as d:
-            ck = None
+            ck, t0 = None, time.perf_counter()
             if rank == 0:
                 path = checkpoint.save(state, os.path.join(d, "ckpt"),
                                        extra={"epoch": e, "pos": p, "rng": rngs, "world": world})
                 ck = ray.train.Checkpoint.from_directory(str(path))
+            t1 = time.perf_counter()
             ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        # What a checkpoint costs: writing it locally, then Ray copying it to train.storage (S3 on a
+        # cluster) while every rank waits (bench/cluster_scaling.py).
+        tracker.log(state.step, {"checkpoint_write_s": t1 - t0, "checkpoint_upload_s": time.perf_counter() - t1})
 
     if state.step >= tr.steps:
         return
