@@ -341,8 +341,11 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
         e = max(ends)[0]
         p = max(f for ep, f in ends if ep == e) + 1  # rows of epoch e consumed, across ranks
         # Ranks must hold the same weights; a cheap checksum per rank says whether they do.
-        sums = _gather(sum(float(p.double().sum()) for p in state.objective.parameters()), world)
+        sums = _gather(sum(float(p.detach().double().sum()) for p in state.objective.parameters()), world)
         metrics.update(epoch=e, ranks_in_sync=float(len(set(sums)) == 1))
+        # Metrics up to this checkpoint reach MLflow before it is stored: a restart resumes after
+        # it, so whatever rank 0 still held would never be logged if its node died now.
+        tracker.flush()
         with tempfile.TemporaryDirectory() as d:
             ck, t0 = None, time.perf_counter()
             if rank == 0:
