@@ -6,11 +6,13 @@ for paths; anything that changes what is trained is a config field given as sect
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import sys
 
 from cnd_ray import config as config_lib
+from cnd_ray import driverlog
 from cnd_ray.errors import UserError
 
 CONFIG_HELP = ("packaged config name ({names}) or a YAML path; dataclass defaults (the paper's "
@@ -362,10 +364,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Verbs whose driver output (Ray forwards the workers' and trials' to it) is kept with their run.
+LOGGED_VERBS = ("train", "tune", "quickstart")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        return args.func(args)
-    except UserError as e:  # config, paths, data: one line, exit code 2
-        print(f"cnd-ray {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+    with driverlog.capture() if args.verb in LOGGED_VERBS else contextlib.nullcontext():
+        try:
+            return args.func(args)
+        except UserError as e:  # config, paths, data: one line, exit code 2
+            print(f"cnd-ray {args.verb}: error: {e}", file=sys.stderr)
+            return 2

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, engine, monitor, tracking
+from cnd_ray import checkpoint, driverlog, engine, monitor, tracking
 from cnd_ray import vae as vae_lib
 from cnd_ray import config as config_lib
 from cnd_ray.data import augment, stream
@@ -158,6 +158,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
             "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
             "data.shards": cfg.data.shards, **(tags or {})}
     run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags)
+    driverlog.save_at_exit(run_dir, uri, run_id)  # however the run ends (a no-op in Tune's trials)
     tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
           f"storage {run_dir}; MLflow run {run_id} at {uri}", flush=True)

@@ -423,7 +423,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     "parent_run_id", "table", "space", "tracking_uri"}."""
     import ray
 
-    from cnd_ray import session, tracking, train
+    from cnd_ray import driverlog, session, tracking, train
 
     s = load_space(space, cfg)
     cfg = config_lib.override(cfg, s.fixed)
@@ -448,6 +448,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
         params={"space": s.name, "search": s.search, "metric": s.metric, "mode": s.mode,
                 "num_trials": n, "scheduler": s.scheduler},
         tags={"cnd_ray.kind": "search", "cnd_ray.space_file": s.path})
+    driverlog.save_at_exit(exp_path, uri, parent)  # the trials' output reaches this driver's log
     tracking.log_text(uri, parent, s.text, f"space/{Path(s.path).name}")
     tracking.log_text(uri, parent, cfg.to_yaml(), "base_config.yaml")
     print(f"search {search}: {n} trials of {s.name}, {concurrent} at a time, metric {s.metric} "
