@@ -479,7 +479,8 @@ def _run_pipeline(ordered, groups, image_size, vae, writer, ledger, progress) ->
     if vae is not None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         ds = ds.map_batches(_Encoder, fn_constructor_args=(vae["vae"],), batch_size=16,
-                            batch_format="numpy", concurrency=1, num_gpus=1 if use_gpu else 0)
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+                            num_gpus=1 if use_gpu else 0)
 
     pending: dict[str, list[dict]] = {}
     row_id = 0

@@ -173,7 +173,7 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
     # up mid-run and each new worker process stalls the stream for seconds (bench/data_stream.py).
     tasks = cfg.data.decode_tasks or max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
     return ds.map_batches(_read_groups, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-                          concurrency=min(tasks, len(items)),
+                          compute=ray.data.TaskPoolStrategy(size=min(tasks, len(items))),
                           fn_kwargs={"columns": columns, "space": cfg.data.space, "repeat": repeat})
 
 
