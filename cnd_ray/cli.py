@@ -140,6 +140,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rate = f", {t['images_per_s']} img/s on {t['actors']} {t['device']} actors" if out["generated"] else ""
     print(f"{out['images']} images ({out['generated']} new{rate}) from step {p['step']} with "
           f"{p['sampler']} x {p['steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']}")
+    if out.get("tone_check"):
+        c = out["tone_check"]
+        print(f"skin tone read back (ITA on the pixels): {100 * c['match']:.0f}% of {c['images']} images "
+              f"in the requested group {c['requested']}; by group: {c['read_back']} "
+              f"({c['groups']} = unknown)")
     print(f"samples: {out['out']}")
     return 0
 
@@ -155,6 +160,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = res["mlflow"]
     print(f"\nmetrics: {res['out']}/metrics.json and metrics.md")
     print(f"MLflow run {m['run_id']}{' (new)' if m['new_run'] else ''} at {m['tracking_uri']}")
+    return 0
+
+
+def _named_paths(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--eval {v!r}: expected NAME=PATH, e.g. ddi=/data/ddi")
+        out[name] = path
+    return out
+
+
+def cmd_fairness(args: argparse.Namespace) -> int:
+    from cnd_ray.fairness import run as fairness
+
+    res = fairness.run(args.real, args.synthetic, _named_paths(args.eval), out=args.out or "",
+                       ckpt=args.ckpt or "", overrides=args.overrides)
+    print()
+    print(fairness.markdown(res), end="")
+    print(f"\nreport: {res['out']}/fairness.json and fairness.md; MLflow run {res['mlflow_run_id']}")
     return 0
 
 
@@ -342,6 +368,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: evaluation/<run name>-step<step>)")
     p.set_defaults(func=cmd_evaluate)
+    p = verbs.add_parser(
+        "fairness", help="downstream classifiers on real vs real+synthetic data, per skin tone",
+        description="Train a benign/malignant classifier (fairness.backbone) on the --real shards "
+                    "alone and on them plus the --synthetic images (rebalanced by fairness.balance: "
+                    "class, or class x skin-tone group), choose each one's threshold on the real "
+                    "validation split, and evaluate both on every --eval set: AUROC, sensitivity, "
+                    "specificity and balanced accuracy overall and per skin-tone group (I-II, III-IV, "
+                    "V-VI: the set's Fitzpatrick labels, else ITA on the pixels), worst-group AUROC, "
+                    "the light-dark gap, equal-opportunity and equalized-odds differences, with "
+                    "bootstrap 95% intervals, and real+synthetic minus real with paired intervals. "
+                    "Writes OUT/fairness.json, fairness.md and ROC plots, and logs them to MLflow.")
+    p.add_argument("--real", required=True, metavar="SHARDS", help="ingested shards (train and val splits)")
+    p.add_argument("--synthetic", action="append", default=[], metavar="DIR",
+                   help="a folder written by `cnd-ray sample` (repeatable)")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="an evaluation set in its published layout (repeatable); NAME is one of "
+                        "ddi, fitzpatrick17k, atlas, asan, mclass_d, mclass_nd, isic2018, pad_ufes_20. "
+                        "With mclass_d, its ISIC images are left out of training")
+    p.add_argument("--ckpt", default=None, metavar="CKPT",
+                   help="also evaluate this Class-N-Diff checkpoint's joint classifier (pixel space)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: fairness-<hash>)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="fairness.* (backbone, steps, balance, ...) and track.* settings")
+    p.set_defaults(func=cmd_fairness)
     p = verbs.add_parser("ui", help="open the MLflow UI for the configured tracking store",
                          description="Start `mlflow ui` on 127.0.0.1 (a free port unless --port) for "
                                      "track.tracking_uri / $MLFLOW_TRACKING_URI / ./mlflow.db.")

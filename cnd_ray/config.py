@@ -217,6 +217,28 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FairnessConfig:
+    """`cnd-ray fairness`: downstream benign/malignant classifiers trained on real data and on real
+    plus synthetic data, judged on external sets overall and per skin-tone group."""
+
+    backbone: str = "resnet18"  # timm model name of the downstream classifier
+    weights: str = ""  # local backbone weights file (e.g. ImageNet); "" = random init
+    steps: int = field(default=2000, metadata=_range(1))
+    lr: float = field(default=3e-2, metadata=_range(0.0, lo_open=True))  # SGD, as eval.fidelity_lr
+    batch_size: int = field(default=32, metadata=_range(2))
+    image_size: int = field(default=0, metadata=_range(0))  # classifier input; 0 = the real shards'
+    # What the real + synthetic classifier's batches balance: the two classes, or every (class,
+    # skin-tone group) cell equally (groups I-II / III-IV / V-VI from ITA).
+    balance: Literal["class", "class_tone"] = "class_tone"
+    real_split: str = "train"
+    val_split: str = "val"  # real images the decision threshold is chosen on
+    real_max: int = field(default=20000, metadata=_range(0))  # training images held in memory; 0 = all
+    synthetic_max: int = field(default=0, metadata=_range(0))  # 0 = every synthetic image given
+    bootstrap: int = field(default=1000, metadata=_range(10))  # resamples for the 95% intervals
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class TrackConfig:
     """Where MLflow logs go."""
 
@@ -237,6 +259,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
     # Derived values are properties, not settings (house rule 4).

@@ -35,7 +35,7 @@ NAME_EXCLUDES = {"train.name", "train.storage", "train.steps", "train.checkpoint
                  "train.keep_checkpoints", "train.max_failures", "train.log_every", "train.eval_every",
                  "train.eval_batches", "data.shuffle_buffer", "data.decode_tasks", "data.vae",
                  "diffusion.eta"}
-NAME_EXCLUDED_SECTIONS = ("scale.", "track.", "eval.")  # how it runs, where it logs, how it is judged
+NAME_EXCLUDED_SECTIONS = ("scale.", "track.", "eval.", "fairness.")  # how it runs, where it logs, how it is judged
 
 
 class TrainingStopped(RuntimeError):

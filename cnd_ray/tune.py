@@ -253,7 +253,7 @@ def search_name(s: Space, base: config_lib.Config) -> str:
     resumes) the same search; where things are stored and logged does not count."""
     keep = {k: v for k, v in base.flat().items()
             if k not in ("train.name", "train.storage", "diffusion.eta")
-            and not k.startswith(("track.", "eval."))}
+            and not k.startswith(("track.", "eval.", "fairness."))}
     digest = hashlib.sha256(json.dumps([s.text, keep], sort_keys=True).encode()).hexdigest()[:8]
     return f"{s.name}-{digest}"
 

@@ -12,36 +12,42 @@ import torch.nn.functional as F
 
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate.features import signed
-from cnd_ray.models.classifier import Classifier
+from cnd_ray.models.classifier import Classifier, load_backbone
 
 
 def train(images: torch.Tensor, labels: np.ndarray, backbone: str, steps: int, batch: int = 32,
-          lr: float = 1e-2, seed: int = 0, device="cpu", progress=None) -> Classifier:
-    """A randomly initialised Classifier trained on uint8 (N, 3, H, W) images; returned in eval mode."""
+          lr: float = 1e-2, seed: int = 0, device="cpu", progress=None,
+          sample_weights: np.ndarray | None = None, backbone_weights: str = "") -> Classifier:
+    """A Classifier trained on uint8 (N, 3, H, W) images; returned in eval mode. Batches draw
+    images with probability `sample_weights` (default: the two classes equally often, as the data
+    are ~10% malignant); the backbone starts from `backbone_weights` (a local file) or random init."""
     labels = np.asarray(labels).astype(bool)
-    pos, neg = torch.from_numpy(np.flatnonzero(labels)), torch.from_numpy(np.flatnonzero(~labels))
-    if len(pos) == 0 or len(neg) == 0:
-        raise UserError(f"fidelity classifier: its training images need both classes "
-                        f"(got {len(neg)} benign, {len(pos)} malignant)")
-    assert batch >= 2, batch
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == len(labels):
+        raise UserError(f"classifier training: its images need both classes "
+                        f"(got {len(labels) - n_pos} benign, {n_pos} malignant)")
+    if sample_weights is None:
+        sample_weights = np.where(labels, 0.5 / n_pos, 0.5 / (len(labels) - n_pos))
+    probs = torch.as_tensor(np.asarray(sample_weights, np.float64) / np.sum(sample_weights))
+    assert len(probs) == len(labels) and batch >= 2, (len(probs), len(labels), batch)
     device = torch.device(device)
-    half = batch // 2
-    y = torch.cat([torch.ones(half), torch.zeros(batch - half)]).to(device)  # (B,)
+    y_all = torch.from_numpy(labels.astype(np.float32))
     # Seeded init and dropout without disturbing the caller's RNG; batches and flips use `g`.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = Classifier(backbone, in_channels=3).to(device).train()
+        model = Classifier(backbone, in_channels=3)
+        if backbone_weights:
+            load_backbone(model, backbone_weights)
+        model = model.to(device).train()
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         for step in range(steps):
-            # Half malignant, half benign: the data are ~10% malignant.
-            idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
-                             neg[torch.randint(len(neg), (batch - half,), generator=g)]])
+            idx = torch.multinomial(probs, batch, replacement=True, generator=g)  # (B,)
             x = signed(images[idx]).to(device)  # (B, 3, H, W)
             flip = (torch.rand(2, batch, 1, 1, 1, generator=g) < 0.5).to(device)  # (2, B, 1, 1, 1)
             x = torch.where(flip[0], x.flip(-1), x)
             x = torch.where(flip[1], x.flip(-2), x)
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            loss = F.binary_cross_entropy_with_logits(model(x), y_all[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
