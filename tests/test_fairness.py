@@ -197,3 +197,22 @@ def test_a_tone_conditioned_dit_draws_the_requested_skin_tone(ray_local, tmp_pat
         # training mix alone gives 20% lightest, 59% darkest).
         assert share[g, g] >= share[other, g] + 0.25, checks
         assert checks[g]["match"] >= 0.4, checks
+
+
+def test_mclass_d_images_are_left_out_of_training(planted, tmp_path):
+    from cnd_ray.data import stream
+
+    tmp, _, _ = planted
+    manifest = stream.read_manifest(str(tmp / "shards"))
+    train_ids = fairness.read_real(str(tmp / "shards"), manifest, "train", 32)["ids"]
+    bench = tmp_path / "mclass" / "BenchmarkDermoscopic"
+    for i, name in enumerate(train_ids[:3] + ["ISIC_0000001"]):  # 3 of them trained on, 1 not
+        folder = bench / ("malign" if i % 2 else "benign")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (200, 150, 120)).save(folder / f"{name}.jpg")
+    rep = fairness.run(str(tmp / "shards"), [], {"mclass_d": str(tmp_path / "mclass")}, out=str(tmp_path / "o"),
+                       overrides=["fairness.steps=2", "fairness.bootstrap=10",
+                                  f"track.tracking_uri=sqlite:///{tmp_path}/mlflow.db"], progress=False)
+    assert rep["training"]["excluded_mclass_d"] == 3
+    real = rep["training"]["real"]
+    assert sum(c["benign"] + c["malignant"] for c in real.values()) == len(train_ids) - 3
