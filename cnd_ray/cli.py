@@ -169,6 +169,8 @@ def _named_paths(values: list[str]) -> dict[str, str]:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
             raise UserError(f"--eval {v!r}: expected NAME=PATH, e.g. ddi=/data/ddi")
+        if name in out:
+            raise UserError(f"--eval {name}: given twice ({out[name]} and {path})")
         out[name] = path
     return out
 
@@ -384,10 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder written by `cnd-ray sample` (repeatable)")
     p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="an evaluation set in its published layout (repeatable); NAME is one of "
-                        "ddi, fitzpatrick17k, atlas, asan, mclass_d, mclass_nd, isic2018, pad_ufes_20. "
-                        "With mclass_d, its ISIC images are left out of training")
+                        "ddi, fitzpatrick17k, atlas, asan, mclass (= mclass_d + mclass_nd), mclass_d, "
+                        "mclass_nd, isic2018, pad_ufes_20. With MClass, its ISIC images are left out "
+                        "of training")
     p.add_argument("--ckpt", default=None, metavar="CKPT",
-                   help="also evaluate this Class-N-Diff checkpoint's joint classifier (pixel space)")
+                   help="also evaluate this Class-N-Diff checkpoint's (or run folder's) joint classifier, "
+                        "next to its backbone trained alone on the same real images")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: fairness-<hash>)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="fairness.* (backbone, steps, balance, ...) and track.* settings")

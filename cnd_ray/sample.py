@@ -59,13 +59,14 @@ def sampling_config(cfg, overrides) -> config_lib.Config:
     return config_lib.override(cfg, overrides)  # validate() refuses guidance without a null label
 
 
-def protocol(cfg, ckpt: str, step: int) -> dict:
-    """What determines the images (GUARANTEES 14); a folder's images all share one."""
+def protocol(cfg, ckpt: str, step: int, tone: int | None = None) -> dict:
+    """What determines the images (GUARANTEES 14); a folder's images all share one. `tone` is the
+    skin-tone group asked for (None: not asked)."""
     d, e = cfg.diffusion, cfg.eval
     return {"checkpoint": ckpt, "step": step, "sampler": d.sampler, "steps": d.sample_steps,
             "eta": d.eta if d.sampler == "ddim" else None, "guidance_scale": d.guidance_scale,
             "seed": e.seed, "batch_size": e.batch_size, "image_size": cfg.data.image_size,
-            "space": cfg.data.space}
+            "space": cfg.data.space, "tone": tone}
 
 
 class _ChunkWorker:
@@ -147,7 +148,9 @@ def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
 
     from cnd_ray import session, vae as vae_lib
 
-    proto = protocol(cfg, ckpt, step)
+    requested = sorted({int(t) for t in rows["tone"]} - {generate.NO_TONE})
+    assert len(requested) <= 1, requested  # plans ask for one tone, or none
+    proto = protocol(cfg, ckpt, step, requested[0] if requested else None)
     _check_folder(out, proto)
     n = len(rows["index"])
     files = [generate.file_name(int(i), int(y)) for i, y in zip(rows["index"], rows["label"])]
@@ -199,7 +202,6 @@ def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
         meta["images"] = n
         meta["counts"] = {generate.class_name(int(k)): int((rows["label"] == k).sum())
                           for k in np.unique(rows["label"])}
-    requested = {int(t) for t in rows["tone"]} - {generate.NO_TONE}
     if requested:
         meta["tone_check"] = tone_check(out, files, rows["tone"], cfg.model.tone_groups)
     meta_path.write_text(json.dumps(meta, indent=2))

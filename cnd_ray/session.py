@@ -31,5 +31,7 @@ def connect(num_cpus: float | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address and "RAY_AUTH_MODE" not in os.environ and _has_token():
         os.environ["RAY_AUTH_MODE"] = "token"
-    ray.init(address=address or None, num_cpus=None if address else (num_cpus or local_cpus()),
+    # "local", not None: Ray would otherwise join any other Ray running on this machine (another
+    # user's, a test's) and then refuse num_cpus.
+    ray.init(address=address or "local", num_cpus=None if address else (num_cpus or local_cpus()),
              logging_level=logging.WARNING, log_to_driver=True)

@@ -136,7 +136,8 @@ class MlflowTracker(Tracker):
         self.after_step = max(after_step, self._last_step())
         self.metrics: list = []
         self.files: list[tuple[str, str | None]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards the pending lists
+        self.flushing = threading.Lock()  # held while a batch is being sent
         self.stop = threading.Event()
         self.failures = 0
         self.thread = threading.Thread(target=self._loop, args=(flush_every,), daemon=True)
@@ -179,7 +180,12 @@ class MlflowTracker(Tracker):
             return False
 
     def flush(self) -> bool:
-        """Send what is pending; True when nothing is left."""
+        """Send what is pending; True when nothing is left. One flush at a time: a caller that must
+        know its metrics are stored (before a checkpoint) waits for the thread's batch in flight."""
+        with self.flushing:
+            return self._flush()
+
+    def _flush(self) -> bool:
         with self.lock:
             metrics, self.metrics = self.metrics, []
             files, self.files = self.files, []

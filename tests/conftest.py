@@ -15,7 +15,8 @@ def ray_local():
     whole-CPU workers plus Ray Data's file-listing task hang on num_cpus=2)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    # address="local": a fresh Ray even when another one runs on this machine (Ray would join it).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

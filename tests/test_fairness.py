@@ -3,6 +3,7 @@ data with almost no malignant lesions on dark skin, synthetic images that fill t
 DDI-layout evaluation set. Rebalancing with the synthetic images has to narrow the group gap."""
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -102,9 +103,15 @@ def test_synthetic_dark_lesions_narrow_the_gap_end_to_end(planted):
     eod = lambda r: r["equal_opportunity_difference"]["value"]  # noqa: E731
     assert sens(mixed) > sens(real) + 0.2, (sens(real), sens(mixed))
     assert eod(mixed) < eod(real) - 0.2, (eod(real), eod(mixed))
-    assert set(rep["results"]["ddi"]["synthetic_vs_real"]["groups"]) == {"I-II", "III-IV", "V-VI"}
+    assert set(rep["results"]["ddi"]["synthetic_vs_real"]["paired"]["groups"]) == {"I-II", "III-IV", "V-VI"}
+    assert rep["results"]["ddi"]["verdict"].startswith("Synthetic data: overall AUROC")
+    # The control (real data reweighted like the mix) is reported beside them, and so is how it fares.
+    control = rep["results"]["ddi"]["models"]["real, reweighted"]
+    assert rep["models"]["real, reweighted"]["balance"] == "class_tone" and sens(control) is not None
+    assert "reweighted alone" in rep["results"]["ddi"]["verdict"]
     md = (tmp / "out" / "fairness.md").read_text()
     assert "V-VI" in md and "real+synthetic" in md
+    assert re.search(r"Synthetic data: overall AUROC .*equal-opportunity difference \d\.\d{3} -> \d\.\d{3}", md)
     for name in ("fairness.json", "fairness.md", "roc_ddi_real.png", "roc_ddi_real_synthetic.png"):
         assert (tmp / "out" / name).is_file(), name
     from mlflow.tracking import MlflowClient
@@ -216,3 +223,19 @@ def test_mclass_d_images_are_left_out_of_training(planted, tmp_path):
     assert rep["training"]["excluded_mclass_d"] == 3
     real = rep["training"]["real"]
     assert sum(c["benign"] + c["malignant"] for c in real.values()) == len(train_ids) - 3
+
+
+def test_a_latent_joint_classifier_scores_images_through_the_runs_vae(latent_shards, tmp_path):
+    import torch
+
+    from cnd_ray.evaluate.features import signed
+    from tests.helpers import random_checkpoint
+
+    shards, _, vae = latent_shards
+    ck = random_checkpoint(tmp_path / "ck", overrides=[f"data.shards={shards}", "data.space=latent",
+                                                       "data.image_size=64", "model.patch_size=2"])
+    joint = fairness.Joint(ck, "cpu")
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        by_hand = joint.model(joint.cfg.data.latent_scale * vae.encode(signed(images)).latent_dist.mean)
+    assert np.allclose(joint.scores(images), by_hand.double().numpy(), atol=1e-5)

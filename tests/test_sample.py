@@ -100,6 +100,12 @@ def test_tone_conditioned_model_samples_a_requested_group(ray_local, tmp_path):
                      overrides=["diffusion.sample_steps=3", "eval.actors=1"])
     assert pq.read_table(tmp_path / "s" / "index.parquet").column("tone").to_pylist() == [2] * 4
     assert out["images"] == 4
+    c = out["tone_check"]  # every image's tone read back, counted per group (3 = unknown)
+    assert c["requested"] == [2] and c["images"] == 4 and sum(c["read_back"].values()) == 4
+    # Another tone in the same folder would leave tone-2 images scored as the new request: refused.
+    with pytest.raises(UserError, match="tone 2 -> 0"):
+        sample.run(ck, str(tmp_path / "s"), num_per_class=2, tone=0, progress=False,
+                   overrides=["diffusion.sample_steps=3", "eval.actors=1"])
 
 
 def test_latent_checkpoint_samples_are_decoded_by_the_shards_vae(ray_local, tmp_path, latent_shards):

@@ -21,7 +21,8 @@ import numpy as np
 from cnd_ray.data import image, layouts, tone
 from cnd_ray.errors import UserError
 
-SETS = ("ddi", "fitzpatrick17k", "atlas", "asan", "mclass_d", "mclass_nd", "isic2018", "pad_ufes_20")
+SETS = ("ddi", "fitzpatrick17k", "atlas", "asan", "mclass", "mclass_d", "mclass_nd", "isic2018", "pad_ufes_20")
+MCLASS_PARTS = ("mclass_d", "mclass_nd")  # "mclass" = both, the paper's 160 benign / 40 malignant
 GROUPS = ("I-II", "III-IV", "V-VI")
 MAX_DEPTH = 3  # how far below the given root a set is looked for
 
@@ -333,7 +334,7 @@ def _folders(name: str, base: str, classes: dict[str, int], out: _Out) -> None:
                           None, None, name), base)
 
 
-def _isic2018(root: str, labels: str, out: _Out) -> None:
+def _isic2018(root: str, labels: str, ak_malignant: bool, out: _Out) -> None:
     gts, inputs = {}, {}
     for d in _dirs(root, MAX_DEPTH):
         for split in ISIC2018_SPLITS:
@@ -355,7 +356,8 @@ def _isic2018(root: str, labels: str, out: _Out) -> None:
             elif file is None:
                 out.reject(key, f"{MISSING}: ISIC2018_Task3_{split}_Input/{ref}.jpg")
             else:
-                out.keep(Item(ref, file, layouts.label(dx, labels), None, None, "isic2018", split.lower()), gt)
+                out.keep(Item(ref, file, layouts.label(dx, labels, ak_malignant), None, None, "isic2018",
+                              split.lower()), gt)
         out.sweep(files, gt)
 
 
@@ -409,12 +411,16 @@ _LAYOUTS: dict[str, tuple[Callable[[str], bool], str, Callable]] = {
 }
 
 
-def load(name: str, root: str, labels: str | None = None) -> Loaded:
+def load(name: str, root: str, labels: str | None = None, ak_malignant: bool = False) -> Loaded:
     """Every image of an evaluation set under root, as items and rejects (DATA.md protocols).
 
-    labels: only isic2018 has a choice (layouts.LABEL_MODES, default "melanoma"); every other set has
-    one published protocol, and None means it.
+    labels, ak_malignant: only isic2018 has a choice (layouts.LABEL_MODES, default "melanoma", as
+    `ingest`); every other set has one published protocol, and None means it.
     """
+    if name == "mclass":
+        parts = [load(p, root) for p in MCLASS_PARTS]
+        return Loaded(name, os.path.abspath(root), [i for p in parts for i in p.items],
+                      [r for p in parts for r in p.rejects])
     if name not in _LAYOUTS:
         raise UserError(f"unknown evaluation set {name!r} (choose from {', '.join(SETS)})")
     if labels is not None and name != "isic2018":
@@ -427,7 +433,7 @@ def load(name: str, root: str, labels: str | None = None) -> Loaded:
     out = _Out()
     if name == "isic2018":
         base = os.path.abspath(root)  # the two splits may sit in different subfolders
-        _isic2018(base, labels or "melanoma", out)
+        _isic2018(base, labels or "melanoma", ak_malignant, out)
     else:
         reader(base, out)
     return Loaded(name, base, out.items, out.rejects)

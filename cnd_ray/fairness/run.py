@@ -1,20 +1,24 @@
 """`cnd-ray fairness`: does synthetic data make a benign/malignant classifier fairer across skin
 tones? (the paper's purpose; issue 8)
 
-1. Read the real training split (`--real` shards) and every `--synthetic` folder (written by
-   `cnd-ray sample`). Each image gets a skin-tone group, I-II / III-IV / V-VI, from its ITA:
-   the shards store it; synthetic images are measured on their pixels, since what counts is the
-   tone they show, not the one asked for.
-2. Train the downstream classifier (`fairness.backbone`) twice: on real data alone (classes
-   balanced) and on real plus synthetic data (balanced by `fairness.balance`: classes, or every
-   class x tone cell).
-3. Choose each classifier's decision threshold on the real validation split.
-4. Score every `--eval` set (cnd_ray.data.external), whose groups come from its Fitzpatrick labels
-   where it has them and from ITA on the pixels otherwise. Report AUROC, sensitivity, specificity
-   and balanced accuracy, per group, the worst group, the light-dark gap, and the
-   equal-opportunity and equalized-odds differences, with bootstrap intervals
-   (cnd_ray.fairness.metrics). With `--ckpt`, the Class-N-Diff joint classifier is scored as well.
-5. Write fairness.json, fairness.md and ROC plots to `--out`, and log them to MLflow.
+1. Check every input (shards and their splits, synthetic folders, evaluation sets, checkpoint)
+   before any image is decoded.
+2. Read the real training split (`--real` shards) and every `--synthetic` folder (written by
+   `cnd-ray sample`). Each image gets a skin-tone group, I-II / III-IV / V-VI, from its ITA: the
+   shards store it; synthetic images are measured on their pixels, since what counts is the tone
+   they show, not the one asked for.
+3. Train the downstream classifier (`fairness.backbone`) on real data alone (classes balanced: the
+   usual baseline) and on real plus synthetic data (`fairness.balance`: classes, or every class x
+   tone cell). With tone balancing, a control too: the real data reweighted the same way, which
+   tells the synthetic images' contribution from the reweighting's.
+4. Choose each classifier's decision threshold on the real validation split.
+5. Score every `--eval` set (cnd_ray.data.external), whose groups come from its Fitzpatrick labels
+   where it has them and from ITA on the pixels otherwise: AUROC, sensitivity, specificity,
+   balanced accuracy, per group, worst group, light-dark gap, equal-opportunity and equalized-odds
+   differences, bootstrap intervals (cnd_ray.fairness.metrics), and real+synthetic minus real with
+   paired intervals. With `--ckpt`, the Class-N-Diff joint classifier is scored next to its
+   backbone trained alone.
+6. Write fairness.json, fairness.md and ROC plots to `--out`, and log them to MLflow.
 """
 from __future__ import annotations
 
@@ -32,16 +36,17 @@ from cnd_ray.data import external, stream, tone
 from cnd_ray.data import image as image_lib
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import fidelity
-from cnd_ray.fairness import metrics
+from cnd_ray.evaluate.features import signed
 
 GROUPS = external.GROUPS  # lightest first
 SECTIONS = ("fairness.", "track.")  # the settings this verb reads
+MCLASS_D = ("mclass", "mclass_d")  # sets holding MClass-D's ISIC images
+REWEIGHTED = "real, reweighted"  # the control: real data balanced like the real+synthetic mix
 
 
 def group_of(fitzpatrick) -> str | None:
-    """Fitzpatrick type 1..6 -> its DDI group; None when unknown (0 or missing)."""
-    f = int(fitzpatrick) if fitzpatrick is not None else 0
-    return GROUPS[(f - 1) // 2] if 1 <= f <= 6 else None
+    """A stored Fitzpatrick type -> its group; None when unknown (0 or missing)."""
+    return external.group_of(int(fitzpatrick)) if fitzpatrick and 1 <= int(fitzpatrick) <= 6 else None
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
@@ -53,15 +58,18 @@ def _resize(arr: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
 
 
-def _stack(images: list[np.ndarray]) -> torch.Tensor:
+def _stack(images: list[np.ndarray], size: int) -> torch.Tensor:
+    if not images:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
 
 
 def read_real(shards: str, manifest: dict, split: str, size: int, limit: int = 0,
               exclude: frozenset = frozenset()) -> dict:
-    """A split of the shards: uint8 images (N, 3, size, size), labels, groups, ids; rows whose
-    image_id is in `exclude` are left out (MClass-D's ISIC images when MClass is evaluated)."""
-    images, labels, groups, ids, excluded = [], [], [], [], 0
+    """A split of the shards: uint8 images (N, 3, size, size), labels, groups, ids, and the counts
+    left out: `excluded` (image_id in `exclude`: MClass-D's ISIC images when MClass is evaluated)
+    and `over_limit` (beyond `limit` rows; 0 = no limit)."""
+    images, labels, groups, ids, excluded, over = [], [], [], [], 0, 0
     for path in stream.shard_files(shards, manifest, split):
         for b in stream.parquet_file(path).iter_batches(
                 batch_size=256, columns=["image_id", "label", "fitzpatrick", "image"]):
@@ -69,43 +77,49 @@ def read_real(shards: str, manifest: dict, split: str, size: int, limit: int = 0
             for i, image_id in enumerate(rows["image_id"]):
                 if image_id in exclude:
                     excluded += 1
-                    continue
-                if limit and len(ids) >= limit:
-                    break
-                images.append(_resize(image_lib.decode_png(rows["image"][i]), size))
-                labels.append(int(rows["label"][i]))
-                groups.append(group_of(rows["fitzpatrick"][i]))
-                ids.append(image_id)
-    if not ids:
-        raise UserError(f"--real {shards}: no '{split}' images left to train on")
-    return {"images": _stack(images), "labels": np.array(labels), "groups": groups, "ids": ids,
-            "excluded": excluded}
+                elif limit and len(ids) >= limit:
+                    over += 1
+                else:
+                    images.append(_resize(image_lib.decode_png(rows["image"][i]), size))
+                    labels.append(int(rows["label"][i]))
+                    groups.append(group_of(rows["fitzpatrick"][i]))
+                    ids.append(image_id)
+    return {"images": _stack(images, size), "labels": np.array(labels, np.int64), "groups": groups,
+            "ids": ids, "excluded": excluded, "over_limit": over}
 
 
-def read_synthetic(folders: list[str], size: int, limit: int = 0) -> dict:
-    """Every image of `cnd-ray sample` output folders, with its tone group measured on its pixels."""
+def _synthetic_index(folders: list[str]) -> list[tuple[str, int, str]]:
+    """(folder, label, file) of every image the `cnd-ray sample` folders list."""
     import pyarrow.parquet as pq
 
-    images, labels, groups = [], [], []
+    rows = []
     for folder in folders:
         index = Path(folder) / "index.parquet"
         if not index.is_file():
             raise UserError(f"--synthetic {folder}: no index.parquet; give a folder written by "
                             "`cnd-ray sample`")
-        rows = pq.read_table(index, columns=["label", "file"]).to_pydict()
-        for label, file in zip(rows["label"], rows["file"]):
-            if limit and len(labels) >= limit:
-                break
-            path = Path(folder) / file
-            if not path.is_file():
-                raise UserError(f"--synthetic {folder}: {file} is listed in index.parquet but missing; "
-                                "rerun `cnd-ray sample` with the same arguments to finish it")
-            arr = image_lib.decode_png(path.read_bytes())
-            images.append(_resize(arr, size))
-            labels.append(int(label))
-            groups.append(external.group_from_ita(tone.estimate_ita(arr)))
-    return {"images": _stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
-            "labels": np.array(labels, np.int64), "groups": groups}
+        t = pq.read_table(index, columns=["label", "file"]).to_pydict()
+        rows += [(folder, int(y), f) for y, f in zip(t["label"], t["file"])]
+    return rows
+
+
+def read_synthetic(rows: list[tuple[str, int, str]], size: int, limit: int = 0, seed: int = 0) -> dict:
+    """The listed synthetic images (a seeded `limit` of them, drawn across all folders alike), each
+    with the tone group measured on its pixels."""
+    if limit and len(rows) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+        rows = [rows[i] for i in keep]
+    images, labels, groups = [], [], []
+    for folder, label, file in rows:
+        path = Path(folder) / file
+        if not path.is_file():
+            raise UserError(f"--synthetic {folder}: {file} is listed in index.parquet but missing; "
+                            "rerun `cnd-ray sample` with the same arguments to finish it")
+        arr = image_lib.decode_png(path.read_bytes())
+        images.append(_resize(arr, size))
+        labels.append(label)
+        groups.append(external.group_from_ita(tone.estimate_ita(arr)))
+    return {"images": _stack(images, size), "labels": np.array(labels, np.int64), "groups": groups}
 
 
 def sample_weights(labels: np.ndarray, groups: list, balance: str) -> np.ndarray:
@@ -128,46 +142,68 @@ def composition(labels: np.ndarray, groups: list) -> dict:
     return out
 
 
-def _train(data: dict, weights: np.ndarray, cfg, device, desc: str, show: bool, backbone: str = ""):
+def _train(data: dict, cfg, device, desc: str, show: bool, balance: str, backbone: str = "",
+           weights: str | None = None):
     from tqdm import tqdm
 
     f = cfg.fairness
     bar = tqdm(total=f.steps, desc=desc, unit="step", disable=not show)
     model = fidelity.train(data["images"], data["labels"], backbone or f.backbone, f.steps,
-                           batch=f.batch_size, lr=f.lr, seed=f.seed, device=device, sample_weights=weights,
-                           backbone_weights="" if backbone else f.weights, progress=lambda s: bar.update(1))
+                           batch=f.batch_size, lr=f.lr, seed=f.seed, device=device,
+                           sample_weights=sample_weights(data["labels"], data["groups"], balance),
+                           backbone_weights=f.weights if weights is None else weights,
+                           progress=lambda s: bar.update(1))
     bar.close()
     return model
 
 
-def _joint_classifier(ckpt: str, device):
-    """The Class-N-Diff classifier a checkpoint holds (its EMA when kept), with its config; only
-    pixel-space runs (a latent-space classifier reads VAE latents, not images)."""
-    from cnd_ray import checkpoint
-    from cnd_ray.models.classifier import build_classifier
+class Joint:
+    """The Class-N-Diff classifier a checkpoint holds (its EMA when kept), scoring uint8 images:
+    directly in pixel space, through the run's VAE encoder in latent space."""
 
-    cfg = checkpoint.load_config(ckpt)
-    if cfg.method.gamma_schedule == "off":
-        raise UserError(f"--ckpt {ckpt}: has no classifier (method.gamma_schedule off)")
-    if cfg.data.space != "pixel":
-        raise UserError(f"--ckpt {ckpt}: a latent-space run; its classifier reads VAE latents, not images")
-    weights = torch.load(Path(ckpt) / "weights.pt", map_location="cpu", weights_only=True)
-    model = build_classifier(config_lib.override(cfg, {"classifier.weights": ""}))
-    model.load_state_dict(weights.get("cls_ema") or weights["classifier"])
-    return model.to(device).eval(), cfg
+    def __init__(self, ckpt: str, device):
+        from cnd_ray import checkpoint, sample
+        from cnd_ray import vae as vae_lib
+        from cnd_ray.models.classifier import build_classifier
+
+        self.path = sample.resolve_checkpoint(ckpt)
+        self.cfg = cfg = checkpoint.load_config(self.path)
+        if cfg.method.gamma_schedule == "off":
+            raise UserError(f"--ckpt {ckpt}: has no classifier (method.gamma_schedule off)")
+        self.vae = vae_lib.for_run(cfg, device)  # UserError when a latent run's VAE is not here
+        weights = torch.load(Path(self.path) / "weights.pt", map_location="cpu", weights_only=True)
+        self.model = build_classifier(config_lib.override(cfg, {"classifier.weights": ""}))
+        self.model.load_state_dict(weights.get("cls_ema") or weights["classifier"])
+        self.model.to(device).eval()
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+        """float64 (N,) malignant logits of uint8 (N, 3, S, S) images at the run's image size."""
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(images), batch):
+            x = signed(images[i:i + batch]).to(device)  # (B, 3, S, S) in [-1, 1], as trained
+            if self.vae is not None:  # the latents the classifier saw in training (their mean)
+                x = self.cfg.data.latent_scale * self.vae.encode(x).latent_dist.mean  # (B, 4, S/8, S/8)
+            out.append(self.model(x).double().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def _external(name: str, root: str, size: int, show: bool) -> dict:
-    """An evaluation set read at `size`: images, labels, groups (labelled or ITA) and its counts."""
+def _external(name: str, root: str, size: int, manifest: dict, show: bool) -> dict:
+    """An evaluation set read at `size`: images, labels, groups (labelled or ITA), its rejects (an
+    unreadable image is one, never a crash) and how many groups came from ITA."""
     from tqdm import tqdm
 
-    loaded = external.load(name, root)
-    images, labels, groups, ids, measured = [], [], [], [], 0
+    # ISIC-2018 is labelled as the training shards were (melanoma, or malignant = MEL/BCC/SCC).
+    modes = ({"labels": manifest["label_mode"], "ak_malignant": manifest.get("ak_malignant", False)}
+             if name == "isic2018" else {})
+    loaded = external.load(name, root, **modes)
+    images, labels, groups, measured = [], [], [], 0
     rejects = list(loaded.rejects)
     for item in tqdm(loaded.items, desc=f"read {name}", unit="img", disable=not show):
         try:
             arr = external.read(item, size)
-        except image_lib.BadImage as e:  # listed with its reason, never a crash mid-evaluation
+        except image_lib.BadImage as e:
             rejects.append((item.path, f"unreadable image: {e}"))
             continue
         group = item.group
@@ -176,25 +212,19 @@ def _external(name: str, root: str, size: int, show: bool) -> dict:
         images.append(arr)
         labels.append(item.label)
         groups.append(group)
-        ids.append(item.id)
     if not images:
         raise UserError(f"--eval {name}={root}: no readable images ({len(rejects)} rejected)")
-    return {"images": _stack(images), "labels": np.array(labels), "groups": groups, "ids": ids,
-            "rejects": rejects, "ita_groups": measured, "isic_ids": external.isic_ids(loaded.items)}
+    return {"images": _stack(images, size), "labels": np.array(labels), "groups": groups,
+            "rejects": rejects, "groups_from_ita": measured, "isic_ids": external.isic_ids(loaded.items),
+            "protocol": {"label_mode": modes["labels"], "ak_malignant": modes["ak_malignant"]} if modes else {}}
 
 
-def _scores(model, images: torch.Tensor) -> np.ndarray:
-    return fidelity.scores(model, images)
-
-
-def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", ckpt: str = "",
-        overrides=(), progress: bool = True) -> dict:
-    """The whole comparison; returns the report dict that fairness.json holds."""
-    from cnd_ray import tracking
-
+def _check(real: str, synthetic: list[str], evals: dict, overrides) -> tuple:
+    """The config, the shards' manifest and the synthetic index, after every cheap check."""
     for o in overrides:
         if not o.startswith(SECTIONS):
-            raise UserError(f"{o.split('=')[0]}: fairness takes only {' and '.join(s + '*' for s in SECTIONS)} settings")
+            raise UserError(f"{o.split('=')[0]}: fairness takes only {' and '.join(s + '*' for s in SECTIONS)} "
+                            "settings")
     cfg = config_lib.load(None, list(overrides))
     f = cfg.fairness
     if not evals:
@@ -203,84 +233,131 @@ def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", c
         if name not in external.SETS:
             raise UserError(f"--eval {name}: unknown set; choose from {', '.join(external.SETS)}")
     manifest = stream.read_manifest(real)
+    for key, split in (("fairness.real_split", f.real_split), ("fairness.val_split", f.val_split)):
+        counts = manifest["splits"].get(split) or {}
+        if not (counts.get("benign") and counts.get("malignant")):
+            raise UserError(f"{key}={split}: --real {real} needs benign and malignant images there "
+                            f"(splits: {manifest['splits']})")
+    if f.image_size > manifest["image_size"]:
+        raise UserError(f"fairness.image_size={f.image_size}: larger than the shards' "
+                        f"{manifest['image_size']} px; training images would be upsampled")
+    return cfg, manifest, _synthetic_index(synthetic)
+
+
+def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", ckpt: str = "",
+        overrides=(), progress: bool = True) -> dict:
+    """The whole comparison; returns the report dict that fairness.json holds."""
+    from cnd_ray import tracking
+    from cnd_ray.fairness import metrics
+
+    cfg, manifest, syn_index = _check(real, synthetic, evals, overrides)
+    f = cfg.fairness
     size = f.image_size or int(manifest["image_size"])
-    digest = hashlib.sha256(json.dumps([real, sorted(synthetic), sorted(evals.items()), ckpt,
-                                        cfg.to_dict()["fairness"]], sort_keys=True).encode()).hexdigest()[:8]
-    name = f"fairness-{digest}"
-    out_dir = Path(out or name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    joint = None
+    if ckpt:
+        joint = Joint(ckpt, device)
+        if joint.cfg.data.image_size != size:
+            raise UserError(f"--ckpt {ckpt}: its classifier reads {joint.cfg.data.image_size} px images, "
+                            f"the comparison runs at {size} px; set fairness.image_size="
+                            f"{joint.cfg.data.image_size}")
     t0 = time.time()
 
-    # Inputs first: a bad path or checkpoint fails before any training.
-    if ckpt:
-        joint, jcfg = _joint_classifier(ckpt, device)
-        if jcfg.data.image_size != size:
-            raise UserError(f"--ckpt {ckpt}: its classifier reads {jcfg.data.image_size} px images, the "
-                            f"comparison runs at {size} px; set fairness.image_size={jcfg.data.image_size}")
-    sets = {n: _external(n, root, size, progress) for n, root in evals.items()}
-    exclude = frozenset()
-    if "mclass_d" in sets:  # MClass-D's images are ISIC images: never train on them
-        exclude = frozenset(sets["mclass_d"]["isic_ids"])
+    sets = {n: _external(n, root, size, manifest, progress) for n, root in evals.items()}
+    # MClass-D is ISIC images: they must not be trained on, nor choose the thresholds.
+    exclude = frozenset().union(*(sets[n]["isic_ids"] for n in MCLASS_D if n in sets))
     train_real = read_real(real, manifest, f.real_split, size, f.real_max, exclude)
-    val = read_real(real, manifest, f.val_split, size)
-    syn = read_synthetic(synthetic, size, f.synthetic_max)
-    mixed = {"images": torch.cat([train_real["images"], syn["images"]]),
-             "labels": np.concatenate([train_real["labels"], syn["labels"]]),
-             "groups": train_real["groups"] + syn["groups"]}
+    val = read_real(real, manifest, f.val_split, size, exclude=exclude)
+    syn = read_synthetic(syn_index, size, f.synthetic_max, f.seed)
 
-    models = {"real": _train(train_real, sample_weights(train_real["labels"], train_real["groups"], "class"),
-                             cfg, device, "classifier on real", progress)}
-    if synthetic:
-        models["real+synthetic"] = _train(mixed, sample_weights(mixed["labels"], mixed["groups"], f.balance),
-                                          cfg, device, "classifier on real+synthetic", progress)
-    thresholds = {}
-    if ckpt:
-        # The paper's claim: the classifier trained inside Class-N-Diff beats the same backbone
-        # trained alone on the same real data.
-        backbone = jcfg.classifier.backbone
-        if backbone != f.backbone:
-            models[f"alone ({backbone})"] = _train(
-                train_real, sample_weights(train_real["labels"], train_real["groups"], "class"), cfg, device,
-                f"classifier alone ({backbone})", progress, backbone=backbone)
-        models["class-n-diff joint"] = joint
-    for m, model in models.items():
-        thresholds[m] = float(metrics.choose_threshold(val["labels"], _scores(model, val["images"])))
+    # The baseline is the usual classifier (classes balanced); with tone balancing, the real data
+    # reweighted the same way as the mix is a control: did the synthetic images add more than
+    # oversampling the few real images of a rare cell would?
+    balances = {"real": "class"}
+    models = {"real": _train(train_real, cfg, device, "classifier on real", progress, "class")}
+    if len(syn["labels"]):
+        if f.balance != "class":
+            balances[REWEIGHTED] = f.balance
+            models[REWEIGHTED] = _train(train_real, cfg, device, f"classifier on {REWEIGHTED}", progress,
+                                        f.balance)
+        mixed = {"images": torch.cat([train_real["images"], syn["images"]]),
+                 "labels": np.concatenate([train_real["labels"], syn["labels"]]),
+                 "groups": train_real["groups"] + syn["groups"]}
+        balances["real+synthetic"] = f.balance
+        models["real+synthetic"] = _train(mixed, cfg, device, "classifier on real+synthetic", progress,
+                                          f.balance)
+        del mixed
+    recipes = {m: {"backbone": f.backbone, "weights": f.weights, "balance": balances[m]} for m in models}
+    scorers = {m: (lambda x, model=model: fidelity.scores(model, x)) for m, model in models.items()}
+    if joint is not None:
+        # The paper's claim: the classifier trained inside Class-N-Diff beats its backbone trained
+        # alone on the same real images (here on pixels, with this verb's steps and optimizer).
+        c = joint.cfg.classifier
+        name = f"alone ({c.backbone})"
+        init = c.weights if c.weights and Path(c.weights).is_file() else ""
+        alone = _train(train_real, cfg, device, f"classifier {name}", progress, "class", c.backbone, init)
+        scorers[name] = lambda x: fidelity.scores(alone, x)
+        scorers["class-n-diff joint"] = joint.scores
+        recipes[name] = {"backbone": c.backbone, "weights": init, "balance": "class",
+                         **({"note": f"the joint run's {c.weights} is not here: random init"}
+                            if c.weights and not init else {})}
+        recipes["class-n-diff joint"] = {"checkpoint": joint.path, "space": joint.cfg.data.space,
+                                         "backbone": c.backbone}
+    thresholds = {m: float(metrics.choose_threshold(val["labels"], score(val["images"])))
+                  for m, score in scorers.items()}
 
+    out_dir = Path(out or f"fairness-{_digest(real, synthetic, evals, ckpt, cfg)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     results: dict = {}
     for set_name, s in sets.items():
+        scores = {m: score(s["images"]) for m, score in scorers.items()}
         per_model = {}
-        scores = {m: _scores(model, s["images"]) for m, model in models.items()}
-        for m in models:
+        for m in scorers:
             per_model[m] = metrics.report(s["labels"], scores[m], s["groups"], thresholds[m],
                                           n_boot=f.bootstrap, seed=f.seed)
-            metrics.plot_roc(s["labels"], scores[m], s["groups"], out_dir / f"roc_{set_name}_{_slug(m)}.png",
-                             f"{set_name}: {m}")
+            plot = out_dir / f"roc_{set_name}_{_slug(m)}.png"
+            metrics.plot_roc(s["labels"], scores[m], s["groups"], plot, f"{set_name}: {m}")
+            written.append(plot)
         entry = {"models": per_model, "n": int(len(s["labels"])), "rejects": s["rejects"],
-                 "groups_from_ita": s["ita_groups"]}
+                 "groups_from_ita": s["groups_from_ita"], **s["protocol"]}
         if "real+synthetic" in scores:
-            entry["synthetic_vs_real"] = metrics.paired_delta(
-                s["labels"], scores["real"], scores["real+synthetic"], s["groups"], n_boot=f.bootstrap, seed=f.seed)
+            entry["synthetic_vs_real"] = {
+                "paired": metrics.paired_delta(s["labels"], scores["real"], scores["real+synthetic"], s["groups"],
+                                               n_boot=f.bootstrap, seed=f.seed),
+                "headline": metrics.compare(per_model["real"], per_model["real+synthetic"]),
+                **({"vs_reweighted": metrics.compare(per_model[REWEIGHTED], per_model["real+synthetic"])}
+                   if REWEIGHTED in per_model else {})}
+            entry["verdict"] = verdict(entry)
         results[set_name] = entry
 
-    report = {"name": name, "real": real, "synthetic": synthetic, "evals": evals, "ckpt": ckpt,
+    report = {"name": out_dir.name, "real": real, "synthetic": synthetic, "evals": evals, "ckpt": ckpt,
               "fairness": cfg.to_dict()["fairness"], "image_size": size, "thresholds": thresholds,
+              "models": recipes,
               "training": {"real": composition(train_real["labels"], train_real["groups"]),
                            "synthetic": composition(syn["labels"], syn["groups"]),
-                           "excluded_mclass_d": train_real["excluded"]},
+                           "synthetic_listed": len(syn_index), "synthetic_used": int(len(syn["labels"])),
+                           "excluded_mclass_d": train_real["excluded"] + val["excluded"],
+                           "real_over_limit": train_real["over_limit"]},
               "results": results, "seconds": round(time.time() - t0, 1)}
-    (out_dir / "fairness.json").write_text(json.dumps(report, indent=2, default=float))
-    (out_dir / "fairness.md").write_text(markdown(report))
+    for name, text in (("fairness.json", json.dumps(report, indent=2, default=float)),
+                       ("fairness.md", markdown(report))):
+        (out_dir / name).write_text(text)
+        written.append(out_dir / name)
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    run_id, _ = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat() | {"real": real},
+    run_id, _ = tracking.start_run(uri, cfg.track.experiment, report["name"], cfg.flat() | {"real": real},
                                    {"cnd_ray.kind": "fairness"})
     tracking.log_metrics(uri, run_id, _flat(results))
-    for path in sorted(out_dir.glob("*")):
-        if path.suffix in (".json", ".md", ".png"):
-            tracking.log_file(uri, run_id, str(path))
+    for path in written:
+        tracking.log_file(uri, run_id, str(path))
     tracking.finish_run(uri, run_id, "FINISHED")
     report["mlflow_run_id"], report["out"] = run_id, str(out_dir)
     return report
+
+
+def _digest(real, synthetic, evals, ckpt, cfg) -> str:
+    return hashlib.sha256(json.dumps([real, sorted(synthetic), sorted(evals.items()), ckpt,
+                                      cfg.to_dict()["fairness"]], sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _slug(model: str) -> str:
@@ -290,6 +367,8 @@ def _slug(model: str) -> str:
 
 def _flat(results: dict) -> dict[str, float]:
     """MLflow metrics: <set>/<model>/<metric> for the headline numbers that are defined."""
+    from cnd_ray.fairness import metrics
+
     out = {}
     for set_name, entry in results.items():
         for m, r in entry["models"].items():
@@ -299,23 +378,54 @@ def _flat(results: dict) -> dict[str, float]:
     return out
 
 
+def _call(delta: dict) -> str:
+    """'helped' / 'hurt' when the paired 95% interval of a difference excludes 0."""
+    ci = delta.get("ci")
+    if delta.get("delta") is None or not ci:
+        return "not measurable"
+    return "helped" if ci[0] > 0 else "hurt" if ci[1] < 0 else "no clear change"
+
+
+def verdict(entry: dict) -> str:
+    """Did the synthetic data help on this set? AUROC overall and per group (paired intervals),
+    and the equal-opportunity difference before and after (lower is fairer)."""
+    d, h = entry["synthetic_vs_real"]["paired"], entry["synthetic_vs_real"]["headline"]
+    parts = [f"overall AUROC {_call(d['overall'])}"]
+    parts += [f"{g} AUROC {_call(x)}" for g, x in d["groups"].items() if not x.get("flag")]
+    eod = h["equal_opportunity_difference"]
+    if eod["delta"] is not None:
+        parts.append(f"equal-opportunity difference {eod['a']:.3f} -> {eod['b']:.3f}")
+        control = entry["synthetic_vs_real"].get("vs_reweighted", {}).get("equal_opportunity_difference")
+        if control and control["a"] is not None:
+            parts[-1] += f" ({control['a']:.3f} with the real data reweighted alone)"
+    return "Synthetic data: " + "; ".join(parts) + "."
+
+
 def markdown(report: dict) -> str:
     """fairness.md: what was trained on, then per evaluation set the models side by side."""
-    lines = [f"# {report['name']}", "", f"- real: `{report['real']}`; synthetic: "
-             f"{', '.join(f'`{s}`' for s in report['synthetic']) or 'none'}; image size {report['image_size']}",
-             f"- backbone {report['fairness']['backbone']}, {report['fairness']['steps']} steps, "
-             f"balance {report['fairness']['balance']}; thresholds chosen on real "
-             f"'{report['fairness']['val_split']}' images", "", "## Training data (benign / malignant per tone group)", "",
+    from cnd_ray.fairness import metrics
+
+    f, t = report["fairness"], report["training"]
+    lines = [f"# {report['name']}", "",
+             f"- real: `{report['real']}`; synthetic: "
+             f"{', '.join(f'`{s}`' for s in report['synthetic']) or 'none'} ({t['synthetic_used']} of "
+             f"{t['synthetic_listed']} images used); image size {report['image_size']}",
+             f"- backbone {f['backbone']}, {f['steps']} steps; balance: "
+             + ", ".join(f"{m} {r['balance']}" for m, r in report["models"].items() if "balance" in r) + "; "
+             f"thresholds chosen on real '{f['val_split']}' images; MClass-D images left out: "
+             f"{t['excluded_mclass_d']}; real images over fairness.real_max: {t['real_over_limit']}",
+             "", "## Training data (benign / malignant per tone group)", "",
              "| set | " + " | ".join(GROUPS + ("unknown",)) + " |", "|---|" + "---|" * (len(GROUPS) + 1)]
     for k in ("real", "synthetic"):
-        comp = report["training"][k]
+        comp = t[k]
         lines.append(f"| {k} | " + " | ".join(
             f"{comp[g]['benign']} / {comp[g]['malignant']}" if g in comp else "-" for g in GROUPS + ("unknown",)) + " |")
-    lines.append("")
-    lines.append(metrics.markdown({f"{s} / {m}": r for s, e in report["results"].items()
-                                   for m, r in e["models"].items()}))
+    lines += ["", metrics.markdown({(s, m): r for s, e in report["results"].items()
+                                    for m, r in e["models"].items()})]
     for s, e in report["results"].items():
-        d = e.get("synthetic_vs_real")
-        if d:
-            lines += ["", f"### {s}: real+synthetic minus real", "", metrics.markdown_delta(d)]
+        if "synthetic_vs_real" in e:
+            lines += ["", f"### {s}: real+synthetic minus real", "", e["verdict"], "",
+                      metrics.markdown_delta(e["synthetic_vs_real"]["paired"])]
+        if e["rejects"]:
+            lines += ["", f"{s}: {len(e['rejects'])} rows or files rejected (reasons in fairness.json)"]
     return "\n".join(lines) + "\n"
