@@ -49,15 +49,6 @@ def group_of(fitzpatrick) -> str | None:
     return external.group_of(int(fitzpatrick)) if fitzpatrick and 1 <= int(fitzpatrick) <= 6 else None
 
 
-def _resize(arr: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (S, S, 3) -> (size, size, 3)."""
-    if arr.shape[0] == size:
-        return arr
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
-
-
 def _stack(images: list[np.ndarray], size: int) -> torch.Tensor:
     if not images:
         return torch.zeros(0, 3, size, size, dtype=torch.uint8)
@@ -80,7 +71,8 @@ def read_real(shards: str, manifest: dict, split: str, size: int, limit: int = 0
                 elif limit and len(ids) >= limit:
                     over += 1
                 else:
-                    images.append(_resize(image_lib.decode_png(rows["image"][i]), size))
+                    # image.load: the resize the evaluation images get too (external.read)
+                    images.append(image_lib.load(rows["image"][i], size)[0])
                     labels.append(int(rows["label"][i]))
                     groups.append(group_of(rows["fitzpatrick"][i]))
                     ids.append(image_id)
@@ -115,8 +107,9 @@ def read_synthetic(rows: list[tuple[str, int, str]], size: int, limit: int = 0, 
         if not path.is_file():
             raise UserError(f"--synthetic {folder}: {file} is listed in index.parquet but missing; "
                             "rerun `cnd-ray sample` with the same arguments to finish it")
-        arr = image_lib.decode_png(path.read_bytes())
-        images.append(_resize(arr, size))
+        data = path.read_bytes()
+        arr = image_lib.decode_png(data)  # full size: the tone is measured as the ingest measures it
+        images.append(arr if arr.shape[:2] == (size, size) else image_lib.load(data, size)[0])
         labels.append(label)
         groups.append(external.group_from_ita(tone.estimate_ita(arr)))
     return {"images": _stack(images, size), "labels": np.array(labels, np.int64), "groups": groups}
