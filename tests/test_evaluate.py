@@ -13,6 +13,7 @@ from cnd_ray import config as C
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, metrics
 from cnd_ray.evaluate import run as evaluate
+from cnd_ray.data import shards as shards_lib
 from tests.helpers import MlflowServer, random_checkpoint
 
 # Small everything: a 16 px debug model, random-weight extractors, a short fidelity classifier.
@@ -23,13 +24,8 @@ FAST = ["eval.extractors=fidelity,timm:test_resnet", "eval.timm_weights=random",
 
 
 @pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory):
-    from cnd_ray.data import ingest, synth
-
-    tmp = tmp_path_factory.mktemp("evalref")
-    synth.run(str(tmp / "synth"), num_images=120, image_size=32, malignant_fraction=0.3, progress=False)
-    ingest.run([str(tmp / "synth")], str(tmp / "shards"), image_size=16, val_fraction=0.3, progress=False)
-    return str(tmp / "shards")
+def shards(small_shards):
+    return small_shards
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +58,12 @@ def test_read_rows_picks_the_rows_iter_split_yields(shards):
     from cnd_ray.data import stream
 
     m = stream.read_manifest(shards)
-    images = torch.cat([x for x, _ in evaluate.iter_split(shards, m, "train")])
+    images = torch.cat([x for x, _ in shards_lib.iter_split(shards, m, "train")])
     pos = [len(images) - 1, 0, 5, 5]
-    assert torch.equal(evaluate.read_rows(shards, m, "train", pos), images[pos])
-    labels = np.concatenate([y for _, y in evaluate.iter_split(shards, m, "train")])
-    np.testing.assert_array_equal(evaluate.split_labels(shards, m, "train"), labels)
-    assert len(torch.cat([x for x, _ in evaluate.iter_split(shards, m, "train", limit=7)])) == 7
+    assert torch.equal(shards_lib.read_rows(shards, m, "train", pos), images[pos])
+    labels = np.concatenate([y for _, y in shards_lib.iter_split(shards, m, "train")])
+    np.testing.assert_array_equal(shards_lib.split_labels(shards, m, "train"), labels)
+    assert len(torch.cat([x for x, _ in shards_lib.iter_split(shards, m, "train", limit=7)])) == 7
 
 
 def test_bad_settings_fail_before_any_work(tmp_path, ckpt, shards):

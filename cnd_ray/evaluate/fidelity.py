@@ -74,6 +74,13 @@ def save(model, path, meta: dict) -> None:
     torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}, path)
 
 
+def empty(backbone: str) -> Classifier:
+    """A Classifier to load weights into. Its random init draws from a forked RNG: a training worker
+    loads the judge after restoring its RNG from a checkpoint, and must continue exactly from it."""
+    with torch.random.fork_rng(devices=[]):
+        return Classifier(backbone, in_channels=3)
+
+
 def load(path) -> tuple[Classifier, dict]:
     """The classifier save() wrote (eval mode, CPU) and its meta."""
     path = Path(path)
@@ -81,6 +88,6 @@ def load(path) -> tuple[Classifier, dict]:
         raise UserError(f"fidelity classifier: {path} does not exist")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     meta = blob["meta"]
-    model = Classifier(meta["backbone"], in_channels=3)
+    model = empty(meta["backbone"])
     model.load_state_dict(blob["state_dict"])
     return model.eval(), meta

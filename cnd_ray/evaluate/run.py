@@ -2,8 +2,8 @@
 protocol leaves out (GUARANTEES 14-18).
 
     1. check what can fail cheaply: checkpoint, reference shards, every extractor's weights
-    2. the independent fidelity classifier: trained on the reference split (or loaded), checked on
-       the held-out split
+    2. the independent fidelity classifier: the judge of these shards (cnd_ray/evaluate/judge.py),
+       reused from the run's storage when its training or search made one, else trained
     3. real features: every extractor over the reference split, the memorisation space over the
        held-out split
     4. generate max(num_samples) images with `cnd_ray.sample` (Ray actors; the reference's class mix;
@@ -26,12 +26,12 @@ import torch
 
 from cnd_ray import checkpoint, generate, sample
 from cnd_ray.config import ConfigError
-from cnd_ray.data import image as image_lib, stream, tone
+from cnd_ray.data import stream, tone
+from cnd_ray.data.shards import READ_BATCH, iter_split, read_rows, split_labels
 from cnd_ray.errors import UserError
-from cnd_ray.evaluate import features, fidelity, metrics
+from cnd_ray.evaluate import features, fidelity, judge as judge_lib, metrics
 
 FIDELITY = "fidelity"
-READ_BATCH = 256  # images decoded and featurised at a time
 NN_SHOWN = 8  # samples shown next to their nearest reference image
 
 
@@ -55,46 +55,7 @@ def metric_names(ext: features.Extractor) -> tuple[str, str]:
     return ("FID", "KID") if ext.is_inception else (f"FD_{ext.name}", f"KD_{ext.name}")
 
 
-# --- real images -------------------------------------------------------------------------------
-
-def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Iterator[tuple]:
-    """(uint8 images (B, 3, S, S), labels (B,)) batches of a split's rows, in shard order."""
-    seen = 0
-    for path in stream.shard_files(shards, manifest, split):
-        for b in stream.parquet_file(path).iter_batches(batch_size=READ_BATCH, columns=["image", "label"]):
-            if limit and seen >= limit:
-                return
-            rows = b.to_pydict()
-            n = len(rows["label"]) if not limit else min(len(rows["label"]), limit - seen)
-            imgs = np.stack([image_lib.decode_png(x) for x in rows["image"][:n]])  # (B, S, S, 3)
-            seen += n
-            yield torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), np.asarray(rows["label"][:n])
-
-
-def split_labels(shards: str, manifest: dict, split: str, limit: int = 0) -> np.ndarray:
-    """The labels of a split's rows in shard order (the label column only: cheap)."""
-    labels = np.concatenate([stream.parquet_file(p).read(columns=["label"]).column("label").to_numpy()
-                             for p in stream.shard_files(shards, manifest, split)]).astype(np.int64)
-    return labels[:limit] if limit else labels
-
-
-def read_rows(shards: str, manifest: dict, split: str, positions) -> torch.Tensor:
-    """uint8 images (N, 3, S, S) of the split's rows at `positions` (shard order), reading only the
-    row groups that hold them."""
-    want = {int(p): None for p in positions}
-    start = 0
-    for path in stream.shard_files(shards, manifest, split):
-        f = stream.parquet_file(path)
-        for g in range(f.metadata.num_row_groups):
-            n = f.metadata.row_group(g).num_rows
-            hits = [p for p in want if start <= p < start + n]
-            if hits:
-                col = f.read_row_group(g, columns=["image"]).column("image")
-                for p in hits:
-                    want[p] = image_lib.decode_png(col[p - start].as_py())
-            start += n
-    return torch.from_numpy(np.stack([want[int(p)] for p in positions])).permute(0, 3, 1, 2)
-
+# --- generated images ----------------------------------------------------------------------
 
 def read_samples(folder: Path, index, labels) -> torch.Tensor:
     """uint8 images (N, 3, S, S) of a generation's PNGs (`cnd-ray sample`'s layout)."""
@@ -174,34 +135,21 @@ def _collect(batches, total: int, desc: str, show: bool, **kw) -> dict:
     return col.result()
 
 
-# --- the fidelity classifier -------------------------------------------------------------------
+# --- the fidelity classifier: the judge --------------------------------------------------------
 
-def _fidelity_classifier(cfg, shards, manifest, n: int, out: Path, device, show: bool):
-    """(classifier, meta): eval.fidelity_weights, else a cached one trained the same way, else a new
-    one trained on (up to eval.fidelity_max_images of) the reference split's n rows."""
-    e = cfg.eval
-    if e.fidelity_weights:
-        model, meta = fidelity.load(e.fidelity_weights)
-        return model.to(device), meta
-    meta = {"backbone": e.fidelity_backbone, "steps": e.fidelity_steps, "lr": e.fidelity_lr,
-            "seed": e.seed, "shards": str(shards), "split": e.reference_split,
-            "max_images": e.fidelity_max_images, "image_size": cfg.data.image_size}
-    cached = out / "fidelity_classifier.pt"
-    if cached.exists():
-        model, old = fidelity.load(cached)
-        if all(old.get(k) == v for k, v in meta.items()):
-            return model.to(device), old
-    keep = np.sort(np.random.default_rng(e.seed).choice(n, min(n, e.fidelity_max_images), replace=False))
-    got = _collect(iter_split(str(shards), manifest, e.reference_split, e.reference_max), n,
-                   "fidelity classifier: reading", show, extractors={}, keep=keep)
-    labels = got["labels"][keep]
-    with _progress(e.fidelity_steps, "fidelity classifier: training", show) as bar:
-        model = fidelity.train(got["kept"], labels, e.fidelity_backbone, e.fidelity_steps,
-                               lr=e.fidelity_lr, seed=e.seed, device=device,
-                               progress=lambda s: bar.update(s - bar.n))
-    meta["train_images"] = len(labels)
-    fidelity.save(model, cached, meta)
-    return model, meta
+def _judge(cfg, ckpt: str, shards: str, out: Path, device, show: bool):
+    """(classifier, meta): the judge of these shards with cfg's eval.fidelity_* settings, found in
+    the run storage that holds the checkpoint (where its training or search made it) or trained and
+    put there; for a checkpoint outside its run's storage, in the output folder."""
+    from cnd_ray.train import storage_path
+
+    storage = storage_path(cfg)
+    inside = "://" not in storage and Path(ckpt).resolve().is_relative_to(Path(storage).resolve())
+    root = judge_lib.cache_dir(storage if inside else str(out))
+    path = judge_lib.path_for(cfg, root, str(shards))
+    judge_lib.prepare(cfg, str(shards), path, device, show, say=lambda m: print(m, flush=True))
+    j = judge_lib.load(path, device)
+    return j.model, dict(j.meta)
 
 
 # --- the metrics -------------------------------------------------------------------------------
@@ -455,7 +403,7 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
         elif n.startswith("timm:"):
             exts[n] = features.timm_model(n[5:], e.timm_weights, device)
     _step(2, "the independent fidelity classifier")
-    clf, clf_meta = _fidelity_classifier(cfg, reference, manifest, n_ref, out_dir, device, progress)
+    clf, clf_meta = _judge(cfg, path, reference, out_dir, device, progress)
     if FIDELITY in names:
         exts[FIDELITY] = features.classifier_features(clf, f"{FIDELITY}-{clf_meta['backbone']}")
     exts = {n: exts[n] for n in names}
