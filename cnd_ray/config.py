@@ -84,6 +84,12 @@ class DiffusionConfig:
     sample_steps: int = field(default=250, metadata=_range(2))  # model calls per sample
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0))  # DDIM noise; 1 = DDPM's posterior
     guidance_scale: float = field(default=1.0, metadata=_range(0.0))  # 1.0 = no guidance
+    # Weight of each timestep's epsilon MSE in the training loss. uniform: DiT's (and the paper's).
+    # min_snr: min(SNR_t, min_snr_gamma) / SNR_t (Hang et al. 2023, "Min-SNR-gamma"): the many
+    # low-noise steps, whose eps targets are hard and say little about the image's layout, no
+    # longer drown the high-noise steps that decide it. The VB (variance) term is not weighted.
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = field(default=5.0, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,11 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
     grad_accum: int = field(default=1, metadata=_range(1))  # DiT micro-batches per step
     grad_clip: float = field(default=0.0, metadata=_range(0.0))  # 0 = off
+    warmup_steps: int = field(default=0, metadata=_range(0))  # linear lr warm-up from 0; 0 = off
     ema_decay: float = field(default=0.9999, metadata=_range(0.0, 1.0))
+    # EMA warm-up: decay min(ema_decay, (1 + step) / (10 + step)), as diffusers' EMAModel. A short
+    # run's EMA then forgets its random start quickly yet averages over ever more steps later.
+    ema_warmup: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,13 @@ class EvalConfig:
     of METHOD.md section 4 (the sampler itself is diffusion.*)."""
 
     seed: int = 0  # image i's noise comes from seed (seed, i) alone
+    # Sample quality at every training evaluation (train.eval_every), judged by the independent
+    # classifier below (cnd_ray/evaluate/judge.py): class fidelity, FD/KD in its feature space
+    # against the held-out split and FD / the real-vs-real floor, MS-SSIM, per skin-tone band.
+    sample_metrics: bool = True
+    search_samples: int = field(default=64, metadata=_range(1))  # images per class per evaluation
+    search_sampler: Literal[SAMPLERS] = "dpm++-sde"  # fast, and no patch artefacts early (SAMPLERS)
+    search_sample_steps: int = field(default=20, metadata=_range(2))
     num_samples: str = "5000,10000,20000"  # generated-image counts `evaluate` reports (the paper's)
     batch_size: int = field(default=64, metadata=_range(1))  # images per model call; fixes the chunks
     actors: int = field(default=0, metadata=_range(0))  # generation actors; 0 = one per GPU / 2 CPUs

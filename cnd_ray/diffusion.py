@@ -193,6 +193,15 @@ class GaussianDiffusion(nn.Module):
         return pmv["mean"] + nonzero * torch.exp(0.5 * pmv["log_variance"]) * noise
 
     # -- training loss ------------------------------------------------------------------------
+    def mse_weights(self, t: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+        """(N,) weight of each sample's epsilon MSE: 1 (uniform), or Min-SNR-gamma's
+        min(SNR_t, gamma) / SNR_t for epsilon prediction (Hang et al. 2023, eq. 7)."""
+        if weighting == "uniform":
+            return torch.ones(t.shape, device=t.device)
+        ac = self.alphas_cumprod[t]
+        snr = ac / (1.0 - ac)
+        return snr.clamp(max=gamma) / snr
+
     def training_losses(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
                         t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample `mse` on epsilon, `vb` for the learned variance, and `loss` = mse + vb."""

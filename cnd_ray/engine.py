@@ -146,6 +146,8 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
 
     if rt.average is not None:
         rt.average(_grads_of(state.dit))
+    for group in state.opt_dit.param_groups:  # a pure function of the step: nothing to checkpoint
+        group["lr"] = dit_lr(cfg.optim, state.step)
     if rt.scaler is not None:
         rt.scaler.unscale_(state.opt_dit)
     if cfg.optim.grad_clip > 0:
@@ -156,7 +158,7 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
     else:
         state.opt_dit.step()
     state.opt_dit.zero_grad(set_to_none=True)
-    ema_update(state.ema, state.dit, cfg.optim.ema_decay)
+    ema_update(state.ema, state.dit, ema_decay(cfg.optim, state.step))
 
     if state.opt_cls is not None:
         state.cls_pending += pending
@@ -183,6 +185,21 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
         rt.scaler.update()
     state.step += 1
     return totals
+
+
+def dit_lr(optim, step: int) -> float:
+    """The DiT's learning rate at `step` (0-based): a linear warm-up over optim.warmup_steps, then
+    constant (the paper's constant rate when warmup_steps is 0)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    return optim.lr
+
+
+def ema_decay(optim, step: int) -> float:
+    """The DiT EMA's decay after step `step` (0-based): optim.ema_decay, capped during warm-up."""
+    if optim.ema_warmup:
+        return min(optim.ema_decay, (1 + step) / (10 + step))
+    return optim.ema_decay
 
 
 def split_batch(batch: dict, accum: int) -> list[dict]:

@@ -61,13 +61,18 @@ def file_name(index: int, label: int) -> str:
 
 
 class Generator:
-    """The EMA DiT of a checkpoint (and the run's VAE) on one device: chunk rows -> uint8 images."""
+    """The EMA DiT of a checkpoint or a training run (and the run's VAE) on one device: chunk rows ->
+    uint8 images."""
 
-    def __init__(self, cfg, ema_state: dict, vae=None, device: str | torch.device = "cpu"):
+    def __init__(self, cfg, ema: dict | torch.nn.Module, vae=None, device: str | torch.device = "cpu"):
+        """`ema`: the EMA weights (a state dict), or the EMA DiT itself (training's, used as is)."""
         self.cfg, self.device, self.vae = cfg, torch.device(device), vae
-        self.dit = build_dit(cfg)
-        self.dit.load_state_dict(ema_state)
-        self.dit.to(self.device).eval().requires_grad_(False)
+        if isinstance(ema, torch.nn.Module):
+            self.dit = ema
+        else:
+            self.dit = build_dit(cfg)
+            self.dit.load_state_dict(ema)
+            self.dit.to(self.device).eval().requires_grad_(False)
         self.diffusion = GaussianDiffusion.from_config(cfg).to(self.device)
         # bf16 where the run trained in it and a GPU runs it; the sampler's maths stays float32.
         bf16 = self.device.type == "cuda" and cfg.train.mixed_precision == "bf16"

@@ -1,9 +1,11 @@
-"""What training shows about itself: held-out losses, classifier AUROC, sample grids. Plain PyTorch."""
+"""What training shows about itself: held-out losses, classifier AUROC, sample grids, and the images
+the judge scores at every evaluation (cnd_ray.evaluate.judge). Plain PyTorch."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from cnd_ray import generate
 from cnd_ray.diffusion import guided, sample
 from cnd_ray.vae import to_pixels
 
@@ -63,3 +65,46 @@ def sample_grid(state, per_class: int = 8, seed: int = 0, vae=None) -> np.ndarra
     s = img.shape[-1]
     grid = img.view(n_cls, per_class, 3, s, s).permute(0, 3, 1, 4, 2).reshape(n_cls * s, per_class * s, 3)
     return grid.numpy()
+
+
+def search_config(cfg):
+    """cfg with the in-training sampler (eval.search_sampler x eval.search_sample_steps) in place of
+    the run's own: what `sample_images` draws with, so `cnd-ray sample` can redraw the same pixels."""
+    from cnd_ray import config as config_lib
+
+    e = cfg.eval
+    return config_lib.override(cfg, {"diffusion.sampler": e.search_sampler,
+                                     "diffusion.sample_steps": e.search_sample_steps})
+
+
+def sample_plan(cfg) -> dict:
+    """The images every in-training evaluation draws: eval.search_samples per class, image i from
+    seed (eval.seed, i), the same at every evaluation so the curves compare."""
+    k = cfg.model.num_classes
+    return generate.plan(cfg.eval.search_samples * k, [1.0] * k, cfg.eval.seed, cfg.eval.batch_size)
+
+
+@torch.no_grad()
+def sample_images(state, rows: dict, vae=None, rank: int = 0, world: int = 1) -> tuple[np.ndarray, torch.Tensor]:
+    """This rank's share of the plan `rows` from the EMA model: (plan indices (M,), uint8 images
+    (M, 3, S, S)). Chunk c is drawn by rank c % world; an image depends on its seed only, so the
+    union over ranks is the same whatever the number of ranks."""
+    device = next(state.ema.parameters()).device
+    gen = generate.Generator(search_config(state.cfg), state.ema, vae, device)
+    mine = np.flatnonzero(rows["chunk"] % world == rank)
+    images = [gen(rows["seed"][at], rows["label"][at], rows["tone"][at]).cpu()
+              for at in np.split(mine, np.flatnonzero(np.diff(rows["chunk"][mine])) + 1) if len(at)]
+    s = state.cfg.data.image_size
+    return rows["index"][mine], torch.cat(images) if images else torch.zeros(0, 3, s, s, dtype=torch.uint8)
+
+
+def tile(images: torch.Tensor, labels: np.ndarray, per_class: int = 8) -> np.ndarray:
+    """(rows = classes, cols = the first per_class images of each, black where a class has fewer)
+    uint8 (H, W, 3) grid."""
+    labels = np.asarray(labels)
+    grid = torch.zeros(len(np.unique(labels)), per_class, *images.shape[1:], dtype=images.dtype)
+    for r, c in enumerate(np.unique(labels)):
+        own = images[np.flatnonzero(labels == c)[:per_class]]
+        grid[r, :len(own)] = own
+    k, n, ch, h, w = grid.shape
+    return grid.permute(0, 3, 1, 4, 2).reshape(k * h, n * w, ch).numpy()

@@ -102,8 +102,12 @@ class ClassNDiff(nn.Module):
         xt = diffusion.q_sample(x0, t, noise)
         out = self.dit(xt, t, y, tone)  # the one DiT forward of x0_pred / posterior
         terms = diffusion.training_losses(out, x0, xt, t, noise)
-        loss_diff = terms["loss"].mean()
-        metrics = {"loss_diff": loss_diff.detach(), "mse": terms["mse"].mean().detach(),
+        d = self.cfg.diffusion
+        # What is optimised may weight the timesteps (Min-SNR); what is logged as loss_diff stays
+        # the unweighted loss, comparable across recipes and with val_loss_diff.
+        w = diffusion.mse_weights(t, d.loss_weighting, d.min_snr_gamma)
+        loss_diff = (w * terms["mse"] + terms["vb"]).mean()
+        metrics = {"loss_diff": terms["loss"].mean().detach(), "mse": terms["mse"].mean().detach(),
                    "vb": terms["vb"].mean().detach()}
         if self.classifier is None:
             return StepOutput(loss_diff, DIFF, metrics)

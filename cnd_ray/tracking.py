@@ -79,11 +79,15 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def finish_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
     client = _client(uri)
-    for k, v in (tags or {}).items():
+    for k, v in tags.items():
         client.set_tag(run_id, k, str(v))
-    client.set_terminated(run_id, status=status)
+
+
+def finish_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
+    set_tags(uri, run_id, tags or {})
+    _client(uri).set_terminated(run_id, status=status)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
@@ -111,6 +115,9 @@ class Tracker:
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
         """Dropped."""
 
+    def image(self, step: int, key: str, image) -> None:
+        """Dropped."""
+
     def tag(self, key: str, value) -> None:
         """Dropped."""
 
@@ -136,6 +143,7 @@ class MlflowTracker(Tracker):
         self.after_step = max(after_step, self._last_step())
         self.metrics: list = []
         self.files: list[tuple[str, str | None]] = []
+        self.images: list[tuple] = []  # (key, step, uint8 array)
         self.lock = threading.Lock()  # guards the pending lists
         self.flushing = threading.Lock()  # held while a batch is being sent
         self.stop = threading.Event()
@@ -166,6 +174,13 @@ class MlflowTracker(Tracker):
         with self.lock:
             self.files.append((copy, artifact_path))
 
+    def image(self, step: int, key: str, image) -> None:
+        """Queue an image (uint8 (H, W, 3)) for MLflow's image view, where a slider walks its steps."""
+        if step <= self.after_step:
+            return
+        with self.lock:
+            self.images.append((key, step, image))
+
     def tag(self, key: str, value) -> None:
         from mlflow.entities import RunTag
 
@@ -189,6 +204,7 @@ class MlflowTracker(Tracker):
         with self.lock:
             metrics, self.metrics = self.metrics, []
             files, self.files = self.files, []
+            images, self.images = self.images, []
         while metrics:
             chunk = metrics[:1000]  # MLflow caps a batch at 1000 metrics
             if not self._send(lambda: self.client.log_batch(self.run_id, metrics=chunk)):
@@ -200,10 +216,13 @@ class MlflowTracker(Tracker):
                 shutil.rmtree(os.path.dirname(f[0]), ignore_errors=True)  # the spooled copy
             else:
                 kept.append(f)
+        images = [i for i in images if not self._send(
+            lambda i=i: self.client.log_image(self.run_id, i[2], key=i[0], step=i[1], synchronous=True))]
         with self.lock:
             self.metrics = metrics + self.metrics
             self.files = kept + self.files
-            return not self.metrics and not self.files
+            self.images = images + self.images
+            return not self.metrics and not self.files and not self.images
 
     def _loop(self, every: float) -> None:
         while not self.stop.wait(every):

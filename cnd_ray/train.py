@@ -29,6 +29,9 @@ from cnd_ray.data import augment, stream
 from cnd_ray.errors import UserError
 
 STOP_FILE = "STOPPED.txt"  # written by rank 0 when a non-finite loss stops the run
+# Held-out share of synthetic data: the judge's FD compares samples with these images, per class
+# (2000 images: ~120 malignant ones instead of ~60 at ingest's default 0.1).
+SYNTHETIC_VAL = 0.2
 BUCKET_BYTES = 25 * 2 ** 20  # gradients are averaged in flat buckets of about this size
 # Settings that do not change what is trained: a run keeps its name (and resumes) across them.
 NAME_EXCLUDES = {"train.name", "train.storage", "train.steps", "train.checkpoint_every",
@@ -65,14 +68,14 @@ def _synthetic_shards(cfg, storage: str) -> str:
 
     base = os.path.join(storage if "://" not in storage else os.path.abspath("ray_results"), "data")
     n, size = cfg.train.synthetic_images, cfg.data.image_size
-    shards = os.path.join(base, f"synthetic-{n}-{size}px")
+    shards = os.path.join(base, f"synthetic-{n}-{size}px-val{round(100 * SYNTHETIC_VAL)}")
     if not os.path.isfile(os.path.join(shards, "manifest.json")):
         images = os.path.join(base, f"synthetic-{n}")
         if not os.path.isfile(os.path.join(images, "ISIC_2020_Training_GroundTruth.csv")):
             print(f"data.shards not set: writing {n} synthetic images to {images}", flush=True)
             synth.run(images, num_images=n, image_size=max(64, size), malignant_fraction=0.3,
                       progress=False)
-        ingest.run([images], shards, image_size=size, progress=False)
+        ingest.run([images], shards, image_size=size, val_fraction=SYNTHETIC_VAL, progress=False)
     print(f"data.shards not set: training on synthetic shards {shards}", flush=True)
     return shards
 
@@ -113,6 +116,60 @@ def _preflight(cfg, ray) -> None:
                         f"the cluster has {res.get('GPU', 0)}")
 
 
+def check_data(cfg, manifest: dict) -> None:
+    """Refuse shards this config cannot train or judge on, naming the setting."""
+    stream.check(manifest, cfg, cfg.data.shards)
+    if cfg.eval.sample_metrics:
+        from cnd_ray.evaluate import judge
+
+        judge.check_shards(cfg, manifest)
+        if cfg.data.space == "latent":
+            vae_lib.folder_for(cfg, manifest)  # the judge sees pixels: the samples need decoding
+
+
+def prepare_judge(cfg, storage: str) -> str | None:
+    """The judge file for cfg's shards under `storage` (None without eval.sample_metrics): found,
+    or trained first in a Ray task (a GPU one on GPU clusters), so that every run and trial on the
+    same storage and shards is judged by the same classifier."""
+    if not cfg.eval.sample_metrics:
+        return None
+    import ray
+
+    from cnd_ray.evaluate import judge
+
+    path = judge.path_for(cfg, judge.cache_dir(storage))
+    if judge.exists(path):
+        print(f"judge: reusing {path}", flush=True)
+        return path
+    gpu = cfg.scale.use_gpu
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_train_judge)
+    return ray.get(task.remote(cfg.to_dict(), path))
+
+
+def log_judge(uri: str, run_id: str, judge_file: str | None) -> None:
+    """The judge a run or search is scored by, in its MLflow run: file, held-out AUROC, floor."""
+    if not judge_file:
+        return
+    from cnd_ray.evaluate import judge
+
+    meta = judge.load(judge_file).meta
+    tracking.set_tags(uri, run_id, {"cnd_ray.judge": judge_file,
+                                       "cnd_ray.judge_backbone": meta["backbone"]})
+    tracking.log_metrics(uri, run_id, {"judge_heldout_auroc": meta["heldout_auroc"],
+                                       **{f"judge_floor_fd_{n}": f["fd"] for n, f in meta["floors"].items()}})
+
+
+def _train_judge(config: dict, path: str) -> str:
+    """Ray task: train the judge and write it to `path`."""
+    from cnd_ray.evaluate import judge
+
+    cfg = config_lib.from_dict(config)
+    torch.set_num_threads(os.cpu_count() or 1)  # Ray gives tasks 1 thread; the driver waits on this
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    judge.prepare(cfg, cfg.data.shards, path, device, say=_say)
+    return path
+
+
 def _git_commit() -> str:
     import subprocess
 
@@ -136,11 +193,14 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
 
     storage = storage_path(cfg)
     name = run_name(cfg)
+    if cfg.data.shards:  # what the data decides, before Ray starts (synthetic shards: once made)
+        check_data(cfg, stream.read_manifest(cfg.data.shards))
     session.connect()
     _preflight(cfg, ray)
     cfg = with_shards(cfg)
     manifest = stream.read_manifest(cfg.data.shards)
-    stream.check(manifest, cfg, cfg.data.shards)
+    check_data(cfg, manifest)
+    judge_file = prepare_judge(cfg, storage)
 
     run_dir = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
     latest = latest_checkpoint(run_dir)
@@ -160,6 +220,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags)
     driverlog.save_at_exit(run_dir, uri, run_id)  # however the run ends (a no-op in Tune's trials)
     tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+    log_judge(uri, run_id, judge_file)
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
           f"storage {run_dir}; MLflow run {run_id} at {uri}", flush=True)
 
@@ -173,7 +234,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     s = cfg.scale
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file,
                            "stream_start": [start_epoch, start_pos],
                            "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -307,13 +368,14 @@ def _worker(config: dict) -> None:
         tracker.tag("autocast_dtype", acc.mixed_precision)
         tracker.tag("worker_nodes", ",".join(nodes))
     try:
+        evaluator = _Evaluator(cfg, state, tracker, rank, world, config["judge"])
         _loop(cfg, state, rt, tracker, rank, world, (epoch, pos), tuple(config["stream_start"]),
-              config["run_dir"])
+              config["run_dir"], evaluator)
     finally:
         tracker.close()
 
 
-def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir) -> None:
+def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir, evaluator) -> None:
     """Train until train.steps. `resume_at` = (epoch, row position) the state has consumed data up
     to; the stream starts at `stream_start`, which differs after a worker-group restart inside one
     launch: then batches before `resume_at` are read and dropped."""
@@ -321,7 +383,6 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
 
     tr = cfg.train
     shard = ray.train.get_dataset_shard("train")
-    val = ray.train.get_dataset_shard("val") if rank == 0 else None
     wait = stream.DataWait()
     window: dict[str, float] = {}
     n_win, t_win, w_win = 0, time.perf_counter(), 0.0
@@ -411,7 +472,7 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
         evaluate = (tr.eval_every and step % tr.eval_every == 0) or step == tr.steps
         save = step % tr.checkpoint_every == 0 or step == tr.steps
         if evaluate or save:
-            report(_evaluate(cfg, state, val, tracker, step) if evaluate and rank == 0 else {}, save)
+            report(evaluator(state, step, time.perf_counter() - t_start) if evaluate else {}, save)
         if step >= tr.steps:
             break
     if rank == 0 and history:
@@ -420,32 +481,75 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
         raise RuntimeError(f"the data stream ended at step {state.step} of {tr.steps}")
 
 
-def _evaluate(cfg, state, val, tracker, step: int) -> dict[str, float]:
-    """Rank 0: held-out losses and classifier AUROC on the val split (logged and returned), and a
-    sample grid."""
-    was = state.objective.training
-    device = next(state.ema.parameters()).device
-    batches = []
-    if val is not None:
-        for batch in val.iter_torch_batches(batch_size=cfg.per_worker_batch, device="cpu"):
-            batches.append(_to(augment.model_batch(batch, cfg, torch.Generator().manual_seed(0)), device))
-            if len(batches) >= cfg.train.eval_batches:
-                break
-    metrics = monitor.evaluate(state, batches) if batches else {}
-    decoder = _decoder(cfg, str(device))
-    if cfg.data.space == "pixel" or decoder is not None:
-        from PIL import Image
+GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation
+# Shown on the console line of an evaluation (all of them go to Tune and MLflow).
+CONSOLE_METRICS = ("val_loss_diff", "val_auroc", "fidelity_auroc", "fd_judge", "fd_judge_floor",
+                   "fd_ratio", "kd_judge", "ms_ssim", "fid", "eval_seconds")
 
-        grid = monitor.sample_grid(state, vae=decoder)
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, f"samples_step{step:08d}.png")
-            Image.fromarray(grid).save(path)
-            tracker.artifact(path, "samples")
-    state.objective.train(was)
-    if metrics:
-        tracker.log(step, metrics)
-        _say(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return metrics
+
+class _Evaluator:
+    """One evaluation, on every rank at the same steps: rank 0's held-out losses, the sample metrics
+    (each rank draws its share of the fixed sample plan; rank 0's judge scores the whole), a sample
+    grid, and the same numbers returned on every rank, so every rank reports them (house rule 8)."""
+
+    def __init__(self, cfg, state, tracker, rank: int, world: int, judge_file: str | None):
+        import ray.train
+
+        self.cfg, self.tracker, self.rank, self.world = cfg, tracker, rank, world
+        self.device = next(state.ema.parameters()).device
+        self.val = ray.train.get_dataset_shard("val") if rank == 0 else None
+        self.plan = monitor.sample_plan(cfg) if judge_file else None
+        self.judge = self.inception = None
+        if judge_file and rank == 0:
+            from cnd_ray.evaluate import judge as judge_lib
+
+            self.judge = judge_lib.load(judge_file, self.device)
+            self.inception = judge_lib.inception_reference(cfg, self.device)
+        self.seconds = 0.0  # spent evaluating in this launch: the share is logged
+
+    def __call__(self, state, step: int, elapsed: float) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cfg, metrics = self.cfg, {}
+        was = state.objective.training
+        if self.val is not None:
+            batches = []
+            for batch in self.val.iter_torch_batches(batch_size=cfg.per_worker_batch, device="cpu"):
+                gen = torch.Generator().manual_seed(0)
+                batches.append(_to(augment.model_batch(batch, cfg, gen), self.device))
+                if len(batches) >= cfg.train.eval_batches:
+                    break
+            metrics.update(monitor.evaluate(state, batches) if batches else {})
+        decoder = _decoder(cfg, str(self.device))
+        grid = None
+        if self.plan is not None:  # decoder is there: check_data made sure before the run
+            index, images = monitor.sample_images(state, self.plan, decoder, self.rank, self.world)
+            parts = _gather((index, images), self.world)
+            if self.rank == 0:
+                order = np.argsort(np.concatenate([p[0] for p in parts]))
+                images = torch.cat([p[1] for p in parts])[order]
+                labels = self.plan["label"]
+                metrics.update(self.judge.measure(images, labels, cfg.eval.kid_subsets,
+                                                  inception=self.inception))
+                grid = monitor.tile(images, labels, min(GRID_PER_CLASS, cfg.eval.search_samples))
+        elif self.rank == 0 and (cfg.data.space == "pixel" or decoder is not None):
+            grid = monitor.sample_grid(state, per_class=GRID_PER_CLASS, vae=decoder)
+        state.objective.train(was)
+        if grid is not None:  # MLflow's image view (a step slider), and a file whose name sorts
+            self.tracker.image(step, "samples", grid)
+            from PIL import Image
+
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, f"samples_step{step:08d}.png")
+                Image.fromarray(grid).save(path)
+                self.tracker.artifact(path, "samples")
+        self.seconds += time.perf_counter() - t0
+        if self.rank == 0:
+            metrics.update(eval_seconds=time.perf_counter() - t0,
+                           eval_share=self.seconds / max(elapsed + time.perf_counter() - t0, 1e-9))
+            self.tracker.log(step, metrics)
+            _say(f"eval step {step}: " + " ".join(f"{k} {metrics[k]:.4g}" for k in CONSOLE_METRICS
+                                                   if k in metrics))
+        return _gather(metrics, self.world)[0]  # rank 0's numbers, reported by every rank
 
 
 @functools.cache

@@ -155,3 +155,38 @@ def test_cli_overrides_may_follow_flags():
         cli.parse(["train", "train.steps=3", "--config", "debug", "oops"])
     with pytest.raises(SystemExit):
         cli.parse(["sample", "--ckpt", "C", "--out", "D", "--num-per-class", "1", "--bogus"])
+
+
+@pytest.mark.parametrize("verb", ["train", "tune"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_search_samples_below_one_fail_in_one_line_naming_the_key(verb, value):
+    extra = ["--space", "smoke"] if verb == "tune" else []
+    r = _cli(verb, *extra, "--config", "debug", f"eval.search_samples={value}")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0
+    assert f"eval.search_samples: {value} is outside [1, inf]" in r.stderr
+
+
+def test_search_samples_the_data_cannot_hold_fail_before_ray_starts(small_shards, tmp_path):
+    """The floor draws eval.search_samples real images per class: more than the shards' rarer class
+    has is refused in one line, for a run and a search, and Ray is never started."""
+    code = ("import ray, sys; from cnd_ray import config, train, tune\n"
+            "from cnd_ray.errors import UserError\n"
+            f"cfg = config.load('debug', ['data.shards={small_shards}', 'eval.search_samples=500', "
+            f"'train.storage={tmp_path}'])\n"
+            "for go in (lambda: train.run(cfg), lambda: tune.run('smoke', cfg)):\n"
+            "    try: go()\n"
+            "    except UserError as e: print(e)\n"
+            "print('ray started' if ray.is_initialized() else 'no ray')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == "no ray", r.stdout + r.stderr
+    assert len(lines) == 3 and all(x.startswith("eval.search_samples: 500 per class") for x in lines[:2])
+
+
+def test_the_quickstart_recipe_is_its_own_and_the_paper_keeps_the_papers():
+    q, p = C.load("quickstart"), C.load("paper")
+    assert (q.diffusion.loss_weighting, q.optim.ema_warmup, q.optim.grad_clip) == ("min_snr", True, 1.0)
+    assert q.diffusion.guidance_scale > 1 and q.eval.sample_metrics
+    assert (p.diffusion.loss_weighting, p.optim.warmup_steps, p.optim.ema_warmup, p.optim.grad_clip,
+            p.diffusion.guidance_scale) == ("uniform", 0, False, 0.0, 1.0)

@@ -47,7 +47,10 @@ def _assert_same_state(a, b):
 
 
 RESUME_CFG = ["method.gamma=0.5", "classifier.step_every=3", "classifier.ema=true",
-              "method.denoised_input=posterior", "optim.grad_accum=2"]
+              "method.denoised_input=posterior", "optim.grad_accum=2",
+              # the quickstart's recipe knobs: lr warm-up and EMA warm-up are functions of the step
+              "optim.warmup_steps=6", "optim.ema_warmup=true", "optim.grad_clip=1.0",
+              "diffusion.loss_weighting=min_snr"]
 
 
 def test_checkpoint_round_trip_is_bitwise(tmp_path):
@@ -169,3 +172,39 @@ def test_golden_losses():
     for g, w in zip(got, want):
         for k in ("loss_diff", "loss_cls"):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (k, g, w)
+
+
+def test_lr_warmup_and_ema_warmup_follow_the_step():
+    from cnd_ray.engine import dit_lr, ema_decay
+
+    o = C.load("debug", ["optim.lr=1e-3", "optim.warmup_steps=4", "optim.ema_decay=0.99",
+                         "optim.ema_warmup=true"]).optim
+    assert [dit_lr(o, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert ema_decay(o, 0) == pytest.approx(0.1) and ema_decay(o, 10_000) == 0.99
+    paper = C.load("paper").optim
+    assert dit_lr(paper, 0) == paper.lr and ema_decay(paper, 0) == paper.ema_decay  # the paper's: constant
+    state = build_state(C.load("debug", ["optim.lr=1e-3", "optim.warmup_steps=4"]))
+    train_step(state, [batch_for(state.cfg, 0)])
+    assert state.opt_dit.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+
+
+def test_min_snr_weights_only_the_low_noise_steps_and_logs_the_unweighted_loss():
+    from cnd_ray.diffusion import GaussianDiffusion
+
+    cfg = C.load("debug", ["diffusion.loss_weighting=min_snr", "diffusion.min_snr_gamma=5"])
+    d = GaussianDiffusion.from_config(cfg)
+    t = torch.arange(d.num_timesteps)
+    w = d.mse_weights(t, "min_snr", 5.0)
+    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / snr)
+    assert w[0] < 0.01 and torch.all(w[snr <= 5] == 1) and torch.all(w[:-1] <= w[1:])  # rises to 1
+    assert torch.equal(d.mse_weights(t, "uniform", 5.0), torch.ones(d.num_timesteps))
+    # The optimised loss is weighted; loss_diff, what curves and val_loss_diff compare, is not.
+    uni, snr_state = (build_state(C.load("debug", [f"diffusion.loss_weighting={k}", "method.gamma_schedule=off"]))
+                      for k in ("uniform", "min_snr"))
+    b = batch_for(uni.cfg, 0)
+    torch.manual_seed(0)
+    a = uni.objective(b["x"], b["y"], 0)
+    torch.manual_seed(0)
+    m = snr_state.objective(b["x"], b["y"], 0)
+    assert a.metrics["loss_diff"] == m.metrics["loss_diff"] and m.loss < a.loss

@@ -1,5 +1,6 @@
 """`cnd-ray train` end to end on the real Ray and the real MLflow (debug config, CPU)."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,6 +63,41 @@ def test_two_workers_keep_identical_weights(ray_local, tmp_path):
     out = train.run(_cfg(tmp_path, **{"scale.num_workers": 2, "train.steps": 6,
                                       "train.checkpoint_every": 3}))
     assert out["metrics"]["ranks_in_sync"] == 1.0 and out["metrics"]["step"] == 6
+
+
+def _recorder(path):
+    """A Ray Train callback writing the metrics of every rank's every report to a JSON-lines file.
+    Defined here, so cloudpickle ships it by value to the controller (which cannot import tests/)."""
+    from ray.train import UserCallback
+
+    class Recorder(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    return Recorder()
+
+
+@pytest.mark.slow
+def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    log = tmp_path / "reports.jsonl"
+    out = train.run(_cfg(tmp_path, **{"scale.num_workers": 2, "train.steps": 10, "train.eval_every": 5,
+                                      "train.checkpoint_every": 10}), callbacks=[_recorder(str(log))])
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [[m["step"] for m in r] for r in reports] == [[5, 5], [10, 10]]  # both ranks, each time
+    for per_rank in reports:
+        assert {"fd_ratio", "fd_judge", "kd_judge", "fidelity_auroc", "ms_ssim", "val_loss_diff"} <= set(per_rank[0])
+        same = {k: v for k, v in per_rank[0].items() if k not in ("epoch", "ranks_in_sync")}
+        assert {k: per_rank[1][k] for k in same} == same  # the same numbers on every rank
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(out["mlflow_run_id"])
+    for key in ("fd_ratio", "fidelity_auroc", "kd_judge_std", "eval_share"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [5, 10], key
+    assert run.data.metrics["judge_heldout_auroc"] > 0 and os.path.isfile(run.data.tags["cnd_ray.judge"])
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    assert {p.split("+")[2] for p in images if p.endswith(".png")} == {"5", "10"}  # a grid per step
 
 
 @pytest.mark.slow
@@ -180,14 +216,18 @@ def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards
 
     shards, manifest, _ = latent_shards
     spool_before = set(glob.glob(f"{tempfile.gettempdir()}/cnd_ray_artifact_*"))
-    out = train.run(_cfg(tmp_path, **{"data.shards": shards, "data.space": "latent",
-                                      "data.image_size": 64, "train.steps": 4, "train.eval_every": 4,
-                                      "train.checkpoint_every": 4}))
+    cfg = _cfg(tmp_path, **{"data.shards": shards, "data.space": "latent", "data.image_size": 64,
+                            "train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4})
+    out = train.run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     grids = [f.path for f in client.list_artifacts(out["mlflow_run_id"], "samples")]
     assert grids == ["samples/samples_step00000004.png"]
     img = Image.open(client.download_artifacts(out["mlflow_run_id"], grids[0], str(tmp_path)))
-    assert img.size == (8 * 64, 2 * 64)  # 8 per class, 2 classes, decoded to pixels
+    # the judged samples, decoded to pixels: search_samples per class (at most 8), 2 classes
+    assert img.size == (min(8, cfg.eval.search_samples) * 64, 2 * 64)
+    # judged in pixel space too: the sample metrics of a latent run
+    assert {"fd_ratio", "fidelity_auroc"} <= set(client.get_run(out["mlflow_run_id"]).data.metrics)
+    assert [m.step for m in client.get_metric_history(out["mlflow_run_id"], "fd_ratio")] == [4]
     assert set(glob.glob(f"{tempfile.gettempdir()}/cnd_ray_artifact_*")) <= spool_before
 
 
