@@ -31,8 +31,12 @@ from cnd_ray.errors import UserError
 SPACE_DIR = config_lib.SPACE_DIR
 SEARCHES = ("grid", "random", "optuna", "hyperopt")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-# What each training evaluation reports (train._evaluate) and which way is better.
-METRICS = {"val_loss_diff": "min", "val_auroc": "max"}
+# What each training evaluation reports (train._Evaluator) that a search can rank by, and which way
+# is better. The sample metrics (the judge's, cnd_ray/evaluate/judge.py) need eval.sample_metrics.
+METRICS = {"fd_ratio": "min", "fd_judge": "min", "kd_judge": "min", "fidelity_auroc": "max",
+           "ms_ssim": "min", "fid": "min", "val_loss_diff": "min", "val_auroc": "max"}
+SAMPLE_METRICS = ("fd_ratio", "fd_judge", "kd_judge", "fidelity_auroc", "ms_ssim", "fid")
+CURVES = ("fd_ratio", "fidelity_auroc", "val_loss_diff")  # per-trial histories kept in the rows
 SETTING = "setting"  # the trial-config key holding the name of a `settings:` bundle
 FILE_KEYS = ("search", "metric", "mode", "num_samples", "max_concurrent_trials", "scheduler",
              "resources", "fixed", "settings", "space")
@@ -50,7 +54,7 @@ class Space:
     path: str
     text: str  # the file as written: logged to the parent run
     search: str = "grid"
-    metric: str = "val_loss_diff"
+    metric: str = "fd_ratio"
     mode: str = "min"
     num_samples: int = 1  # grid: repeats of the whole grid; otherwise: number of trials
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources fit
@@ -235,6 +239,12 @@ def _check_search(s: Space, base: config_lib.Config) -> None:
         if s.metric == "val_auroc" and not cfg.use_classifier:
             raise _fail(s.path, f"metric: val_auroc, but {where or 'a trial '}has no classifier "
                                 "(method.gamma_schedule=off); use val_loss_diff")
+        if s.metric in SAMPLE_METRICS and not cfg.eval.sample_metrics:
+            raise _fail(s.path, f"metric: {s.metric} is a sample metric, but eval.sample_metrics is "
+                                f"false for {where or 'a trial'}; set it true or rank by val_loss_diff")
+        if s.metric == "fid" and not cfg.eval.inception_weights:
+            raise _fail(s.path, "metric: fid needs eval.inception_weights (clean-fid's Inception "
+                                "file; nothing is downloaded); or rank by fd_ratio")
 
 
 def trial_count(s: Space) -> int:
@@ -300,6 +310,13 @@ def _trial_cpus(cfg) -> float:
 
     return (cfg.scale.num_workers * cfg.scale.cpus_per_worker
             + stream.DATA_TASK_CPUS * max(2, cfg.data.decode_tasks) + 0.01)
+
+
+def cpus_for(space: str, cfg, trials: int) -> float:
+    """Logical CPUs a local Ray needs to run `trials` trials of `space` at once (the quickstart
+    sizes its Ray with this)."""
+    s = load_space(space, cfg)
+    return min(trials, trial_count(s)) * _trial_cpus(config_lib.override(cfg, s.fixed))
 
 
 def _concurrency(s: Space, cfg, resources: dict, trials: int) -> int:
@@ -420,10 +437,11 @@ def _prepare(cfg):
 
 def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     """Run (or resume) the search `space` over `cfg`; returns {"name", "rows", "best", "path",
-    "parent_run_id", "table", "space", "tracking_uri"}."""
+    "parent_run_id", "table", "space", "tracking_uri", "judge"} (judge: its file, or None)."""
     import ray
 
     from cnd_ray import driverlog, session, tracking, train
+    from cnd_ray.data import stream
 
     s = load_space(space, cfg)
     cfg = config_lib.override(cfg, s.fixed)
@@ -434,8 +452,11 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     restoring = tune.Tuner.can_restore(exp_path)
     if resume and not restoring:
         raise UserError(f"--resume: no search to resume at {exp_path}")
+    if cfg.data.shards:  # what the data decides, before Ray starts (synthetic shards: once made)
+        train.check_data(cfg, stream.read_manifest(cfg.data.shards))
     session.connect()
     cfg = _prepare(train.with_shards(cfg))
+    train.check_data(cfg, stream.read_manifest(cfg.data.shards))
     n = trial_count(s)
     concurrent = _concurrency(s, cfg, ray.cluster_resources(), n)
     cfg = _share_cores(cfg, concurrent, ray)
@@ -451,6 +472,9 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     driverlog.save_at_exit(exp_path, uri, parent)  # the trials' output reaches this driver's log
     tracking.log_text(uri, parent, s.text, f"space/{Path(s.path).name}")
     tracking.log_text(uri, parent, cfg.to_yaml(), "base_config.yaml")
+    # One judge for every trial, made before the first one (and found again on a restore).
+    judge_file = train.prepare_judge(cfg, trials_storage)
+    train.log_judge(uri, parent, judge_file)
     print(f"search {search}: {n} trials of {s.name}, {concurrent} at a time, metric {s.metric} "
           f"({s.mode}); {'resuming ' if restoring else ''}{exp_path}; MLflow parent run {parent} at {uri}",
           flush=True)
@@ -485,7 +509,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     best = rows[0] if rows and rows[0]["status"] != "error" else None
     _log_parent(uri, parent, s, rows, table, best, time.time() - t0)
     return {"name": search, "rows": rows, "best": best, "path": exp_path, "parent_run_id": parent,
-            "table": table, "space": s, "tracking_uri": uri}
+            "table": table, "space": s, "tracking_uri": uri, "judge": judge_file}
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -511,7 +535,7 @@ def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
             "step": step, "status": status, "error": str(r.error).splitlines()[0][:300] if r.error else "",
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
             "checkpoint": train.latest_checkpoint(f"{trials_storage}/{_trial_run(search, trial_id)}"),
-            "curve": _curve(r, s.metric),
+            "curves": {k: _curve(r, k) for k in dict.fromkeys((s.metric, *CURVES))},
         })
 
     def key(row):

@@ -24,14 +24,31 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     assert f"MLflow:  cnd-ray ui track.tracking_uri={uri}" in tail
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report  # both trials ranked
-    for png in ("samples_setting1.png", "samples_setting2.png", "samples_best.png", "val_curves.png"):
+    # The paper's table with intervals, the floor, the paper's numbers, and a plain verdict.
+    assert "## The paper's table, at this scale" in report and "| real vs real (floor) |" in report
+    assert "| 1 | " in report.split("## The paper's table")[1] and "69.10" in report
+    assert "Setting 2 " in report and " setting 1 on FD (" in report and "95% CI [" in report
+    assert "## The paper's table" in r.stdout  # printed too
+    comparison = __import__("json").loads((tmp_path / "report" / "comparison.json").read_text())
+    assert set(comparison["models"]) == {"1", "2"} and comparison["baseline"] == "1"
+    fd = comparison["models"]["2"]["n4"]["fd"]
+    assert 0 < fd["low"] <= fd["high"] < float("inf")
+    # Its largest count is what the last evaluation judged: the table agrees with the ranking.
+    lines = [r.split("|")[1:-1] for r in tail.split("\n\n")[0].splitlines()]
+    head = [c.strip() for c in lines[0]]
+    ranked = {r[head.index("setting")].strip(): float(r[head.index("fd_judge")]) for r in lines[2:]}
+    for setting, fd_judge in ranked.items():
+        assert comparison["models"][setting]["n4"]["fd"]["value"] == pytest.approx(fd_judge, rel=0.05)
+    for png in ("samples_setting1.png", "samples_setting2.png", "real.png", "curves.png"):
         assert (tmp_path / "report" / png).stat().st_size > 0
         assert f"({png})" in report
+    assert len(list((tmp_path / "report" / "samples" / "setting1").rglob("*.png"))) == 8  # 4 a class
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cnd_ray")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`cnd_ray.kind` = 'search'")
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "quickstart")}
-    assert "quickstart/report.md" in logged and "quickstart/samples_best.png" in logged
+    assert {"quickstart/report.md", "quickstart/real.png", "quickstart/comparison.json"} <= logged
+    assert "setting2_fd_delta_n4" in client.get_run(parent.info.run_id).data.metrics
     # The evaluate command it prints next runs as printed (here at the debug scale), and logs into
     # the best trial's own MLflow run.
     (nxt,) = [line.split()[1:] for line in tail.splitlines() if line.startswith("next:")]
@@ -42,6 +59,7 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
                         "eval.kid_subset_size=8", "eval.actors=1", f"track.tracking_uri={uri}"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "judge: reusing" in r.stdout  # the search's judge, found in the run's storage
     best_run = r.stdout.strip().splitlines()[-1]
     assert best_run.startswith("MLflow run ") and "(new)" not in best_run
     run_id = best_run.split()[2]

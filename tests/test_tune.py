@@ -51,7 +51,7 @@ BAD = [
     ("search: random\nspace: {method.gamma_schedule: {choice: [constant, cosine]}}\n", r"space.method.gamma_schedule: .*'cosine' is not one of"),
     ("space: {method.lambda_cls: {uniform: [0.1, 0.5]}}\n", r"search: grid takes only `grid:` lists"),
     ("metric: val_auroc\nsettings: {'1': {method.gamma_schedule: 'off'}}\n", r"metric: val_auroc, but settings.1 .*has no classifier"),
-    ("metric: fid\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"metric: 'fid' is not one of"),
+    ("metric: fidd\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"metric: 'fidd' is not one of"),
     ("resources: {train.steps: 3}\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"resources.train.steps: only scale.\* keys"),
     ("scheduler: {kind: asha, grace: 3}\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"unknown key 'scheduler.grace'"),
     ("settings: {'9': {train.mixed_precision: fp16, classifier.step_every: 3}}\n", r"settings.9: .*fp16"),
@@ -110,7 +110,7 @@ def smoke_search(ray_local, tmp_path_factory):
         artifacts = {r["info"]["run_id"]: server.rest(f"artifacts/list?run_id={r['info']['run_id']}")
                      for r in runs}
         history = {r["info"]["run_id"]: server.rest(
-            f"metrics/get-history?run_id={r['info']['run_id']}&metric_key=val_loss_diff")
+            f"metrics/get-history?run_id={r['info']['run_id']}&metric_key=fd_ratio")
             for r in runs}
     return out, runs, artifacts, history
 
@@ -139,13 +139,18 @@ def test_smoke_search_is_one_parent_with_a_child_per_trial_over_rest(smoke_searc
         assert _params(c)["method.gamma_schedule"] == want  # the compare view's columns
         assert [m["step"] for m in history[c["info"]["run_id"]]["metrics"]] == [100, 200, 300, 400]
     ptags = _tags(parents[0])
+    # One judge for the search, made before its trials, named in the parent and in every child.
+    assert os.path.isfile(ptags["cnd_ray.judge"]) and out["judge"] == ptags["cnd_ray.judge"]
+    assert {_tags(c)["cnd_ray.judge"] for c in children} == {ptags["cnd_ray.judge"]}
+    assert "judge_heldout_auroc" in {m["key"] for m in parents[0]["data"]["metrics"]}
     assert ptags["best_trial"] == out["best"]["trial"] and ptags["trials_finished"] == "2"
     assert "best_setting" in ptags and "best.method.gamma_schedule" in ptags
     assert {"summary.md", "trials.json", "base_config.yaml", "space"} <= {
         f["path"] for f in artifacts[parent]["files"]}
     assert all(r["status"] == "finished" and r["step"] == 400 for r in out["rows"])
-    m = [r["val_loss_diff"] for r in out["rows"]]
-    assert m == sorted(m)  # ranked best first
+    m = [r["fd_ratio"] for r in out["rows"]]
+    assert m == sorted(m)  # ranked best first, by the sample metric
+    assert all("val_loss_diff" in r for r in out["rows"])  # still reported beside it
     assert out["best"]["checkpoint"].endswith("checkpoint_00000400")
 
 
@@ -217,6 +222,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
             p.kill()
     first_done = checkpoints(400)
     assert len(first_done) == 1
+    judge_mtime = os.stat(glob.glob(f"{tmp_path}/runs/*-trials/judges/judge-*.pt")[0]).st_mtime_ns
     time.sleep(2)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -230,6 +236,10 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
     (finished,) = first_done
     assert f"run {finished}:" not in out  # the finished trial was not rerun
     assert "resuming at step" in out, out[-4000:]  # the interrupted one continued from its checkpoint
+    # The restored search is judged by the judge it started with, not a new one.
+    (judge_file,) = glob.glob(f"{tmp_path}/runs/*-trials/judges/judge-*.pt")
+    assert f"judge: reusing {judge_file}" in out and "judge: training" not in out
+    assert os.stat(judge_file).st_mtime_ns == judge_mtime
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
@@ -241,6 +251,43 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
         assert steps == sorted(set(steps))  # no step logged twice across the kill
     table = r.stdout[r.stdout.index("| rank"):].split("\n\n")[0].strip()
     assert table == smoke_search[0]["table"].strip()  # same seed, same table, interrupted or not
+
+
+ASHA_SPACE = """search: grid
+metric: fd_ratio
+max_concurrent_trials: 1
+scheduler: {kind: asha, grace_period: 100, reduction_factor: 2}
+settings:
+  "good": {method.gamma_schedule: "off"}
+  "weak": {method.gamma_schedule: "off", optim.lr: 1.0e-7}
+"""
+
+
+@pytest.mark.slow
+def test_asha_on_the_sample_metric_stops_a_weak_trial(ray_local, tmp_path):
+    """A trial whose DiT barely moves (lr 1e-7) draws noise: at the first rung its fd_ratio is worse
+    than the good trial's there, and ASHA stops it; the good one runs to the end."""
+    space = tmp_path / "asha.yaml"
+    space.write_text(ASHA_SPACE)
+    cfg = C.load("debug", ["scale.threads_per_worker=1", "train.steps=300", "train.checkpoint_every=100",
+                           "train.eval_every=100", "train.log_every=100", f"train.storage={tmp_path}/runs",
+                           f"track.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    out = tune.run(str(space), cfg)
+    rows = {r["setting"]: r for r in out["rows"]}
+    assert rows["good"]["status"] == "finished" and rows["good"]["step"] == 300
+    assert rows["weak"]["status"] == "stopped" and rows["weak"]["step"] == 100
+    assert rows["weak"]["fd_ratio"] > rows["good"]["curves"]["fd_ratio"][0][1]
+    assert out["best"]["setting"] == "good"
+
+
+def test_a_sample_metric_needs_sample_metrics(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("metric: fd_ratio\nsettings: {'1': {method.gamma_schedule: 'off'}}\n")
+    with pytest.raises(tune.SpaceError, match="metric: fd_ratio is a sample metric, but eval.sample_metrics"):
+        tune.load_space(str(path), C.load("debug", ["eval.sample_metrics=false"]))
+    path.write_text("metric: fid\nsettings: {'1': {method.gamma_schedule: 'off'}}\n")
+    with pytest.raises(tune.SpaceError, match="metric: fid needs eval.inception_weights"):
+        tune.load_space(str(path), C.load("debug"))
 
 
 def test_model_based_search_needs_its_package_or_says_so(tmp_path):
