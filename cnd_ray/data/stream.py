@@ -25,7 +25,11 @@ from cnd_ray.errors import UserError
 # Decode tasks take half a CPU so that, on a 2-core machine, Ray Data keeps running beside the
 # training workers (whole-CPU tasks starve it; DESIGN.md).
 DATA_TASK_CPUS = 0.5
-MAX_BLOCKS = 2000  # items per Ray Data block grow beyond this; each item is one row group
+# One row group (item) per Ray Data block, up to this many blocks. Larger blocks (16 groups) cut the
+# decode tasks a small trial schedules, but then a worker-group restart with several workers split
+# the resumed stream differently from the first one and ran out of data (tests/test_multinode.py):
+# the skip-to-position logic assumes whole row groups go to one worker.
+MAX_BLOCKS = 2000
 
 
 def _join(root: str, name: str) -> str:
@@ -79,21 +83,43 @@ def shard_files(shards: str, manifest: dict, split: str) -> list[str]:
     return files
 
 
-def _decode(batch: dict, space: str, repeat: int) -> dict:
-    """Parquet rows -> numeric columns; malignant rows repeated `repeat` times to rebalance."""
+def _decode(batch: dict, space: str) -> dict:
+    """Parquet rows -> numeric columns."""
     out = {"label": batch["label"].astype(np.int64), "tone": batch["fitzpatrick"].astype(np.int64),
            "row_id": batch["row_id"].astype(np.int64)}
-    if "pos" in batch:
-        out["pos"] = batch["pos"]
     if space == "pixel":
         out["image"] = np.stack([image_lib.decode_png(b) for b in batch["image"]]).transpose(0, 3, 1, 2)
     else:
         for key, col in (("mean", "latent_mean"), ("logvar", "latent_logvar")):  # flat float16
             out[key] = np.stack([np.frombuffer(b, np.float16) for b in batch[col]])
-    if repeat > 1:
-        times = np.where(out["label"] == 1, repeat, 1)
-        out = {k: np.repeat(v, times, axis=0) for k, v in out.items()}
     return out
+
+
+class _GroupCache:
+    """Decoded row groups kept by a decode worker process, least recently used dropped beyond
+    CACHE_BYTES: later epochs of a set that fits are served without re-reading or re-decoding (a
+    decode worker serves many epochs: the task pool is bounded)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used, self.groups = budget, 0, {}
+
+    def get(self, path: str, group: int, columns: list[str], space: str) -> dict:
+        key = (path, group, tuple(columns), space)
+        hit = self.groups.pop(key, None)
+        if hit is None:
+            table = parquet_file(path).read_row_group(group, columns=columns)
+            hit = _decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}, space)
+            size = sum(v.nbytes for v in hit.values())
+            while self.groups and self.used + size > self.budget:
+                old = self.groups.pop(next(iter(self.groups)))  # dicts keep insertion order: oldest
+                self.used -= sum(v.nbytes for v in old.values())
+            self.used += size
+        self.groups[key] = hit  # now the most recent
+        return hit
+
+
+CACHE_BYTES = 256 * 2 ** 20  # per decode worker process
+_CACHE = _GroupCache(CACHE_BYTES)
 
 
 def oversample_factor(manifest: dict, split: str) -> int:
@@ -118,10 +144,13 @@ def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> It
     with its epoch and its position in that epoch's order (what a resume skips to)."""
     for epoch, path, group, offset, start in zip(batch["epoch"], batch["file"], batch["group"],
                                                  batch["offset"], batch["start"]):
-        table = parquet_file(path).read_row_group(int(group), columns=columns).slice(int(start))
-        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
-        cols["pos"] = np.arange(offset + start, offset + start + table.num_rows, dtype=np.int64)
-        out = _decode(cols, space, repeat)
+        rows = _CACHE.get(str(path), int(group), columns, space)
+        start = int(start)
+        out = {k: v[start:] for k, v in rows.items()}
+        out["pos"] = np.arange(offset + start, offset + len(rows["label"]), dtype=np.int64)
+        if repeat > 1:  # malignant rows repeated to rebalance
+            times = np.where(out["label"] == 1, repeat, 1)
+            out = {k: np.repeat(v, times, axis=0) for k, v in out.items()}
         out["epoch"] = np.full(len(out["label"]), epoch, np.int64)
         yield out
 
@@ -167,13 +196,14 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
             offset += n
     if not items:
         raise UserError(f"no epochs to stream: epochs={epochs}")
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    blocks = min(len(items), MAX_BLOCKS)
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds.context.execution_options.preserve_order = True  # the order above is the order delivered
     # A bounded number of decode tasks reuses the same worker processes; unbounded, Ray Data ramps
     # up mid-run and each new worker process stalls the stream for seconds (bench/data_stream.py).
     tasks = cfg.data.decode_tasks or max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
     return ds.map_batches(_read_groups, batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-                          compute=ray.data.TaskPoolStrategy(size=min(tasks, len(items))),
+                          compute=ray.data.TaskPoolStrategy(size=min(tasks, blocks)),
                           fn_kwargs={"columns": columns, "space": cfg.data.space, "repeat": repeat})
 
 
