@@ -198,3 +198,29 @@ def test_two_workers_get_equal_disjoint_shards(ingested, ray_local, tmp_path):
         assert not set(a) & set(b) and len(set(a)) == len(a)  # disjoint, no row twice in an epoch
         assert len(a) + len(b) >= n_train - 2 * cfg.per_worker_batch  # only drop_last remainders lost
     assert ranks[0]["seen"][0] != ranks[0]["seen"][1]  # reshuffled per epoch
+
+
+
+def test_the_scheduler_waits_instead_of_spinning_when_nothing_is_in_flight(monkeypatch):
+    """Ray Data's loop skips ray.wait with no task running; ours sleeps then, and only then."""
+    from ray.data._internal.execution import streaming_executor as se
+
+    installed = se.process_completed_tasks
+    assert installed.calm
+    stream._calm_idle_scheduler()  # importing twice wraps once
+    assert se.process_completed_tasks is installed
+
+    class Op:
+        def __init__(self, active):
+            self.active = active
+
+        def get_active_tasks(self):
+            return self.active
+
+    slept, calls = [], []
+    monkeypatch.setattr(stream.time, "sleep", slept.append)
+    step = stream._calm(lambda topology, *a, **k: calls.append(topology) or 7)
+    idle, busy = {Op([]): None}, {Op([]): None, Op(["task"]): None}
+    assert step(idle) == 7 and slept == [0.01]
+    assert step(busy) == 7 and slept == [0.01]
+    assert calls == [idle, busy]
