@@ -192,7 +192,7 @@ def _plot(rows: list[dict], path: Path) -> bool:
     axes[0].set_yscale("log")
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
     axes[0].yaxis.set_major_formatter(ScalarFormatter())
     axes[0].yaxis.set_minor_formatter(NullFormatter())
     axes[0].set_ylabel("FD / real-vs-real floor (lower is better)")
