@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "RAY_ADDRESS), draw the same images from every trial's EMA model, and write "
                     "OUT/report.md: the ranked search, the paper's table with bootstrap intervals and "
                     "whether settings 2-5 beat setting 1, curves, and sample grids beside real images. "
-                    "About 14 minutes on a 2-core laptop; rerunning resumes.")
+                    "About 15 minutes on a 2-core laptop; rerunning resumes.")
     _config_args(p, default="quickstart")
     p.add_argument("--space", default=argparse.SUPPRESS, metavar="NAME|FILE",
                    help=f"search space (default: {_default(quickstart.run, 'space')})")

@@ -93,11 +93,25 @@ def _samples(rows: list[dict], out_dir: Path, cfg) -> dict[str, dict]:
         k = run_cfg.model.num_classes
         plan = generate.plan(max(counts(cfg)) * k, [1.0] * k, run_cfg.eval.seed, run_cfg.eval.batch_size)
         folder = out_dir / "samples" / _label(row).replace(" ", "")
-        sample.generate_images(run_cfg, row["checkpoint"], step, ema, plan, folder, progress=False)
+        sample.generate_images(run_cfg, row["checkpoint"], step, ema, plan, folder, progress=False,
+                               drawn=_judged(row["checkpoint"], plan))
         got[row["trial"]] = {"row": row, "folder": folder, "labels": plan["label"],
                              "images": read_samples(folder, plan["index"], plan["label"])}
         print(f"  {_label(row)}: {folder}", flush=True)
     return got
+
+
+def _judged(ckpt: str, plan: dict) -> np.ndarray | None:
+    """The images the trial's last evaluation drew and judged (train.JUDGED in its final
+    checkpoint) when they are this plan's, else None."""
+    from cnd_ray.train import JUDGED
+
+    path = Path(ckpt) / JUDGED
+    if not path.exists():
+        return None
+    with np.load(path) as got:
+        same = np.array_equal(got["index"], plan["index"]) and np.array_equal(got["seed"], plan["seed"])
+        return got["images"] if same else None
 
 
 def _compare(judge, samples: dict, cfg) -> dict | None:

@@ -139,8 +139,10 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
-                    progress: bool = True) -> dict:
-    """Write the images of plan `rows` that are not yet in `out`; index and protocol files too."""
+                    progress: bool = True, drawn: np.ndarray | None = None) -> dict:
+    """Write the images of plan `rows` that are not yet in `out`; index and protocol files too.
+    `drawn`: the plan's images already drawn by this checkpoint's EMA model, uint8 (N, 3, S, S) in
+    plan order (training's final evaluation keeps them): written instead of drawn again."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -157,6 +159,12 @@ def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
     for name in {generate.class_name(int(y)) for y in rows["label"]}:
         (out / name).mkdir(parents=True, exist_ok=True)
     have = np.array([(out / f).exists() for f in files])
+    if drawn is not None:
+        from cnd_ray.data import image
+
+        for i in np.flatnonzero(~have):
+            _write(out / files[i], image.encode_png(np.ascontiguousarray(drawn[i].transpose(1, 2, 0))))
+        have[:] = True
     todo = sorted({int(c) for c, h in zip(rows["chunk"], have) if not h})
     t0, made, actors, device = time.perf_counter(), 0, 0, "CPU"
     if todo:

@@ -413,6 +413,8 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
             if rank == 0:
                 path = checkpoint.save(state, os.path.join(d, "ckpt"),
                                        extra={"epoch": e, "pos": p, "rng": rngs, "world": world})
+                if state.step >= tr.steps:
+                    evaluator.keep_judged(path, state.step)
                 ck = ray.train.Checkpoint.from_directory(str(path))
             t1 = time.perf_counter()
             ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint_{state.step:08d}")
@@ -482,6 +484,7 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
 
 
 GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation
+JUDGED = "judged.npz"  # in the final checkpoint: the plan (index, seed) and the images judged there
 # Shown on the console line of an evaluation (all of them go to Tune and MLflow).
 CONSOLE_METRICS = ("val_loss_diff", "val_auroc", "fidelity_auroc", "fd_judge", "fd_judge_floor",
                    "fd_ratio", "kd_judge", "ms_ssim", "fid", "eval_seconds")
@@ -506,6 +509,7 @@ class _Evaluator:
             self.judge = judge_lib.load(judge_file, self.device)
             self.inception = judge_lib.inception_reference(cfg, self.device)
         self.seconds = 0.0  # spent evaluating in this launch: the share is logged
+        self.judged = None  # rank 0: (step, plan-ordered uint8 images) of the last evaluation
 
     def __call__(self, state, step: int, elapsed: float) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -530,6 +534,7 @@ class _Evaluator:
                 labels = self.plan["label"]
                 metrics.update(self.judge.measure(images, labels, cfg.eval.kid_subsets,
                                                   inception=self.inception))
+                self.judged = (step, images)
                 grid = monitor.tile(images, labels, min(GRID_PER_CLASS, cfg.eval.search_samples))
         elif self.rank == 0 and (cfg.data.space == "pixel" or decoder is not None):
             grid = monitor.sample_grid(state, per_class=GRID_PER_CLASS, vae=decoder)
@@ -550,6 +555,14 @@ class _Evaluator:
             _say(f"eval step {step}: " + " ".join(f"{k} {metrics[k]:.4g}" for k in CONSOLE_METRICS
                                                    if k in metrics))
         return _gather(metrics, self.world)[0]  # rank 0's numbers, reported by every rank
+
+    def keep_judged(self, ckpt_dir, step: int) -> None:
+        """Store the images the evaluation at `step` judged in that step's checkpoint (`JUDGED`):
+        `cnd-ray quickstart` writes them out instead of drawing the same plan again (~13 s a trial
+        here)."""
+        if self.judged is not None and self.judged[0] == step:
+            np.savez_compressed(os.path.join(ckpt_dir, JUDGED), index=self.plan["index"],
+                                seed=self.plan["seed"], images=self.judged[1].numpy())
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,19 @@ def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_
     assert run.data.metrics["judge_heldout_auroc"] > 0 and os.path.isfile(run.data.tags["cnd_ray.judge"])
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert {p.split("+")[2] for p in images if p.endswith(".png")} == {"5", "10"}  # a grid per step
+    # The final checkpoint keeps the images its evaluation judged (both ranks' shares): what the
+    # quickstart writes out instead of redrawing, so they must be the checkpoint's own draw.
+    from cnd_ray import checkpoint, monitor, sample
+    from cnd_ray.evaluate.run import read_samples
+
+    kept = np.load(os.path.join(out["checkpoint"], train.JUDGED))
+    cfg, ema, step = checkpoint.load_ema(out["checkpoint"])
+    cfg = monitor.search_config(cfg)
+    plan = monitor.sample_plan(cfg)
+    assert step == 10 and np.array_equal(kept["index"], plan["index"])
+    sample.generate_images(cfg, out["checkpoint"], step, ema, plan, tmp_path / "redrawn", progress=False)
+    redrawn = read_samples(tmp_path / "redrawn", plan["index"], plan["label"]).numpy()
+    assert np.abs(redrawn.astype(int) - kept["images"].astype(int)).max() <= 1
 
 
 @pytest.mark.slow
