@@ -250,7 +250,8 @@ def ui_command(uri: str) -> str:
 
 
 def ui(uri: str, port: int) -> subprocess.Popen:
-    """`mlflow ui` for the store at `uri`, bound to 127.0.0.1 (reach it through an SSH tunnel)."""
+    """`mlflow ui` for the store at `uri`, bound to 127.0.0.1 (reach it through an SSH tunnel), in
+    its own process group: it starts uvicorn and job-runner children, which stop_server ends with it."""
     import sys
 
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
@@ -258,4 +259,25 @@ def ui(uri: str, port: int) -> subprocess.Popen:
     art = _artifact_location(uri)
     if art:
         args += ["--default-artifact-root", art]
-    return subprocess.Popen(args)
+    return subprocess.Popen(args, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """End `ui`'s server and every process it started (terminating `mlflow ui` alone left its
+    uvicorn workers and job consumers running): SIGTERM to the group, SIGKILL after 20 s."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader: a zombie keeps the group alive
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    proc.wait(timeout=10)

@@ -57,7 +57,7 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
              f"sqlite:///{self.folder}/server.db", "--artifacts-destination", str(self.folder / "art"),
              "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         assert wait_for(self.up, 120), "mlflow server did not start"
         return self
 
@@ -72,8 +72,9 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+            from cnd_ray import tracking
+
+            tracking.stop_server(self.proc)  # with its uvicorn workers and job runners
             self.proc = None
 
     def rest(self, endpoint: str, body: dict | None = None) -> dict:

@@ -1,4 +1,5 @@
 """`cnd-ray train` end to end on the real Ray and the real MLflow (debug config, CPU)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -127,11 +128,14 @@ def test_preflight_names_the_setting_instead_of_hanging(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_ui_serves_the_runs_over_rest(tmp_path):
+    import psutil
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id, _ = tracking.start_run(uri, "cnd_ray", "ui-check", {"a": 1}, {})
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cnd_ray", "ui", f"track.tracking_uri={uri}",
                              "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    server = None
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
         for _ in range(120):
@@ -145,9 +149,21 @@ def test_ui_serves_the_runs_over_rest(tmp_path):
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
         assert [r["info"]["run_id"] for r in runs] == [run_id]
+        server = psutil.Process(proc.pid).children()[0]  # mlflow ui: uvicorn and job runners below it
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.terminate()  # as a service manager stops it
+        proc.wait(timeout=60)
+    # ... and nothing it started is left running (its uvicorn workers and job consumers were)
+    def group():
+        out = []
+        for p in psutil.process_iter(["pid"]):
+            with contextlib.suppress(OSError):
+                if os.getpgid(p.pid) == server.pid:
+                    out.append(p)
+        return out
+
+    gone, alive = psutil.wait_procs(group(), timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
 
 
 def _run_in_thread(cfg):
