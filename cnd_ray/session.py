@@ -1,15 +1,100 @@
-"""Connecting to Ray the same way from every verb: the cluster in RAY_ADDRESS, else a local one."""
+"""Connecting to Ray the same way from every verb: the cluster in RAY_ADDRESS, else a local one.
+
+A cluster with token authentication (Ray 2.59+ turns it on for clusters that `ray start --head`
+finds a token for; cluster/*.yaml turn it on everywhere) accepts a driver only with
+RAY_AUTH_MODE=token and its token. Ray reads that mode once per process, so setting the variable
+after `import ray` is not enough (the submitted job then retried for 20 s and failed with a
+ConnectionError); and a missing or wrong token only shows as that same ConnectionError. So before
+ray.init we find the token where Ray looks for it, turn the mode on the way Ray itself does, and
+ask the cluster's GCS once, with a 5 s deadline, whether it accepts us: a refusal is one line that
+names the file or variable to fix.
+"""
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
+from cnd_ray.errors import UserError
 
-def _has_token() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.exists(
-        os.path.expanduser("~/.ray/auth_token"))
+DEFAULT_TOKEN = "~/.ray/auth_token"  # Ray's default token file (the cluster configs put it there)
+PROBE_TIMEOUT_S = 5.0
+
+
+def token() -> tuple[str, str]:
+    """(the token, where it came from), looked up as Ray does: RAY_AUTH_TOKEN, the file in
+    RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token; ('', where it would be) when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:  # Ray aborts on an unreadable one rather than falling back: so do we, in one line
+        try:
+            text = Path(path).read_text().strip()
+        except OSError as e:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH: cannot read {path} ({e.strerror})") from None
+        if not text:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH: {path} is empty")
+        return text, f"RAY_AUTH_TOKEN_PATH ({path})"
+    default = Path(os.path.expanduser(DEFAULT_TOKEN))
+    try:
+        return default.read_text().strip(), str(default)
+    except OSError:
+        return "", str(default)
+
+
+def _enable_token_mode() -> None:
+    """RAY_AUTH_MODE=token for this process and its children, re-read by Ray's config as Ray's own
+    token set-up does (its config is read at import; the variable alone comes too late)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def _gcs_address(address: str) -> str:
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:  # "auto": the cluster this machine belongs to, as ray.init finds it
+        return canonicalize_bootstrap_address_or_die(address)
+    except ConnectionError:
+        raise UserError(f"RAY_ADDRESS={address}: no Ray cluster runs on this machine to join; start "
+                        "one (`ray start --head`) or unset RAY_ADDRESS for a local Ray") from None
+
+
+def check_access(address: str, secret: str, where: str) -> None:
+    """One GCS call to `address` carrying `secret` (none when ''): a UserError naming `where` when
+    the cluster refuses it, or when nothing answers within PROBE_TIMEOUT_S."""
+    import grpc
+
+    gcs = _gcs_address(address)
+    with grpc.insecure_channel(gcs) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=PROBE_TIMEOUT_S,
+                 metadata=[("authorization", f"Bearer {secret}")] if secret else None)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                fix = (f"the token in {where} is not this cluster's (the head's ~/.ray/auth_token)"
+                       if secret else f"it needs the cluster's token in {where} (copy the head's "
+                       "~/.ray/auth_token), or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH")
+                raise UserError(f"RAY_ADDRESS={address}: the cluster at {gcs} refused to connect: {fix}") from None
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers at {gcs} "
+                                f"({e.code().name.lower()}); is it running, and is the address right?") from None
+            # anything else: the cluster answered past authentication; let ray.init go on
+
+
+def _join(address: str) -> None:
+    """Prepare this process to join the cluster at `address` with its token (see the module doc)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return  # the user's explicit choice
+    secret, where = token()
+    if secret:
+        _enable_token_mode()
+    if not address.startswith("ray://"):  # Ray Client servers are not the GCS; ray.init reports those
+        check_access(address, secret, where)
 
 
 def local_cpus() -> int:
@@ -23,14 +108,13 @@ def connect(num_cpus: float | None = None) -> None:
     """Reuse a running ray.init(); join RAY_ADDRESS; or start a local Ray with num_cpus logical CPUs
     (default: local_cpus()). Every verb connects here first, so the first one decides.
 
-    Ray 2.60 clusters started by ray.init() use token auth, and an explicit address fails with
-    "Missing authentication token" unless RAY_AUTH_MODE=token: we set it for the user.
+    A cluster in RAY_ADDRESS is joined with its token (module doc).
     """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address and "RAY_AUTH_MODE" not in os.environ and _has_token():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    if address:
+        _join(address)
     # "local", not None: Ray would otherwise join any other Ray running on this machine (another
     # user's, a test's) and then refuse num_cpus.
     ray.init(address=address or "local", num_cpus=None if address else (num_cpus or local_cpus()),

@@ -1,9 +1,12 @@
 """cluster/: both launcher configs pass Ray's own validation (what `ray up` runs) and our preflight;
 removing a required field fails; cluster/run.py's argument handling."""
+import contextlib
 import copy
 import importlib.util
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,19 @@ import yaml
 
 from cnd_ray import cluster
 from cnd_ray.errors import UserError
+from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["aws.yaml", "onprem.yaml"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A HOME of the test's own: tokens go to its ~/.ray, never the user's."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("HOME", str(h))
+    return h
 
 
 def _run_module():
@@ -24,8 +37,9 @@ def _run_module():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_shipped_configs_pass_ray_validation_and_the_preflight(name):
+def test_shipped_configs_pass_ray_validation_and_the_preflight(home, name):
     path = ROOT / "cluster" / name
+    cluster.new_token(cluster.load(path))  # what the user does once before `ray up`
     full = cluster.ray_validate(cluster.load(path))
     assert full["available_node_types"]
     assert cluster.problems(path) == []
@@ -76,8 +90,9 @@ def test_removing_a_required_field_fails_validation(tmp_path, name, path):
     (lambda c: c["docker"].update(image="rayproject/ray:latest-gpu"), "does not pin Ray"),
     (lambda c: c["setup_commands"].append("export AWS_ACCESS_KEY_ID=AKIAABCDEFGHIJKLMNOP"), "AWS key"),
 ])
-def test_preflight_names_what_ray_up_misses(tmp_path, edit, fragment):
+def test_preflight_names_what_ray_up_misses(home, tmp_path, edit, fragment):
     cfg = cluster.load(ROOT / "cluster" / "aws.yaml")
+    cluster.new_token(cfg)
     edit(cfg)
     path = tmp_path / "aws.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -104,7 +119,8 @@ def test_run_py_adds_the_cluster_defaults_unless_given():
     assert args.space == "smoke" and "train.storage=s3://b/x/runs" in args.overrides
 
 
-def test_run_py_storage_and_check_from_the_command_line(tmp_path):
+def test_run_py_storage_and_check_from_the_command_line(home, tmp_path):
+    cluster.new_token(cluster.load(ROOT / "cluster" / "aws.yaml"))
     env_cfg = tmp_path / "bootstrap.yaml"
     env_cfg.write_text(yaml.safe_dump({"metadata": {"cnd_ray": {"storage": "s3://bucket/p"}}}))
     env = {"CND_RAY_CLUSTER_CONFIG": str(env_cfg), "PATH": "/usr/bin:/bin"}
@@ -120,3 +136,180 @@ def test_run_py_storage_and_check_from_the_command_line(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
     with pytest.raises(UserError, match="cannot read"):
         cluster.load(tmp_path / "missing.yaml")
+
+
+# --- token authentication ------------------------------------------------------------------------
+
+def _cli(*args, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "cluster" / "run.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_new_token_is_private_never_printed_and_rotates(home, name):
+    cfg = cluster.load(ROOT / "cluster" / name)
+    r = _cli("--new-token", f"cluster/{name}")
+    path = Path(os.path.expanduser(cluster.token_file(cfg)))
+    assert r.returncode == 0 and str(path) in r.stdout, r.stdout + r.stderr
+    secret = path.read_text()
+    assert len(secret) == 64 and secret not in r.stdout + r.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert home in path.parents  # under ~/.ray, outside the project that file_mounts copies
+    again = _cli("--new-token", f"cluster/{name}")
+    assert again.returncode == 2 and "--rotate-token" in again.stderr and path.read_text() == secret
+    rotated = _cli("--rotate-token", f"cluster/{name}")
+    assert rotated.returncode == 0 and path.read_text() != secret
+    assert cluster.problems(ROOT / "cluster" / name) == []
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "nodes would start without it"),
+    (lambda c: c["docker"]["run_options"].remove("--env=RAY_AUTH_MODE=token"),
+     "head_start_ray_commands[1]: `ray start` without RAY_AUTH_MODE=token"),
+    (lambda c: c["file_mounts"].update({"~/.ray/auth_token": "./token"}), "is inside ."),
+])
+def test_check_names_a_config_that_would_start_nodes_without_a_token(home, tmp_path, edit, fragment):
+    cfg = cluster.load(ROOT / "cluster" / "aws.yaml")
+    cluster.new_token(cfg)
+    (tmp_path / "token").write_text("x" * 64)
+    edit(cfg)
+    path = tmp_path / "aws.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = _cli("--check", str(path), cwd=tmp_path)
+    assert r.returncode == 1 and fragment in r.stdout, r.stdout + r.stderr
+
+
+def test_check_names_a_missing_token_file(home):
+    r = _cli("--check", "cluster/aws.yaml")
+    assert r.returncode == 1 and "~/.ray/cnd-ray.token does not exist" in r.stdout
+    assert "run.py --new-token" in r.stdout
+
+
+def test_the_container_environment_is_read_from_run_options():
+    cfg = {"docker": {"run_options": ["--shm-size=1g", "-e A=1", "--env=RAY_AUTH_MODE=token", "--env B=2"]}}
+    assert cluster.node_env(cfg) == {"A": "1", "RAY_AUTH_MODE": "token", "B": "2"}
+    assert cluster.node_env({}) == {}
+    assert cluster.mlflow_port(cluster.load(ROOT / "cluster" / "aws.yaml"), 1) == 5000
+
+
+# --- the configs' own commands, run for real ---------------------------------------------------
+
+def _remap(cfg: dict, storage: Path, gcs: int, head_om: int, worker_om: int, mlflow: int) -> dict:
+    """The config as this machine can run it: its ports moved to free ones, its storage a folder.
+    `ray stop` is dropped (it stops every Ray on the machine; the test stops its own by pid)."""
+    out = copy.deepcopy(cfg)
+    out["metadata"]["cnd_ray"]["storage"] = str(storage)
+
+    def move(cmd: str, om: int) -> str:
+        cmd = cmd.replace("--port=6379", f"--port={gcs}").replace(":6379", f":{gcs}")
+        cmd = cmd.replace("--object-manager-port=8076", f"--object-manager-port={om}")
+        return cmd.replace("--port 5000", f"--port {mlflow}")
+
+    extra_head = (f" --dashboard-port={free_port()} --ray-client-server-port={free_port()}"
+                  " --object-store-memory=300000000")
+    out["head_start_ray_commands"] = [
+        move(c, head_om) + (extra_head if "ray start" in c else "")
+        for c in cfg["head_start_ray_commands"] if c.strip() != "ray stop"]
+    out["worker_start_ray_commands"] = [
+        move(c, worker_om) + (" --object-store-memory=300000000" if "ray start" in c else "")
+        for c in cfg["worker_start_ray_commands"] if c.strip() != "ray stop"]
+    return out
+
+
+def _stop(marks: list[str]) -> None:
+    """Every process whose command line holds one of `marks` (the GCS port, the test's HOME)."""
+    import psutil
+
+    procs = {p for p in psutil.process_iter(["cmdline"])
+             if any(m in " ".join(p.info["cmdline"] or []) for m in marks) and p.pid != os.getpid()}
+    for p in list(procs):  # and what they started (MLflow's uvicorn workers and job consumers)
+        with contextlib.suppress(psutil.Error):
+            procs.update(p.children(recursive=True))
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_path, name):
+    shipped = cluster.load(ROOT / "cluster" / name)
+    assert _cli("--new-token", f"cluster/{name}").returncode == 0
+    secret = Path(os.path.expanduser(cluster.token_file(shipped))).read_text()
+    gcs, mlflow = free_port(), free_port()
+    cfg = _remap(shipped, tmp_path / "storage", gcs, free_port(), free_port(), mlflow)
+    # What `ray up` puts on the head: the file mounts (the project, the token) and the bootstrap config.
+    for remote, local in cfg["file_mounts"].items():
+        src, dst = (ROOT / local).resolve(), Path(os.path.expanduser(remote))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src) if src.is_dir() else dst.write_text(Path(os.path.expanduser(local)).read_text())
+    (home / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(cluster.node_env(cfg), HOME=str(home), RAY_HEAD_IP="127.0.0.1",
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    marks = [f":{gcs}", f"={gcs}", str(home)]
+    seen = []
+
+    def sh(cmd: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=kw.get("env", env),
+                           cwd=kw.get("cwd", home), timeout=timeout)
+        seen.append(r.stdout + r.stderr)
+        return r
+
+    try:
+        for cmd in cfg["head_start_ray_commands"]:
+            r = sh(cmd)
+            assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+        for cmd in cfg["worker_start_ray_commands"]:  # a second raylet plays the worker node
+            r = sh(cmd)
+            assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+        count = ("from cnd_ray import session; import ray; session.connect(); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        r = sh(f"{sys.executable} -c \"{count}\"", env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
+        assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "2", r.stdout + r.stderr
+
+        server = f"http://127.0.0.1:{mlflow}"
+        assert wait_for(lambda: _up(server), 120), (home / "mlflow" / "server.log").read_text()[-2000:]
+
+        # As `ray submit` runs it: run.py copied to ~ and started on the head, no RAY_ADDRESS.
+        (home / "run.py").write_text((ROOT / "cluster" / "run.py").read_text())
+        r = sh(f"{sys.executable} ~/run.py train --config debug", timeout=600)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        runs = tmp_path / "storage" / "runs"
+        assert sorted(p.name for p in runs.glob("*/checkpoint_00000020")), list(runs.rglob("*"))[:20]
+        import mlflow as mlflow_lib
+
+        client = mlflow_lib.MlflowClient(server)
+        found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert [x.info.status for x in found] == ["FINISHED"], found
+
+        # A driver without the token, or with another, fails at once with one line naming the fix.
+        for extra, fragment in ((dict(HOME=str(tmp_path)), "needs the cluster's token in"),
+                                (dict(RAY_AUTH_TOKEN="f" * 64), "the token in RAY_AUTH_TOKEN is not")):
+            t0 = time.monotonic()
+            r = sh(f"{sys.executable} -m cnd_ray train --config debug", cwd=tmp_path,
+                   env={**env, **extra, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, timeout=120)
+            took = time.monotonic() - t0
+            assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+            assert took < 20, took  # Ray alone retries for ~20 s after the imports, then a traceback
+        assert not any(secret in out for out in seen)  # the token is never printed
+    finally:
+        _stop(marks)
+    import psutil
+
+    assert not [p for p in psutil.process_iter(["cmdline"]) if any(
+        m in " ".join(p.info["cmdline"] or []) for m in marks)]
+
+
+def _up(url: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=1)
+        return True
+    except OSError:
+        return False
