@@ -83,7 +83,8 @@ def check_access(address: str, secret: str, where: str) -> None:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise UserError(f"RAY_ADDRESS={address}: no Ray cluster answers at {gcs} "
                                 f"({e.code().name.lower()}); is it running, and is the address right?") from None
-            # anything else: the cluster answered past authentication; let ray.init go on
+            # anything else (UNIMPLEMENTED too, were Ray to rename the call): the cluster answered
+            # past authentication; ray.init goes on
 
 
 def _join(address: str) -> None:

@@ -216,9 +216,12 @@ def _remap(cfg: dict, storage: Path, gcs: int, head_om: int, worker_om: int, mlf
     return out
 
 
-def _stop(marks: list[str]) -> None:
-    """Every process whose command line holds one of `marks` (the GCS port, the test's HOME)."""
+def _stop(marks: list[str], gcs: int) -> None:
+    """Every process whose command line holds one of `marks` (the GCS port, the test's HOME), and
+    the note `ray start --head` leaves for ray.init() (as `ray stop` removes it: left behind, it
+    made every later ray.init(num_cpus=...) on the machine try to join the dead head)."""
     import psutil
+    from ray._common.utils import get_ray_address_file
 
     procs = {p for p in psutil.process_iter(["cmdline"])
              if any(m in " ".join(p.info["cmdline"] or []) for m in marks) and p.pid != os.getpid()}
@@ -232,6 +235,10 @@ def _stop(marks: list[str]) -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    note = Path(get_ray_address_file(None))
+    with contextlib.suppress(OSError):
+        if note.read_text().strip().endswith(f":{gcs}"):
+            note.unlink()
 
 
 @pytest.mark.slow
@@ -255,9 +262,12 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
     seen = []
 
     def sh(cmd: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+        t0 = time.monotonic()
         r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=kw.get("env", env),
                            cwd=kw.get("cwd", home), timeout=timeout)
         seen.append(r.stdout + r.stderr)
+        last = (r.stderr.strip() or r.stdout.strip() or "-").splitlines()[-1][:160]
+        print(f"[{name}] exit {r.returncode} in {time.monotonic() - t0:.1f} s: {cmd[:90]}\n    {last}")
         return r
 
     try:
@@ -298,11 +308,15 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
             assert took < 20, took  # Ray alone retries for ~20 s after the imports, then a traceback
         assert not any(secret in out for out in seen)  # the token is never printed
     finally:
-        _stop(marks)
+        _stop(marks, gcs)
     import psutil
 
     assert not [p for p in psutil.process_iter(["cmdline"]) if any(
         m in " ".join(p.info["cmdline"] or []) for m in marks)]
+    from ray._common.utils import get_ray_address_file
+
+    note = Path(get_ray_address_file(None))  # a later ray.init() would try to join the dead head
+    assert not (note.exists() and note.read_text().strip().endswith(f":{gcs}"))
 
 
 def _up(url: str) -> bool:
@@ -313,3 +327,32 @@ def _up(url: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_driver_finds_the_token_where_ray_looks(home, tmp_path, monkeypatch):
+    from cnd_ray import session
+
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    assert session.token() == ("", str(home / ".ray" / "auth_token"))
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("a" * 64 + "\n")
+    assert session.token() == ("a" * 64, str(home / ".ray" / "auth_token"))
+    (tmp_path / "t").write_text("b" * 64)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert session.token()[0] == "b" * 64
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "c" * 64)
+    assert session.token() == ("c" * 64, "RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH: cannot read"):
+        session.token()
+
+
+def test_joining_an_address_where_no_cluster_answers_is_one_line_within_seconds():
+    from cnd_ray import session
+
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="no Ray cluster answers at"):
+        session.check_access(f"127.0.0.1:{free_port()}", "", "nowhere")
+    assert time.monotonic() - t0 < session.PROBE_TIMEOUT_S + 2
