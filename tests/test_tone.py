@@ -103,6 +103,25 @@ def test_estimate_ita_without_skin_is_nan():
     assert math.isnan(tone.estimate_ita(np.full((8, 8, 3), 200, np.uint8)))  # too small for patches
 
 
+@pytest.mark.parametrize("rgb", [(128, 128, 128), (200, 200, 200), (255, 255, 255), (40, 40, 40),
+                                 (255, 0, 0), (0, 0, 255), (0, 200, 0), (255, 255, 0)])
+def test_images_without_skin_pixels_have_unknown_tone(rgb):
+    """Flat grey had ITA 90 ("very_light"); saturated colours are no skin either."""
+    img = np.broadcast_to(np.array(rgb, np.uint8), (64, 64, 3)).copy()
+    value = tone.estimate_ita(img)
+    assert math.isnan(value) and tone.band(value) == "unknown" and tone.fitzpatrick(value) == 0
+
+
+def test_a_dark_frame_around_grey_is_unknown_and_skin_inside_a_frame_is_measured():
+    grey = np.full((128, 128, 3), 150, np.uint8)
+    yy, xx = np.mgrid[:128, :128] / 64 - 1
+    grey[np.hypot(xx, yy) > 0.9] = 5  # dermoscope frame
+    assert tone.band(tone.estimate_ita(grey)) == "unknown"
+    img, truth = skin_image(20, size=128)
+    img[np.hypot(xx, yy) > 0.9] = 5
+    assert tone.estimate_ita(img) == pytest.approx(truth, abs=1e-6)
+
+
 def test_estimate_ita_any_size():
     img, truth = skin_image(30, size=200)
     assert tone.estimate_ita(img[:, :150]) == pytest.approx(truth, abs=1e-6)

@@ -35,6 +35,11 @@ STRIDE = 2
 BLACK_L = 10.0  # L* below this is vignette or hair, never skin, even the darkest
 SHADE_L = 10.0  # pixels this much darker than the bright skin are lesion, hair or vignette edge
 MIN_SKIN = 0.5  # a patch needs this share of skin pixels to count
+# Skin is yellowish-red at any depth of tone: b* of real skin is about 5-30 and its chroma below
+# ~40. A neutral pixel (grey, white, a flat or blown-out frame; b* ~ 0, whose ITA would be 90, "very
+# light") or a saturated one (a pure red, blue or green; chroma 80-130) is not skin.
+MIN_B = 4.0
+MAX_CHROMA = 50.0
 
 
 def _decode(c: np.ndarray) -> np.ndarray:
@@ -102,11 +107,11 @@ def estimate_ita(rgb: np.ndarray) -> float:
     ring = np.ones((GRID, GRID), bool)
     ring[RING:-RING, RING:-RING] = False
     px = grid.transpose(0, 2, 1, 3, 4)[ring].reshape(int(ring.sum()), -1, 3)  # (P, n, 3)
-    # Only Y and Z are needed for L* and b*: skip X.
-    yz = _f(_DECODE_U8[px] @ _RGB2XYZ[1:].T)  # (P, n, 2)
-    L = 116 * yz[..., 0] - 16
-    b = 200 * (yz[..., 0] - yz[..., 1])
-    skin = L >= BLACK_L
+    xyz = _f(_DECODE_U8[px] @ _RGB2XYZ.T)  # (P, n, 3)
+    L = 116 * xyz[..., 1] - 16
+    a = 500 * (xyz[..., 0] - xyz[..., 1])
+    b = 200 * (xyz[..., 1] - xyz[..., 2])
+    skin = (L >= BLACK_L) & (b >= MIN_B) & (np.hypot(a, b) <= MAX_CHROMA)
     if not skin.any():
         return math.nan
     # The brightest pixels are skin (lesion, hair and vignette only darken): measure from them.
