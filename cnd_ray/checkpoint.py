@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnd_ray import config as config_lib
+from cnd_ray import config as config_lib, weights as weights_lib
 from cnd_ray.engine import TrainState, build_state
 
 FORMAT = 1
@@ -131,13 +131,13 @@ def load_ema(path: str | Path) -> tuple[config_lib.Config, dict, int]:
     or the classifier (mmap reads only the EMA's bytes of weights.pt)."""
     path = Path(path)
     cfg = load_config(path)
-    weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True, mmap=True)
+    weights = weights_lib.load(path / "weights.pt", mmap=True)
     ema = {k: v.clone() for k, v in weights["ema"].items()}  # off the mmap: the file may go away
     return cfg, ema, read_meta(path)["step"]
 
 
 def _load(path: Path, name: str) -> dict:
-    return torch.load(path / name, map_location="cpu", weights_only=True)
+    return weights_lib.load(path / name)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool = True) -> TrainState:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnd_ray import weights
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate.features import signed
 from cnd_ray.models.classifier import Classifier, load_backbone
@@ -86,7 +87,7 @@ def load(path) -> tuple[Classifier, dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"fidelity classifier: {path} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = weights.load(path)
     meta = blob["meta"]
     model = empty(meta["backbone"])
     model.load_state_dict(blob["state_dict"])

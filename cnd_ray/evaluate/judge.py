@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from cnd_ray.data import shards as shards_lib, stream, tone
+from cnd_ray import weights
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity, metrics
 from cnd_ray.generate import class_name
@@ -207,9 +208,10 @@ def load(path: str, device="cpu") -> Judge:
     fs, inner = _fs(path)
     try:
         with fs.open_input_file(inner) as f:
-            blob = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            data = f.read()
     except (OSError, FileNotFoundError) as e:
         raise UserError(f"judge: cannot read {path} ({e})") from None
+    blob = weights.load(data, name=f"judge {path}")
     model = fidelity.empty(blob["meta"]["backbone"])
     model.load_state_dict(blob["state_dict"])
     real = {k: v.numpy() for k, v in blob["real"].items()}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnd_ray import config as config_lib
+from cnd_ray import config as config_lib, weights as weights_lib
 from cnd_ray.data import external, stream, tone
 from cnd_ray.data import image as image_lib
 from cnd_ray.errors import UserError
@@ -164,7 +164,7 @@ class Joint:
         if cfg.method.gamma_schedule == "off":
             raise UserError(f"--ckpt {ckpt}: has no classifier (method.gamma_schedule off)")
         self.vae = vae_lib.for_run(cfg, device)  # UserError when a latent run's VAE is not here
-        weights = torch.load(Path(self.path) / "weights.pt", map_location="cpu", weights_only=True)
+        weights = weights_lib.load(Path(self.path) / "weights.pt")
         self.model = build_classifier(config_lib.override(cfg, {"classifier.weights": ""}))
         self.model.load_state_dict(weights.get("cls_ema") or weights["classifier"])
         self.model.to(device).eval()

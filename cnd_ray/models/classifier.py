@@ -7,6 +7,7 @@ import timm
 import torch
 from torch import nn
 
+from cnd_ray import weights
 from cnd_ray.config import ConfigError
 
 
@@ -46,7 +47,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         sd = load_file(str(path), device="cpu")
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = weights.load(path, name=f"classifier.weights: {path}")
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
