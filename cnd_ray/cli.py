@@ -85,6 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except train.TrainingStopped as e:
         print(f"cnd-ray train: stopped: {e}", file=sys.stderr)
         return 1
+    except train.TrainingInterrupted as e:
+        print(f"cnd-ray train: {e}", file=sys.stderr)
+        return 130  # as a shell reports a Ctrl-C
     print(f"checkpoint: {out['checkpoint']}")
     return 0
 
@@ -445,3 +448,6 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:  # config, paths, data: one line, exit code 2
             print(f"cnd-ray {args.verb}: error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # a second Ctrl-C (train), or the first one elsewhere
+            print(f"cnd-ray {args.verb}: aborted", file=sys.stderr)
+            return 130

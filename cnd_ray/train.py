@@ -9,6 +9,7 @@ Ray hands one over: resume and restart share this path), and loop over the Ray D
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ from cnd_ray.data import augment, stream
 from cnd_ray.errors import UserError
 
 STOP_FILE = "STOPPED.txt"  # written by rank 0 when a non-finite loss stops the run
+INTERRUPT_FILE = "INTERRUPT_REQUESTED"  # written by the driver on Ctrl-C; every rank stops at one step
 # Held-out share of synthetic data: the judge's FD compares samples with these images, per class
 # (2000 images: ~120 malignant ones instead of ~60 at ingest's default 0.1).
 SYNTHETIC_VAL = 0.2
@@ -43,6 +45,40 @@ NAME_EXCLUDED_SECTIONS = ("scale.", "track.", "eval.", "fairness.")  # how it ru
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself (a non-finite loss); the message says where and what is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: the run saved a checkpoint at the step it had reached; the message says how to resume."""
+
+
+@contextlib.contextmanager
+def _interruptible(request: str | None):
+    """While training: the first Ctrl-C asks the workers (through the file `request`) to save a
+    checkpoint at the step they reach and stop; a second one aborts at once. Ray's own handling of
+    Ctrl-C tore the workers down, so the rerun resumed from an older checkpoint than those written.
+    Only in the main thread of a local run (signal handlers live there; URI storage: as before)."""
+    import signal
+    import threading
+
+    if request is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if os.path.exists(request):
+        os.remove(request)  # from a run that died before it could clear it
+    previous = signal.getsignal(signal.SIGINT)
+
+    def first(signum, frame):
+        with open(request, "w") as f:
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        print("\ninterrupted: saving a checkpoint at the current step, then stopping "
+              "(Ctrl-C again to abort without it)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_name(cfg) -> str:
@@ -235,6 +271,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file,
+                           "interrupt": os.path.join(run_dir, INTERRUPT_FILE) if "://" not in run_dir else "",
                            "stream_start": [start_epoch, start_pos],
                            "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -246,8 +283,14 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+    request = os.path.join(run_dir, INTERRUPT_FILE) if "://" not in run_dir else None
+    if request:
+        # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
+        # losing the steps since the last checkpoint; ours, installed here, keeps them.
+        trainer._register_sigint_handler = lambda controller: None
     try:
-        result = trainer.fit()
+        with _interruptible(request):
+            result = trainer.fit()
     except Exception as e:
         tracking.finish_run(uri, run_id, "FAILED", {"error": repr(e)[:500]})
         raise
@@ -259,6 +302,12 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
         tracking.finish_run(uri, run_id, "FAILED", {"stopped": msg})
         kept = f"the last good checkpoint is kept: {ckpt}" if ckpt else "no checkpoint was written yet"
         raise TrainingStopped(f"{msg}; {kept}")
+    if request and os.path.isfile(request):
+        os.remove(request)
+        step = (result.metrics or {}).get("step", start_step)
+        tracking.finish_run(uri, run_id, "KILLED", {"interrupted_at_step": step, "checkpoint": ckpt})
+        raise TrainingInterrupted(f"interrupted at step {step}; checkpoint {ckpt}; run the same command "
+                                  "again to resume from it")
     tracking.finish_run(uri, run_id, "FINISHED", {"final_checkpoint": ckpt})
     tracking.log_text(uri, run_id, f"{ckpt}\n", "final_checkpoint.txt")
     return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id}
@@ -370,15 +419,17 @@ def _worker(config: dict) -> None:
     try:
         evaluator = _Evaluator(cfg, state, tracker, rank, world, config["judge"])
         _loop(cfg, state, rt, tracker, rank, world, (epoch, pos), tuple(config["stream_start"]),
-              config["run_dir"], evaluator)
+              config["run_dir"], evaluator, config.get("interrupt", ""))
     finally:
         tracker.close()
 
 
-def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir, evaluator) -> None:
+def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir, evaluator,
+          interrupt: str = "") -> None:
     """Train until train.steps. `resume_at` = (epoch, row position) the state has consumed data up
     to; the stream starts at `stream_start`, which differs after a worker-group restart inside one
-    launch: then batches before `resume_at` are read and dropped."""
+    launch: then batches before `resume_at` are read and dropped. When the file `interrupt` appears
+    (the driver's Ctrl-C), every rank saves a checkpoint at the same step and stops."""
     import ray.train
 
     tr = cfg.train
@@ -473,8 +524,15 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
             window, n_win, t_win, w_win = {}, 0, time.perf_counter(), wait.seconds
         evaluate = (tr.eval_every and step % tr.eval_every == 0) or step == tr.steps
         save = step % tr.checkpoint_every == 0 or step == tr.steps
-        if evaluate or save:
-            report(evaluator(state, step, time.perf_counter() - t_start) if evaluate else {}, save)
+        # One rank seeing the request is enough; all stop at this step (all_finite is a logical AND).
+        stopping = bool(interrupt) and not rt.all_finite(not os.path.exists(interrupt))
+        if evaluate or save or stopping:
+            report(evaluator(state, step, time.perf_counter() - t_start) if evaluate else {},
+                   save or stopping)
+        if stopping:
+            if rank == 0:
+                _say(f"interrupted: checkpoint saved at step {step}")
+            return
         if step >= tr.steps:
             break
     if rank == 0 and history:

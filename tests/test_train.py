@@ -268,3 +268,34 @@ def test_latent_run_without_its_vae_names_the_setting(tmp_path, latent_shards):
                             "data.image_size": 64, "data.vae": str(tmp_path / "gone")})
     with pytest.raises(train.UserError, match="data.vae: no VAE at .*gone"):
         vae.folder_for(cfg, {})
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_at_the_current_step_and_the_rerun_resumes_there(tmp_path):
+    """As a terminal delivers it: SIGINT to the whole process group of `cnd-ray train`."""
+    import re
+    import signal
+
+    cmd = [sys.executable, "-m", "cnd_ray", "train", "--config", "debug", "train.name=ctrlc",
+           "train.steps=2000", "train.checkpoint_every=500", "train.log_every=5",
+           f"train.storage={tmp_path / 'runs'}", f"track.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)
+    for line in proc.stdout:  # training is under way
+        if re.search(r"step (\d+)/2000", line) and int(re.search(r"step (\d+)/", line).group(1)) >= 30:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # the driver and every process it started, as a terminal does
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    found = re.search(r"interrupted at step (\d+); checkpoint (\S+); run the same command", err)
+    assert found and "Traceback" not in err, err[-3000:]
+    step = int(found.group(1))
+    assert 30 <= step < 500 and found.group(2).endswith(f"checkpoint_{step:08d}")
+    assert checkpoint.read_meta(found.group(2))["step"] == step
+    assert not (tmp_path / "runs" / "ctrlc" / "INTERRUPT_REQUESTED").exists()
+    again = subprocess.run([a if a != "train.steps=2000" else f"train.steps={step + 5}" for a in cmd],
+                           capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming at step {step}" in again.stdout
