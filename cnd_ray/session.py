@@ -17,9 +17,9 @@ from pathlib import Path
 
 import ray
 
+from cnd_ray.cluster import TOKEN_MOUNT as DEFAULT_TOKEN  # Ray's default token file
 from cnd_ray.errors import UserError
 
-DEFAULT_TOKEN = "~/.ray/auth_token"  # Ray's default token file (the cluster configs put it there)
 PROBE_TIMEOUT_S = 5.0
 
 

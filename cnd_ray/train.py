@@ -267,11 +267,12 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
                                         skip_rows=start_pos)}
     if manifest["splits"].get("val"):
         datasets["val"] = stream.dataset(cfg, "val", shuffle=False)
+    request = os.path.join(run_dir, INTERRUPT_FILE) if "://" not in run_dir else None  # Ctrl-C
     s = cfg.scale
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file,
-                           "interrupt": os.path.join(run_dir, INTERRUPT_FILE) if "://" not in run_dir else "",
+                           "interrupt": request or "",
                            "stream_start": [start_epoch, start_pos],
                            "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -283,7 +284,6 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
-    request = os.path.join(run_dir, INTERRUPT_FILE) if "://" not in run_dir else None
     if request:
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
         # losing the steps since the last checkpoint; ours, installed here, keeps them.

@@ -41,6 +41,17 @@ def wait_for(pred, timeout: float = 180.0, every: float = 0.2) -> bool:
     return False
 
 
+def healthy(url: str) -> bool:
+    """Whether the server at `url` (MLflow) answers its /health endpoint."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=1)
+        return True
+    except OSError:
+        return False
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts) that can be stopped
     and started again on the same port."""
@@ -62,13 +73,7 @@ class MlflowServer:
         return self
 
     def up(self) -> bool:
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-            return True
-        except OSError:
-            return False
+        return healthy(self.uri)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -14,7 +14,7 @@ import yaml
 
 from cnd_ray import cluster
 from cnd_ray.errors import UserError
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, healthy, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["aws.yaml", "onprem.yaml"]
@@ -283,7 +283,7 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
         assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "2", r.stdout + r.stderr
 
         server = f"http://127.0.0.1:{mlflow}"
-        assert wait_for(lambda: _up(server), 120), (home / "mlflow" / "server.log").read_text()[-2000:]
+        assert wait_for(lambda: healthy(server), 120), (home / "mlflow" / "server.log").read_text()[-2000:]
 
         # As `ray submit` runs it: run.py copied to ~ and started on the head, no RAY_ADDRESS.
         (home / "run.py").write_text((ROOT / "cluster" / "run.py").read_text())
@@ -318,15 +318,6 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
     note = Path(get_ray_address_file(None))  # a later ray.init() would try to join the dead head
     assert not (note.exists() and note.read_text().strip().endswith(f":{gcs}"))
 
-
-def _up(url: str) -> bool:
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(f"{url}/health", timeout=1)
-        return True
-    except OSError:
-        return False
 
 
 def test_a_driver_finds_the_token_where_ray_looks(home, tmp_path, monkeypatch):
