@@ -17,9 +17,12 @@ from pathlib import Path
 
 import ray
 
-from cnd_ray.cluster import TOKEN_MOUNT as DEFAULT_TOKEN  # Ray's default token file
 from cnd_ray.errors import UserError
 
+# Ray's default token file; cluster.TOKEN_MOUNT names the same path on the nodes. Not imported from
+# there: with ~ on sys.path, `cnd_ray.cluster` can resolve to the project's cluster/ folder (~/cnd_ray
+# on the head), and this module must import wherever a driver runs.
+DEFAULT_TOKEN = "~/.ray/auth_token"
 PROBE_TIMEOUT_S = 5.0
 
 
