@@ -116,7 +116,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     search = out["search"]
     print(f"\n{search['table']}")
     if out["comparison"]:
-        print(f"## The paper's table, at this scale (95% intervals)\n\n{quickstart.paper_table(out['comparison'], out['floors'])}")
+        print(f"## The paper's table, at this scale (95% intervals)\n\n{quickstart.paper_table(out['comparison'], out['floors'], out['real_lesion_share'])}")
         print("\n".join(quickstart.verdicts(out["comparison"])) + "\n")
     print(f"time:    {out['seconds'] / 60:.1f} minutes")
     print(f"report:  {out['report']}")

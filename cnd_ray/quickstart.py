@@ -59,6 +59,7 @@ def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SP
     report = _report(search, samples, comparison, judge, out_dir, cfg, time.time() - t0)
     return {"report": str(report), "search": search, "best": search["best"], "shards": cfg.data.shards,
             "comparison": comparison, "floors": {n: judge.floor(n) for n in counts(cfg)},
+            "real_lesion_share": judge.meta["lesion_share_real"],
             "seconds": time.time() - t0}
 
 
@@ -129,21 +130,24 @@ def _ci(x: dict, digits: int = 2) -> str:
     return f"{x['value']:.{digits}f} [{x['low']:.{digits}f}, {x['high']:.{digits}f}]"
 
 
-def paper_table(comparison: dict, floors: dict) -> str:
+def paper_table(comparison: dict, floors: dict, real_lesion_share: float) -> str:
     """Markdown: per setting FD at both counts, KD, MS-SSIM, fidelity (95% intervals), and the
     paper's FID 5k / 10k and MS-SSIM beside them."""
     n1, n2 = comparison["counts"]
     head = ["setting", f"FD judge @{n1}/class", f"FD judge @{n2}/class", f"KD judge @{n2} (x1e3)",
-            f"MS-SSIM @{n2}", f"fidelity AUROC @{n2}", "paper FID 5k", "paper FID 10k", "paper MS-SSIM"]
+            f"MS-SSIM @{n2}", f"fidelity AUROC @{n2}", f"lesion shown @{n2}", "paper FID 5k", "paper FID 10k",
+            "paper MS-SSIM"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in comparison["models"].items():
         a, b = m[f"n{n1}"], m[f"n{n2}"]
         kd = {k: 1e3 * v for k, v in b["kd"].items()}
         paper = PAPER.get(name)
-        cells = [name, _ci(a["fd"]), _ci(b["fd"]), _ci(kd), _ci(b["ms_ssim"], 3), _ci(b["fidelity_auroc"], 3)]
+        cells = [name, _ci(a["fd"]), _ci(b["fd"]), _ci(kd), _ci(b["ms_ssim"], 3), _ci(b["fidelity_auroc"], 3),
+                 _ci(b["lesion_share"])]
         cells += [f"{paper[0]:.2f}", f"{paper[1]:.2f}", f"{paper[3]:.3f}"] if paper else ["-"] * 3
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| real vs real (floor) | {floors[n1]['fd']:.2f} | {floors[n2]['fd']:.2f} | | | | | | |")
+    lines.append(f"| real vs real (floor) | {floors[n1]['fd']:.2f} | {floors[n2]['fd']:.2f} | | | | "
+                 f"{real_lesion_share:.2f} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +228,7 @@ def _plot(rows: list[dict], path: Path) -> bool:
 def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir: Path, cfg,
             seconds: float) -> Path:
     from cnd_ray import tracking
+    from cnd_ray.evaluate.judge import LESION_FRACTION
 
     rows, best, s = search["rows"], search["best"], search["space"]
     meta = judge.meta
@@ -249,7 +254,10 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
                   f"({cfg.eval.search_sampler} x {cfg.eval.search_sample_steps} steps, guidance "
                   f"{cfg.diffusion.guidance_scale}, seed {cfg.eval.seed}). 95% bootstrap intervals "
                   f"({BOOTS} resamples of the samples and of the held-out images).", "",
-                  paper_table(comparison, floors), "",
+                  paper_table(comparison, floors, meta["lesion_share_real"]), "",
+                  "`lesion shown`: the share of samples whose centre is darker than their skin by at "
+                  f"least {LESION_FRACTION:g} x the median of the held-out images of their "
+                  "class (the real row: the held-out images themselves).", "",
                   "What differs from the paper: FD here is in the judge's feature space, per class, "
                   f"on {cfg.data.image_size} px images of `{cfg.data.shards}` (the paper: Inception "
                   f"FID on 256 px ISIC images), at {n1} and {n2} images per class (the paper: 5k-20k "

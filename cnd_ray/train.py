@@ -545,7 +545,7 @@ GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation
 JUDGED = "judged.npz"  # in the final checkpoint: the plan (index, seed) and the images judged there
 # Shown on the console line of an evaluation (all of them go to Tune and MLflow).
 CONSOLE_METRICS = ("val_loss_diff", "val_auroc", "fidelity_auroc", "fd_judge", "fd_judge_floor",
-                   "fd_ratio", "kd_judge", "ms_ssim", "fid", "eval_seconds")
+                   "fd_ratio", "kd_judge", "ms_ssim", "lesion_share", "fid", "eval_seconds")
 
 
 class _Evaluator:

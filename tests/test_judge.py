@@ -84,6 +84,24 @@ def test_real_images_score_near_the_floor_and_noise_far_above_it(judged, small_s
     assert {"fidelity_auroc", "fidelity_accuracy_benign", "fidelity_accuracy_malignant", "kd_judge",
             "kd_judge_std", "ms_ssim", "fd_judge_benign", "fd_judge_malignant"} <= set(got)
     assert sum(v for k, v in got.items() if k.startswith("tone_") and k.endswith("_n")) == len(pos)
+    # Real images show their lesion; the flat skin-coloured squares do not.
+    assert got["lesion_share"] >= 0.8 and 0.5 < j.meta["lesion_share_real"] <= 1.0
+    flat = real.float().mean((2, 3), keepdim=True).expand_as(real).round().to(torch.uint8)
+    assert j.measure(flat, labels[pos])["lesion_share"] == 0.0
+
+
+@pytest.mark.parametrize("size", [16, 32, 256])
+def test_lesion_contrast_sees_a_dark_centred_disc_and_nothing_off_centre_or_flat(size):
+    c = (torch.arange(size) + 0.5) / size * 2 - 1
+    r = torch.hypot(c[:, None], c[None, :])
+    skin = torch.full((3, size, size), 180.0)
+    centred = torch.where(r < 0.3, 100.0, skin)  # a disc 80 levels darker than the skin
+    corner = torch.where(torch.hypot(c[:, None] - 0.7, c[None, :] - 0.7) < 0.2, 100.0, skin)
+    got = metrics.lesion_contrast(torch.stack([centred, corner, skin]).to(torch.uint8))
+    assert got[0] == pytest.approx(80 / 180, abs=0.01) and got[1] == pytest.approx(0, abs=0.01) and got[2] == 0
+    # Weber contrast: the same lesion, relative to its skin, scores the same on darker skin.
+    dark = torch.where(r < 0.3, 50.0, torch.full((3, size, size), 90.0))
+    assert metrics.lesion_contrast(dark[None].to(torch.uint8))[0] == pytest.approx(40 / 90, abs=0.01)
 
 
 def test_search_samples_the_reference_split_cannot_hold_are_refused_naming_the_key(judged, small_shards):
@@ -114,6 +132,8 @@ def test_the_comparison_is_paired_and_says_which_model_is_worse(judged, small_sh
     assert same["fd"] == {"value": 0.0, "low": 0.0, "high": 0.0}  # paired: identical models differ by 0
     assert compare.verdict(same) == "no clear difference"
     assert compare.verdict(out["models"]["3"]["delta_n12"]) == "worse"
+    assert compare.verdict(out["models"]["3"]["delta_n12"], "lesion_share") == "worse"
+    assert out["models"]["3"]["n12"]["lesion_share"]["value"] == 0.0
     a = out["models"]["1"]["n12"]["fd"]
     assert a["low"] <= a["high"] and np.isfinite(a["value"])
 

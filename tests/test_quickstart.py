@@ -39,6 +39,7 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     ranked = {r[head.index("setting")].strip(): float(r[head.index("fd_judge")]) for r in lines[2:]}
     for setting, fd_judge in ranked.items():
         assert comparison["models"][setting]["n4"]["fd"]["value"] == pytest.approx(fd_judge, rel=0.05)
+    assert "lesion shown @4" in report and 0 <= comparison["models"]["1"]["n4"]["lesion_share"]["value"] <= 1
     for png in ("samples_setting1.png", "samples_setting2.png", "real.png", "curves.png"):
         assert (tmp_path / "report" / png).stat().st_size > 0
         assert f"({png})" in report

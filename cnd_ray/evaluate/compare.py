@@ -1,6 +1,7 @@
 """Models side by side under one judge, in the shape of the paper's table (METHOD.md section 4): per
-model, FD at two sample counts, KD, MS-SSIM and class fidelity, each with a bootstrap 95% interval,
-and each model's paired difference from a baseline (did settings 2-5 beat setting 1?).
+model, FD at two sample counts, KD, MS-SSIM, class fidelity and the share of samples that show a
+lesion, each with a bootstrap 95% interval, and each model's paired difference from a baseline (did
+settings 2-5 beat setting 1?).
 
 Every model's images come from the same generation plan (image i: the same seed and label for
 every model), so the bootstrap resamples plan positions once per replicate and applies them to every
@@ -14,8 +15,8 @@ import torch
 
 from cnd_ray.evaluate import fidelity, metrics
 
-Z = ("fd", "kd", "ms_ssim", "fidelity_auroc")  # the table's columns, per sample count for fd
-LOWER_IS_BETTER = {"fd": True, "kd": True, "ms_ssim": True, "fidelity_auroc": False}
+Z = ("fd", "kd", "ms_ssim", "fidelity_auroc", "lesion_share")  # the table's columns, per sample count
+LOWER_IS_BETTER = {"fd": True, "kd": True, "ms_ssim": True, "fidelity_auroc": False, "lesion_share": False}
 
 
 def _first(labels: np.ndarray, n: int) -> np.ndarray:
@@ -23,7 +24,7 @@ def _first(labels: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c in np.unique(labels)]))
 
 
-def _stats(judge, feats, scores, pair_ms_ssim, labels, pos, held_pos) -> dict:
+def _stats(judge, feats, scores, pair_ms_ssim, shows, labels, pos, held_pos) -> dict:
     """The table's numbers for plan positions `pos` (generated) and held-out positions `held_pos`."""
     fds, kds = [], []
     for c in judge.classes:
@@ -33,7 +34,8 @@ def _stats(judge, feats, scores, pair_ms_ssim, labels, pos, held_pos) -> dict:
         kds.append(metrics.kid(r, g, subsets=1, subset_size=len(g) + len(r), seed=0)[0])
     return {"fd": float(np.mean(fds)), "kd": float(np.mean(kds)),
             "ms_ssim": float(np.mean(pair_ms_ssim[pos])),
-            "fidelity_auroc": metrics.classification(scores[pos], labels[pos])["auroc"]}
+            "fidelity_auroc": metrics.classification(scores[pos], labels[pos])["auroc"],
+            "lesion_share": float(np.mean(shows[pos]))}
 
 
 def _pair_ms_ssim(images: torch.Tensor, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -61,7 +63,8 @@ def table(judge, models: dict[str, tuple[torch.Tensor, np.ndarray]], counts: lis
     for name, (images, y) in models.items():
         assert np.array_equal(y, labels), "every model must draw the same plan"
         data[name] = (ext.features(images), fidelity.scores(judge.model, images),
-                      {n: _pair_ms_ssim(images, labels, n, seed) for n in counts})
+                      {n: _pair_ms_ssim(images, labels, n, seed) for n in counts},
+                      judge.shows_lesion(images, labels))
     rng = np.random.default_rng(seed)
     out = {"counts": counts, "baseline": baseline, "boots": boots, "models": {m: {} for m in models}}
     held_all = np.arange(len(judge.held_labels))
@@ -76,9 +79,9 @@ def table(judge, models: dict[str, tuple[torch.Tensor, np.ndarray]], counts: lis
                                               (judge.held_labels == c).sum()) for c in judge.classes])
             draws.append((gen, held))
         per_model = {}
-        for name, (feats, scores, pairs) in data.items():
-            point = _stats(judge, feats, scores, pairs[n], labels, base_pos, held_all)
-            boot = [_stats(judge, feats, scores, pairs[n], labels, g, h) for g, h in draws]
+        for name, (feats, scores, pairs, shows) in data.items():
+            point = _stats(judge, feats, scores, pairs[n], shows, labels, base_pos, held_all)
+            boot = [_stats(judge, feats, scores, pairs[n], shows, labels, g, h) for g, h in draws]
             per_model[name] = (point, boot)
             out["models"][name][f"n{n}"] = {k: _interval(point[k], [b[k] for b in boot]) for k in Z}
         bp, bb = per_model[baseline]

@@ -17,7 +17,11 @@ On n generated images per class it measures (`Judge.measure`):
   FD's bias at this sample count. `fd_ratio` = FD / floor: 1 is as close to the held-out images as
   other real images are. Small-sample FD is biased upwards, so only the ratio (or FD at equal
   counts) compares;
-- MS-SSIM diversity of same-class sample pairs.
+- MS-SSIM diversity of same-class sample pairs;
+- lesion share: the share of samples of class c whose centre is darker than their skin by at least
+  LESION_FRACTION of the held-out class-c images' median (metrics.lesion_contrast): does every
+  sample show its lesion? A texture can fool the classifier and move FD little; a missing lesion
+  cannot hide here.
 Plain PyTorch and numpy; the Ray layer decides where it runs.
 """
 from __future__ import annotations
@@ -39,10 +43,14 @@ from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity, metrics
 from cnd_ray.generate import class_name
 
-FORMAT = 1  # bump when the file's content changes: older files are then retrained, not misread
+FORMAT = 2  # bump when the file's content changes: older files are then retrained, not misread
 FLOOR_DRAWS = 20  # real-vs-real FD draws averaged into one floor
 BANDS = [b for b, _ in tone.BANDS] + [tone.UNKNOWN]
 WEAK_AUROC = 0.8  # a judge below this on held-out images is said to be weak (it learnt little)
+# A sample shows its lesion when its centre contrast reaches this share of the held-out images' median
+# for its class: all 418 quickstart held-out images do (the least 0.27 against a benign median of
+# 0.50), plain skin and faint smudges do not.
+LESION_FRACTION = 0.5
 
 
 def settings(cfg) -> dict:
@@ -146,6 +154,11 @@ class Judge:
             self.floors[n] = {"fd": float(np.mean(list(per.values()))), **{f"fd_{k}": v for k, v in per.items()}}
         return self.floors[n]
 
+    def shows_lesion(self, images: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+        """(N,) bool: does each image show a lesion as its class's real images do (LESION_FRACTION)?"""
+        need = np.array([self.meta["lesion_contrast"][class_name(int(c))] for c in labels]) * LESION_FRACTION
+        return metrics.lesion_contrast(images) >= need
+
     @property
     def classes(self) -> list[int]:
         return sorted(np.unique(self.held_labels).tolist())
@@ -180,6 +193,9 @@ class Judge:
             gen = ext.features(images)
             out["fid"] = float(np.mean([metrics.frechet(real[real_labels == c], gen[labels == c])
                                         for c in self.classes]))
+        shows = self.shows_lesion(images, labels)
+        out["lesion_share"] = float(shows.mean())
+        out.update({f"lesion_share_{class_name(c)}": float(shows[labels == c].mean()) for c in self.classes})
         div = metrics.diversity(images, labels, msssim_pairs or n, self.meta["seed"])
         out["ms_ssim"] = div["all"]["ms_ssim"]
         # Skin tone as the image shows it (ITA on the pixels), as `cnd-ray evaluate` reads it.
@@ -272,8 +288,11 @@ def train(cfg, shards: str, manifest: dict, device="cpu", progress: bool = False
                                    seed=e.seed, device=device, progress=lambda s: bar.update(s - bar.n))
     ext = features.classifier_features(model, "judge")
     meta["heldout_auroc"] = metrics.classification(fidelity.scores(model, held_x), held_y)["auroc"]
+    contrast = metrics.lesion_contrast(held_x)
+    meta["lesion_contrast"] = {class_name(c): float(np.median(contrast[held_y == c])) for c in np.unique(held_y)}
     judge = Judge(model, meta, ext.features(ref_x).astype(np.float32), ref_y,
                   ext.features(held_x).astype(np.float32), held_y)
+    meta["lesion_share_real"] = float(judge.shows_lesion(held_x, held_y).mean())  # the bar's reach
     say(f"judge: held-out AUROC {meta['heldout_auroc']:.3f} on {len(held_y)} {e.heldout_split} images"
         + (" - it barely tells the classes apart: its fidelity numbers mean little (raise "
            "eval.fidelity_steps)" if meta["heldout_auroc"] < WEAK_AUROC else ""))

@@ -127,6 +127,24 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.prod(stacked ** weights.view(-1, 1, 1), dim=0).mean(1)  # (N,)
 
 
+def lesion_contrast(images: torch.Tensor) -> np.ndarray:
+    """(N,) how much darker each uint8 image's (N, 3, S, S) centre is than its skin, as a share of the
+    skin's luminance (Weber contrast, so that a lesion on dark skin counts as much as one on light
+    skin): skin = the median luminance of a ring 0.5-0.85 of the half-width from the centre (inside a
+    dermoscope's dark corners), centre = the darkest spot (a box of ~S/10 px) within 0.4 of it.
+    Dermoscopic images centre their lesion (ISIC's and the synthetic set's do), so an image that shows
+    one scores about as high as the real images of its class, and plain skin or a faint smudge near 0."""
+    x = images.float()
+    lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # (N, S, S), Rec. 601 luma, 0-255
+    s = lum.shape[-1]
+    k = max(3, round(s / 10)) | 1  # odd: the box is centred on its pixel
+    spot = F.avg_pool2d(lum[:, None], k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
+    c = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
+    r = torch.hypot(c[:, None], c[None, :])  # (S, S) distance from the centre, half-widths
+    ring = lum[:, (r > 0.5) & (r < 0.85)].median(dim=1).values
+    return ((ring - spot[:, r < 0.4].min(dim=1).values) / ring.clamp(min=1.0)).numpy()
+
+
 def diversity(images: torch.Tensor, labels: np.ndarray, pairs: int = 1000, seed: int = 0,
               batch: int = 64) -> dict:
     """Mean MS-SSIM over `pairs` random same-class pairs (i != j) per class; lower = more diverse."""
