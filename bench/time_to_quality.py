@@ -4,10 +4,13 @@ samples that show their class and look like the data.
 The bar (issue 15, item 4), under the project's judge (cnd_ray/evaluate/judge.py):
     class-fidelity AUROC >= 0.95  and  FD in the judge's space <= 5 x the real-vs-real floor
 measured the way training measures it (eval.search_samples per class from the EMA model with
-eval.search_sampler, the same seeds each time), every --every steps.
+eval.search_sampler, the same seeds each time), every --every images (so every 200 steps of the old
+recipe's batch of 32, every 800 of the new one's 8). Each row also gives the share of samples that
+show a lesion as the real images of their class do (judge.LESION_FRACTION), which the bar does not
+include.
 
     old - the quickstart recipe before issue 15: DiT AdamW 5e-4, EMA 0.99, no clipping, uniform loss
-          weighting, no guidance, a ResNet-18 critic
+          weighting, no guidance, a ResNet-18 critic, batches of 32
     new - cnd_ray/configs/quickstart.yaml as shipped
 
 Both train the same setting (default 1, the plain conditional DiT: the paper's baseline; --setting
@@ -17,7 +20,7 @@ stops at the bar or at its step budget; the last line is one JSON object with th
 each took (or where each stood when its budget ran out) and the ratio old / new, a lower bound when
 the old recipe never got there.
 
-Run: python bench/time_to_quality.py [--shards DIR] [--old-steps 4000] [--new-steps 2000] [--every 200]
+Run: python bench/time_to_quality.py [--shards DIR] [--old-steps 4000] [--new-steps 6400] [--every 6400]
 """
 from __future__ import annotations
 
@@ -30,14 +33,14 @@ import time
 
 OLD = ["optim.lr=5e-4", "optim.ema_decay=0.99", "optim.grad_clip=0", "optim.warmup_steps=0",
        "optim.ema_warmup=false", "diffusion.loss_weighting=uniform", "diffusion.guidance_scale=1.0",
-       "classifier.backbone=resnet18"]
+       "classifier.backbone=resnet18", "train.global_batch=32"]
 FIDELITY_BAR, RATIO_BAR = 0.95, 5.0
 
 
 def _variant(name: str, overrides: list[str], shards: str, judge_file: str, steps: int, every: int,
              queue) -> None:
     """One recipe in its own process: train with engine.train_step on in-memory shards, measure at
-    every `every` steps, stop at the bar or the budget; results go to `queue`."""
+    every `every` images, stop at the bar or the budget; results go to `queue`."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -58,6 +61,7 @@ def _variant(name: str, overrides: list[str], shards: str, judge_file: str, step
     state = engine.build_state(cfg)
     g = torch.Generator().manual_seed(0)
     b = cfg.train.global_batch
+    every = max(1, every // b)  # images -> steps
     seconds, history = 0.0, []
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(labels), (b,), generator=g)
@@ -71,7 +75,7 @@ def _variant(name: str, overrides: list[str], shards: str, judge_file: str, step
         got = judge.measure(images, plan["label"], cfg.eval.kid_subsets)
         row = {"step": step, "seconds": round(seconds, 1), "fidelity_auroc": round(got["fidelity_auroc"], 4),
                "fd_judge": round(got["fd_judge"], 2), "fd_ratio": round(got["fd_ratio"], 2),
-               "ms_ssim": round(got["ms_ssim"], 3)}
+               "ms_ssim": round(got["ms_ssim"], 3), "lesion_share": round(got["lesion_share"], 3)}
         history.append(row)
         queue.put(("row", name, row))
         if got["fidelity_auroc"] >= FIDELITY_BAR and got["fd_ratio"] <= RATIO_BAR:
@@ -96,8 +100,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", default="", help="ingested shards (default: the quickstart's synthetic set)")
     ap.add_argument("--old-steps", type=int, default=4000, help="the old recipe's step budget")
-    ap.add_argument("--new-steps", type=int, default=2000, help="the new recipe's step budget")
-    ap.add_argument("--every", type=int, default=200, help="steps between measurements")
+    ap.add_argument("--new-steps", type=int, default=6400, help="the new recipe's step budget")
+    ap.add_argument("--every", type=int, default=6400, help="training images between measurements")
     ap.add_argument("--setting", default="1", help="which of paper_settings both recipes train")
     args = ap.parse_args()
 
@@ -146,9 +150,9 @@ def main() -> None:
     if out["new"]["reached"]:
         out["speedup_seconds"] = round(out["old"]["seconds"] / out["new"]["seconds"], 2)
         out["speedup_is_lower_bound"] = not out["old"]["reached"]
-    print(f"\n{'recipe':>6} | reached | steps | train s | fidelity | FD/floor\n" + "\n".join(
+    print(f"\n{'recipe':>6} | reached | steps | train s | fidelity | FD/floor | lesion shown\n" + "\n".join(
         f"{k:>6} | {v['reached']!s:>7} | {v['steps']:>5} | {v['seconds']:>7} | "
-        f"{v['at_end']['fidelity_auroc']:>8} | {v['at_end']['fd_ratio']:>8}"
+        f"{v['at_end']['fidelity_auroc']:>8} | {v['at_end']['fd_ratio']:>8} | {v['at_end']['lesion_share']:>12}"
         for k, v in out.items() if k in ("old", "new")))
     print(json.dumps(out))
 
