@@ -231,6 +231,55 @@ def test_load_refuses_decompression_bombs():
         image_lib.load(bomb, 16)
 
 
+# Runs in a fresh interpreter: the peak resident memory of decoding the files given, one at a time.
+_PEAK = """
+import resource, sys
+from cnd_ray.data import image
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if len(sys.argv) > 3:  # a hard address-space limit this far above what is mapped now
+    import re
+    vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[3]), resource.RLIM_INFINITY))
+for path in sys.argv[2].split(","):
+    try:
+        out = image.load(open(path, "rb").read(), int(sys.argv[1]))[0].shape
+    except image.BadImage as e:
+        out = str(e)
+    print(path.rsplit("/", 1)[-1], out)
+print("peak_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def _peak(files, size, limit=None):
+    cmd = [sys.executable, "-c", _PEAK, str(size), ",".join(map(str, files))] + ([str(limit)] if limit else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split("\n")
+    return dict(line.split(" ", 1) for line in lines if line)
+
+
+def test_hostile_aspect_ratios_and_big_scans_decode_in_bounded_memory(tmp_path):
+    # The issue's bombs: 121 bytes that resized whole took 5.4 GB, and a MemoryError; plus the
+    # largest scan the pixel guard lets through, in the mode that costs most to convert.
+    files = {"thin.png": Image.new("RGB", (1, 20000), (200, 150, 120)),
+             "thinner.png": Image.new("RGB", (1, 100000), (200, 150, 120)),
+             "wide16.png": Image.new("I;16", (9000, 9000), 30000)}
+    for name, img in files.items():
+        img.save(tmp_path / name)
+    assert (tmp_path / "thinner.png").stat().st_size < 2000
+    got = _peak([tmp_path / n for n in files], 256)
+    assert got["thin.png"] == got["thinner.png"] == got["wide16.png"] == "(256, 256, 3)", got
+    assert float(got["peak_mb"]) < 1024, got  # per decode task: under 1 GB
+
+
+def test_running_out_of_memory_on_one_image_makes_it_a_reject(tmp_path):
+    Image.new("RGB", (8000, 8000), (200, 150, 120)).save(tmp_path / "big.png")  # 192 MB decoded
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(tmp_path / "small.png")
+    got = _peak([tmp_path / "big.png", tmp_path / "small.png"], 32, limit=100 * 2**20)
+    assert got["big.png"].startswith("out of memory:"), got
+    assert got["small.png"] == "(32, 32, 3)"  # the next image decodes as usual
+
+
 def test_load_resizes_short_side_and_centre_crops():
     arr = np.zeros((40, 80, 3), np.uint8)
     arr[:, 20:60] = 255  # a white centre square in a wide black image
