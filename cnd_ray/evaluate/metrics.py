@@ -133,7 +133,9 @@ def lesion_contrast(images: torch.Tensor) -> np.ndarray:
     skin): skin = the median luminance of a ring 0.5-0.85 of the half-width from the centre (inside a
     dermoscope's dark corners), centre = the darkest spot (a box of ~S/10 px) within 0.4 of it.
     Dermoscopic images centre their lesion (ISIC's and the synthetic set's do), so an image that shows
-    one scores about as high as the real images of its class, and plain skin or a faint smudge near 0."""
+    one scores about as high as the real images of its class, and plain skin or a faint smudge near 0.
+    Read it beside FD: a dark speckle in a noisy texture passes too (an untrained model's noise scores
+    ~0.8 where its FD is 27x the floor)."""
     x = images.float()
     lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # (N, S, S), Rec. 601 luma, 0-255
     s = lum.shape[-1]
