@@ -107,16 +107,27 @@ def read_extra(path: str | Path) -> dict:
     return _load(Path(path), "state.pt").get("extra", {})
 
 
-def read_meta(path: str | Path) -> dict:
-    """meta.json of a checkpoint in a folder or at a URI (s3://..., any pyarrow filesystem)."""
+def _read_text(path: str | Path, name: str) -> str:
+    """File `name` of a checkpoint in a folder or at a URI (s3://..., any pyarrow filesystem)."""
     path = str(path)
     if "://" in path:
         import pyarrow.fs as pafs
 
         fs, inner = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(f"{inner.rstrip('/')}/meta.json") as f:
-            return json.loads(f.read())
-    return json.loads((Path(path) / "meta.json").read_text())
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as f:
+            return f.read().decode()
+    return (Path(path) / name).read_text()
+
+
+def read_meta(path: str | Path) -> dict:
+    """meta.json of a checkpoint in a folder or at a URI."""
+    return json.loads(_read_text(path, "meta.json"))
+
+
+def read_config(path: str | Path):
+    """The resolved config of a checkpoint in a folder or at a URI."""
+    text = _read_text(path, "config.yaml")
+    return config_lib.from_dict(config_lib.yaml_mapping(text, f"{path}/config.yaml"))
 
 
 def load_config(path: str | Path):
@@ -140,10 +151,13 @@ def _load(path: Path, name: str) -> dict:
     return weights_lib.load(path / name)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool = True) -> TrainState:
-    """Rebuild the train state a checkpoint holds, from the checkpoint's own config."""
+def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool = True,
+         cfg=None) -> TrainState:
+    """Rebuild the train state a checkpoint holds, under its own config or, given `cfg`, under that
+    one (a resume the user asked to continue with changed settings: the optimizers keep their
+    moments and take cfg's hyperparameters)."""
     path = Path(path)
-    cfg = load_config(path)
+    cfg = cfg or load_config(path)
     # Build without re-reading the classifier's pretrained file: the checkpoint has its weights
     # (and the file may be gone on the machine that resumes).
     state = build_state(config_lib.override(cfg, {"classifier.weights": ""}), device)
@@ -162,6 +176,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool
         for p, g in zip(state.classifier.parameters(), extra["cls_grads"]):
             p.grad = None if g is None else g.to(p.device)
     state.counters.update(extra["counters"])
+    # load_state_dict brought back the saved rates; the DiT's is set every step from cfg anyway.
+    for opt, hyper in ((state.opt_dit, {"weight_decay": cfg.optim.weight_decay}),
+                       (state.opt_cls, {"lr": cfg.classifier.lr, "momentum": cfg.classifier.momentum})):
+        for group in (opt.param_groups if opt is not None else []):
+            group.update(hyper)
     if restore_rng:
         set_rng_state(extra["rng"])
     return state

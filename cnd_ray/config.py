@@ -176,6 +176,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata=_range(0))  # steps; 0 = only at the end
     eval_batches: int = field(default=4, metadata=_range(1))  # held-out batches per evaluation
     synthetic_images: int = field(default=2000, metadata=_range(16))  # when data.shards is ""
+    # Relaunching a run (same train.name) with settings that change what is trained is refused,
+    # naming them; true continues from its checkpoint under the new settings.
+    resume_with_changes: bool = False
 
 
 @dataclass(frozen=True)
@@ -481,6 +484,17 @@ def packaged_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def yaml_mapping(text: str, where) -> Mapping[str, Any] | None:
+    """A config file's text -> its mapping of sections (None when empty); one line naming `where`."""
+    try:
+        data = _yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of sections at the top level")
+    return data
+
+
 def load(source: str | Path | None = None,
          overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
     """Load a packaged config by name (e.g. 'quickstart') or a YAML path, then apply overrides."""
@@ -493,12 +507,7 @@ def load(source: str | Path | None = None,
                 raise ConfigError(f"--config {source}: no such file and not a packaged config "
                                   f"(packaged: {', '.join(packaged_names())})")
             path = CONFIG_DIR / f"{source}.yaml"
-        try:
-            data = _yaml(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if data is not None and not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = yaml_mapping(path.read_text(), path)
         try:
             cfg = from_dict(data)
         except ConfigError as e:
@@ -507,5 +516,5 @@ def load(source: str | Path | None = None,
 
 
 # Keep the module's public surface obvious to readers.
-__all__ = ["Config", "ConfigError", "load", "override", "from_dict", "validate", "to_nested",
+__all__ = ["Config", "ConfigError", "load", "override", "from_dict", "validate", "to_nested", "yaml_mapping",
            "packaged_names", "DIT_SIZES"]

@@ -37,9 +37,9 @@ SYNTHETIC_VAL = 0.2
 BUCKET_BYTES = 25 * 2 ** 20  # gradients are averaged in flat buckets of about this size
 # Settings that do not change what is trained: a run keeps its name (and resumes) across them.
 NAME_EXCLUDES = {"train.name", "train.storage", "train.steps", "train.checkpoint_every",
-                 "train.keep_checkpoints", "train.max_failures", "train.log_every", "train.eval_every",
-                 "train.eval_batches", "data.shuffle_buffer", "data.decode_tasks", "data.vae",
-                 "diffusion.eta"}
+                 "train.resume_with_changes", "train.keep_checkpoints", "train.max_failures",
+                 "train.log_every", "train.eval_every", "train.eval_batches", "data.shuffle_buffer",
+                 "data.decode_tasks", "data.vae", "diffusion.eta"}
 NAME_EXCLUDED_SECTIONS = ("scale.", "track.", "eval.", "fairness.")  # how it runs, where it logs, how it is judged
 
 
@@ -81,13 +81,39 @@ def _interruptible(request: str | None):
         signal.signal(signal.SIGINT, previous)
 
 
+def trains(key: str) -> bool:
+    """Does the flat config key change what is trained (not just how long, how it runs or logs)?"""
+    return key not in NAME_EXCLUDES and not key.startswith(NAME_EXCLUDED_SECTIONS)
+
+
 def run_name(cfg) -> str:
     """`train.name`, else a hash of what is trained: rerunning the same config resumes it."""
     if cfg.train.name:
         return cfg.train.name
-    keep = {k: v for k, v in cfg.flat().items()
-            if k not in NAME_EXCLUDES and not k.startswith(NAME_EXCLUDED_SECTIONS)}
+    keep = {k: v for k, v in cfg.flat().items() if trains(k)}
     return "cnd-" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def resume_changes(old, new) -> tuple[list[str], list[str]]:
+    """(changes to what is trained, other changes) between a run's checkpointed config and the one
+    relaunching it, each as "key old -> new"."""
+    a, b = old.flat(), new.flat()
+    diff = [k for k in sorted(b) if a.get(k) != b[k] and k != "train.resume_with_changes"]
+    said = [f"{k} {a.get(k)!r} -> {b[k]!r}" for k in diff]
+    return ([d for k, d in zip(diff, said) if trains(k)], [d for k, d in zip(diff, said) if not trains(k)])
+
+
+def _check_resume(cfg, name: str, latest: str) -> None:
+    """A relaunch may extend a run or change how it runs and logs (said); changing what it trains
+    needs train.resume_with_changes=true (exit 2 naming the keys otherwise)."""
+    changed, other = resume_changes(checkpoint.read_config(latest), cfg)
+    if changed and not cfg.train.resume_with_changes:
+        raise UserError(f"run {name} exists (checkpoint {latest}) with other training settings: "
+                        f"{'; '.join(changed)}. Rerun with train.resume_with_changes=true to continue "
+                        "it under them, or give another train.name for a new run")
+    for what, items in (("changed training settings", changed), ("settings", other)):
+        if items:
+            print(f"run {name}: resuming with {what}: {'; '.join(items)}", flush=True)
 
 
 def storage_path(cfg) -> str:
@@ -240,6 +266,8 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
 
     run_dir = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
     latest = latest_checkpoint(run_dir)
+    if latest:
+        _check_resume(cfg, name, latest)
     meta = checkpoint.read_meta(latest) if latest else {}
     start_step, start_epoch, start_pos = meta.get("step", 0), meta.get("epoch", 0), meta.get("pos", 0)
     rows = sum(manifest["splits"]["train"].values())
@@ -394,7 +422,7 @@ def _worker(config: dict) -> None:
     epoch, pos = 0, 0
     if ckpt:  # resume and worker-group restart: the same path as a fresh start, plus the state
         with ckpt.as_directory() as d:
-            state = checkpoint.load(d, device, restore_rng=False)
+            state = checkpoint.load(d, device, restore_rng=False, cfg=cfg)  # the driver checked cfg
             extra = checkpoint.read_extra(d)
         epoch, pos = extra.get("epoch", 0), extra.get("pos", 0)
         rngs = extra.get("rng", [])

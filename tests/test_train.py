@@ -53,6 +53,30 @@ def test_interrupted_and_resumed_equals_straight(ray_local, tmp_path):
     assert straight["metrics"]["ranks_in_sync"] == 1.0
 
 
+def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp_path, capsys):
+    from cnd_ray.errors import UserError
+
+    first = train.run(_cfg(tmp_path, **{"train.name": "changed", "train.steps": 4}))
+    old = checkpoint.load_config(first["checkpoint"])
+    change = {"train.name": "changed", "train.steps": 8, "method.lambda_cls": 0.9, "classifier.lr": 0.5}
+    with pytest.raises(UserError, match=(
+            r"^run changed exists \(checkpoint .*checkpoint_00000004\) with other training settings: "
+            rf"classifier.lr {old.classifier.lr!r} -> 0.5; method.lambda_cls {old.method.lambda_cls!r} -> 0.9\. "
+            r"Rerun with train.resume_with_changes=true")):
+        train.run(_cfg(tmp_path, **change))
+    # Extending the run is allowed, and said.
+    capsys.readouterr()
+    train.run(_cfg(tmp_path, **{"train.name": "changed", "train.steps": 6}))
+    assert "resuming with settings: train.steps 4 -> 6" in capsys.readouterr().out
+    # Asked for: the run continues from step 6 under the new settings, the classifier's optimizer too.
+    out = train.run(_cfg(tmp_path, **change, **{"train.resume_with_changes": "true"}))
+    assert "resuming with changed training settings: classifier.lr" in capsys.readouterr().out
+    assert checkpoint.read_meta(out["checkpoint"])["step"] == 8
+    assert checkpoint.load_config(out["checkpoint"]).method.lambda_cls == 0.9
+    state = checkpoint.load(out["checkpoint"], restore_rng=False)
+    assert [g["lr"] for g in state.opt_cls.param_groups] == [0.5]
+
+
 def test_run_name_follows_what_is_trained():
     a = C.load("debug")
     assert train.run_name(a) == train.run_name(C.override(a, {"train.steps": 999, "scale.num_workers": 2}))
