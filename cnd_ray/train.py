@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -179,8 +180,9 @@ def _preflight(cfg, ray) -> None:
 
 
 def check_data(cfg, manifest: dict) -> None:
-    """Refuse shards this config cannot train or judge on, naming the setting."""
+    """Refuse shards this config cannot train or judge on, naming the setting (or the damaged file)."""
     stream.check(manifest, cfg, cfg.data.shards)
+    stream.check_files(cfg.data.shards, manifest)
     if cfg.eval.sample_metrics:
         from cnd_ray.evaluate import judge
 
@@ -452,6 +454,22 @@ def _worker(config: dict) -> None:
         tracker.close()
 
 
+def _or_stop_on_damage(batches: Iterator[dict], rank: int, world: int, run_dir: str) -> Iterator[dict]:
+    """The batches, ending at a damaged shard as a non-finite loss ends the run: the line naming
+    it becomes STOP_FILE and the workers return, so Ray Train does not retry what would fail again.
+    With several workers the others would wait in the next all-reduce: Ray Train's restart (and,
+    after train.max_failures, the run's failure) carries the same line there."""
+    try:
+        yield from batches
+    except Exception as e:
+        line = stream.damaged(e)
+        if line is None or world > 1 or "://" in run_dir:
+            raise
+        with open(os.path.join(run_dir, STOP_FILE), "w") as f:
+            f.write(line)
+        _say(f"stopped: {line}")
+
+
 def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir, evaluator,
           interrupt: str = "") -> None:
     """Train until train.steps. `resume_at` = (epoch, row position) the state has consumed data up
@@ -507,7 +525,7 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
         raise RuntimeError(f"the data stream starts at (epoch, row) {tuple(stream_start)} but the "
                            f"restored checkpoint (step {state.step}) is at {tuple(resume_at)}")
     stale = tuple(stream_start) < tuple(resume_at)
-    for batch in stream.batches(shard, cfg, wait):
+    for batch in _or_stop_on_damage(stream.batches(shard, cfg, wait), rank, world, run_dir):
         b_epoch, b_pos = batch["epoch"], batch["pos"]
         if stale:  # after a restart: skip what the checkpoint already trained on
             if (int(b_epoch.max()), int(b_pos.max())) < resume_at:
@@ -565,7 +583,7 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
             break
     if rank == 0 and history:
         _plot_losses(history, tracker)
-    if state.step < tr.steps:
+    if state.step < tr.steps and not os.path.isfile(os.path.join(run_dir, STOP_FILE)):
         raise RuntimeError(f"the data stream ended at step {state.step} of {tr.steps}")
 
 

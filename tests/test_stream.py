@@ -142,6 +142,58 @@ def test_check_refuses_shards_made_for_another_model(ingested, latent_shards):
         stream.read_manifest(str(folder / "nowhere"))
 
 
+def test_a_damaged_shard_is_named_before_a_run_starts(ingested, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    folder, manifest = ingested["melanoma"]
+    copy = tmp_path / "shards"
+    shutil.copytree(folder, copy)
+    stream.check_files(str(copy), manifest)  # intact
+    shard = copy / manifest["shards"][0]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # the issue's truncated file
+    with pytest.raises(UserError, match=rf"^damaged shard {shard}: .*; re-ingest {copy}$"):
+        stream.check_files(str(copy), manifest)
+    # As a user meets it: one line, exit 2, before Ray or MLflow start.
+    r = subprocess.run([sys.executable, "-m", "cnd_ray", "train", "--config", "debug", f"data.shards={copy}",
+                        "data.image_size=32", f"track.tracking_uri=sqlite:///{tmp_path}/m.db"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and f"damaged shard {shard}" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "m.db").exists()
+    # A whole file that holds other rows than the manifest says (a shard replaced by another).
+    other = copy / manifest["shards"][-1]["file"]
+    shard.write_bytes(other.read_bytes())
+    if manifest["shards"][-1]["rows"] != manifest["shards"][0]["rows"]:
+        with pytest.raises(UserError, match="rows where the manifest says"):
+            stream.check_files(str(copy), manifest)
+    shard.unlink()
+    with pytest.raises(UserError, match=rf"^damaged shard {shard}: "):
+        stream.check_files(str(copy), manifest)
+
+
+def test_an_image_that_no_longer_decodes_is_named_by_its_id(ingested, tmp_path):
+    import pyarrow as pa
+
+    folder, manifest = ingested["melanoma"]
+    src = folder / manifest["shards"][0]["file"]
+    table = pq.read_table(src)
+    images = table.column("image").to_pylist()
+    images[3] = b"\x89PNG but not really"
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
+                                    pa.array(images, pa.binary())), bad)
+    want = table.column("image_id")[3].as_py()
+    with pytest.raises(stream.DamagedShard, match=rf"^damaged shard {bad}, row group 0, image {want}: "):
+        stream._GroupCache(2 ** 20).get(str(bad), 0, ["row_id", "label", "fitzpatrick", "image"], "pixel")
+    # As Ray hands it to a worker: the line is found inside the wrapped traceback.
+    wrapped = RuntimeError(f'Traceback...\n    raise DamagedShard(f"damaged shard {{path}}")\n'
+                           f"cnd_ray.data.stream.DamagedShard: damaged shard {bad}, row group 0: x\n")
+    assert stream.damaged(wrapped) == f"damaged shard {bad}, row group 0: x"
+    assert stream.damaged(RuntimeError("something else")) is None
+
+
 def test_data_wait_times_only_the_blocking_next():
     import time
 

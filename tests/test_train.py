@@ -77,6 +77,33 @@ def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp
     assert [g["lr"] for g in state.opt_cls.param_groups] == [0.5]
 
 
+def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, tmp_path, small_shards):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from cnd_ray.data import stream
+
+    copy = tmp_path / "shards"
+    shutil.copytree(small_shards, copy)
+    m = stream.read_manifest(str(copy))
+    shard = copy / next(s["file"] for s in m["shards"] if s["split"] == "train")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)  # zeros inside the pages; footer intact
+    shard.write_bytes(bytes(data))
+    stream.check_files(str(copy), m)  # the footer still reads: only reading the rows finds it
+    cfg = _cfg(tmp_path, **{"train.name": "damaged", "train.steps": 50, "data.shards": str(copy),
+                            "data.image_size": m["image_size"], "eval.sample_metrics": "false"})
+    t0 = time.time()
+    with pytest.raises(train.TrainingStopped, match=rf"^damaged shard {shard}, row group \d+"):
+        train.run(cfg)
+    assert time.time() - t0 < 120  # no worker-group retries of a deterministic error
+    runs, _ = _history(tmp_path, "damaged")
+    assert runs[0].info.status == "FAILED"
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(
+        runs[0].info.run_id).data.tags["stopped"].startswith(f"damaged shard {shard}")
+
+
 def test_run_name_follows_what_is_trained():
     a = C.load("debug")
     assert train.run_name(a) == train.run_name(C.override(a, {"train.steps": 999, "scale.num_workers": 2}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import time
 from typing import Iterator
 
@@ -109,6 +110,24 @@ def check(manifest: dict, cfg: Config, shards: str) -> None:
                             f"{lat['scaling_factor']}")
 
 
+def check_files(shards: str, manifest: dict) -> None:
+    """Every shard the manifest lists is there, with a readable footer and the rows it says: a
+    truncated or replaced file is named here, before a run starts, not as a decode task's
+    traceback minutes into it."""
+    import pyarrow as pa
+
+    for s in manifest["shards"]:
+        path = _join(shards, s["file"])
+        try:
+            rows = parquet_file(path).metadata.num_rows
+        except (OSError, pa.ArrowInvalid) as e:  # missing, truncated, not Parquet
+            raise UserError(f"damaged shard {path}: {str(e).splitlines()[0]}; re-ingest "
+                            f"{shards}") from None
+        if rows != s["rows"]:
+            raise UserError(f"damaged shard {path}: {rows} rows where the manifest says {s['rows']}; "
+                            f"re-ingest {shards}")
+
+
 def shard_files(shards: str, manifest: dict, split: str) -> list[str]:
     files = [_join(shards, s["file"]) for s in manifest["shards"] if s["split"] == split]
     if not files:
@@ -116,12 +135,34 @@ def shard_files(shards: str, manifest: dict, split: str) -> list[str]:
     return files
 
 
-def _decode(batch: dict, space: str) -> dict:
-    """Parquet rows -> numeric columns."""
+class DamagedShard(UserError):
+    """A shard whose bytes cannot be read or decoded: deterministic, so a retry cannot help."""
+
+
+def damaged(error: BaseException) -> str | None:
+    """The DamagedShard line inside an error as Ray Data hands it to a worker (wrapped), or None."""
+    # The message itself, or its line after the class name in Ray's traceback (not the source
+    # line `raise DamagedShard(f"damaged shard ...` that the traceback quotes).
+    m = re.search(r"(?:^|DamagedShard: )(damaged shard [^\n]+)", str(error), re.M)
+    return m.group(1) if m else None
+
+
+def _png(data: bytes, path: str, group: int, row: int) -> np.ndarray:
+    try:
+        return image_lib.decode_png(data)
+    except Exception as e:  # a stored image that no longer decodes: name it
+        ids = parquet_file(path).read_row_group(group, columns=["image_id"]).column(0).to_pylist()
+        raise DamagedShard(f"damaged shard {path}, row group {group}, image {ids[row]}: its stored "
+                           f"PNG does not decode ({e})") from None
+
+
+def _decode(batch: dict, space: str, path: str = "", group: int = -1) -> dict:
+    """Parquet rows (row group `group` of `path`) -> numeric columns."""
     out = {"label": batch["label"].astype(np.int64), "tone": batch["fitzpatrick"].astype(np.int64),
            "row_id": batch["row_id"].astype(np.int64)}
     if space == "pixel":
-        out["image"] = np.stack([image_lib.decode_png(b) for b in batch["image"]]).transpose(0, 3, 1, 2)
+        out["image"] = np.stack([_png(b, path, group, i)
+                                 for i, b in enumerate(batch["image"])]).transpose(0, 3, 1, 2)
     else:
         for key, col in (("mean", "latent_mean"), ("logvar", "latent_logvar")):  # flat float16
             out[key] = np.stack([np.frombuffer(b, np.float16) for b in batch[col]])
@@ -140,8 +181,13 @@ class _GroupCache:
         key = (path, group, tuple(columns), space)
         hit = self.groups.pop(key, None)
         if hit is None:
-            table = parquet_file(path).read_row_group(group, columns=columns)
-            hit = _decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}, space)
+            try:
+                table = parquet_file(path).read_row_group(group, columns=columns)
+                cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+            except Exception as e:  # corrupt pages, a truncated file: the same on every retry
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DamagedShard(f"damaged shard {path}, row group {group}: {first}") from None
+            hit = _decode(cols, space, path, group)
             size = sum(v.nbytes for v in hit.values())
             while self.groups and self.used + size > self.budget:
                 old = self.groups.pop(next(iter(self.groups)))  # dicts keep insertion order: oldest
