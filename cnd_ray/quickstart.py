@@ -191,8 +191,9 @@ def _real_grid(cfg, path: Path) -> None:
     _grid(shards_lib.read_rows(cfg.data.shards, m, split, pos), labels[pos], path)
 
 
-def _plot(rows: list[dict], path: Path) -> bool:
-    """fd_ratio and class fidelity over training, one line per setting."""
+def _plot(rows: list[dict], path: Path, real_lesion_share: float) -> bool:
+    """fd_ratio, class fidelity and the share of samples showing a lesion over training, one line
+    per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,9 +202,9 @@ def _plot(rows: list[dict], path: Path) -> bool:
     curves = [r for r in rows if r.get("curves")]
     if not curves:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for r in curves:
-        for ax, key in zip(axes, ("fd_ratio", "fidelity_auroc")):
+        for ax, key in zip(axes, ("fd_ratio", "fidelity_auroc", "lesion_share")):
             pts = r["curves"].get(key, [])
             ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", label=_label(r))
     axes[0].axhline(5.0, color="grey", ls="--", lw=1, label="5x the floor")
@@ -216,6 +217,8 @@ def _plot(rows: list[dict], path: Path) -> bool:
     axes[0].set_ylabel("FD / real-vs-real floor (lower is better)")
     axes[1].axhline(0.95, color="grey", ls="--", lw=1, label="0.95")
     axes[1].set_ylabel("class-fidelity AUROC")
+    axes[2].axhline(real_lesion_share, color="grey", ls="--", lw=1, label="held-out images")
+    axes[2].set_ylabel("share of samples showing a lesion")
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -267,8 +270,8 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
                   "for the ranking, not the values.", "",
                   "**Do settings 2-5 beat setting 1 (the paper's claim)?**", ""]
         lines += [f"- {v}" for v in verdicts(comparison)] + [""]
-    if _plot(rows, out_dir / "curves.png"):
-        lines += ["## Over training", "", "![fd_ratio and class fidelity over training](curves.png)", ""]
+    if _plot(rows, out_dir / "curves.png", meta["lesion_share_real"]):
+        lines += ["## Over training", "", "![fd_ratio, class fidelity and lesion share over training](curves.png)", ""]
     _real_grid(cfg, out_dir / "real.png")
     lines += ["## Samples beside real images", "",
               f"Rows: benign, malignant; the first {GRID_PER_CLASS} of each class.", "",
