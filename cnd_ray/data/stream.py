@@ -121,7 +121,7 @@ def check_files(shards: str, manifest: dict) -> None:
         try:
             rows = parquet_file(path).metadata.num_rows
         except (OSError, pa.ArrowInvalid) as e:  # missing, truncated, not Parquet
-            raise UserError(f"damaged shard {path}: {str(e).splitlines()[0]}; re-ingest "
+            raise UserError(f"damaged shard {path}: {str(e).splitlines()[0].rstrip('.')}; re-ingest "
                             f"{shards}") from None
         if rows != s["rows"]:
             raise UserError(f"damaged shard {path}: {rows} rows where the manifest says {s['rows']}; "
