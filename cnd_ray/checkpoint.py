@@ -177,10 +177,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool
             p.grad = None if g is None else g.to(p.device)
     state.counters.update(extra["counters"])
     # load_state_dict brought back the saved rates; the DiT's is set every step from cfg anyway.
-    for opt, hyper in ((state.opt_dit, {"weight_decay": cfg.optim.weight_decay}),
-                       (state.opt_cls, {"lr": cfg.classifier.lr, "momentum": cfg.classifier.momentum})):
-        for group in (opt.param_groups if opt is not None else []):
-            group.update(hyper)
+    for group in state.opt_dit.param_groups:
+        group["weight_decay"] = cfg.optim.weight_decay
+    for group in state.opt_cls.param_groups if state.opt_cls is not None else []:
+        group.update(lr=cfg.classifier.lr, momentum=cfg.classifier.momentum)
     if restore_rng:
         set_rng_state(extra["rng"])
     return state

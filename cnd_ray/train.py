@@ -99,9 +99,9 @@ def resume_changes(old, new) -> tuple[list[str], list[str]]:
     """(changes to what is trained, other changes) between a run's checkpointed config and the one
     relaunching it, each as "key old -> new"."""
     a, b = old.flat(), new.flat()
-    diff = [k for k in sorted(b) if a.get(k) != b[k] and k != "train.resume_with_changes"]
-    said = [f"{k} {a.get(k)!r} -> {b[k]!r}" for k in diff]
-    return ([d for k, d in zip(diff, said) if trains(k)], [d for k, d in zip(diff, said) if not trains(k)])
+    said = {k: f"{k} {a.get(k)!r} -> {b[k]!r}" for k in sorted(b)
+            if a.get(k) != b[k] and k != "train.resume_with_changes"}
+    return [v for k, v in said.items() if trains(k)], [v for k, v in said.items() if not trains(k)]
 
 
 def _check_resume(cfg, name: str, latest: str) -> None:
@@ -257,13 +257,15 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
 
     storage = storage_path(cfg)
     name = run_name(cfg)
-    if cfg.data.shards:  # what the data decides, before Ray starts (synthetic shards: once made)
+    given = bool(cfg.data.shards)
+    if given:  # what the data decides, before Ray starts (synthetic shards: once made)
         check_data(cfg, stream.read_manifest(cfg.data.shards))
     session.connect()
     _preflight(cfg, ray)
     cfg = with_shards(cfg)
     manifest = stream.read_manifest(cfg.data.shards)
-    check_data(cfg, manifest)
+    if not given:  # checked once: each shard's footer is read, a request per file on S3
+        check_data(cfg, manifest)
     judge_file = prepare_judge(cfg, storage)
 
     run_dir = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"

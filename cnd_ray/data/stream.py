@@ -156,7 +156,7 @@ def _png(data: bytes, path: str, group: int, row: int) -> np.ndarray:
                            f"PNG does not decode ({e})") from None
 
 
-def _decode(batch: dict, space: str, path: str = "", group: int = -1) -> dict:
+def _decode(batch: dict, space: str, path: str, group: int) -> dict:
     """Parquet rows (row group `group` of `path`) -> numeric columns."""
     out = {"label": batch["label"].astype(np.int64), "tone": batch["fitzpatrick"].astype(np.int64),
            "row_id": batch["row_id"].astype(np.int64)}
