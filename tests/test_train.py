@@ -56,9 +56,10 @@ def test_interrupted_and_resumed_equals_straight(ray_local, tmp_path):
 def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp_path, capsys):
     from cnd_ray.errors import UserError
 
-    first = train.run(_cfg(tmp_path, **{"train.name": "changed", "train.steps": 4}))
+    run = {"train.name": "changed", "data.shuffle_buffer": C.DataConfig().shuffle_buffer}  # shipped
+    first = train.run(_cfg(tmp_path, **run, **{"train.steps": 4}))
     old = checkpoint.load_config(first["checkpoint"])
-    change = {"train.name": "changed", "train.steps": 8, "method.lambda_cls": 0.9, "classifier.lr": 0.5}
+    change = {**run, "train.steps": 8, "method.lambda_cls": 0.9, "classifier.lr": 0.5}
     with pytest.raises(UserError, match=(
             r"^run changed exists \(checkpoint .*checkpoint_00000004\) with other training settings: "
             rf"classifier.lr {old.classifier.lr!r} -> 0.5; method.lambda_cls {old.method.lambda_cls!r} -> 0.9\. "
@@ -66,7 +67,7 @@ def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp
         train.run(_cfg(tmp_path, **change))
     # Extending the run is allowed, and said.
     capsys.readouterr()
-    train.run(_cfg(tmp_path, **{"train.name": "changed", "train.steps": 6}))
+    train.run(_cfg(tmp_path, **run, **{"train.steps": 6}))
     assert "resuming with settings: train.steps 4 -> 6" in capsys.readouterr().out
     # Asked for: the run continues from step 6 under the new settings, the classifier's optimizer too.
     out = train.run(_cfg(tmp_path, **change, **{"train.resume_with_changes": "true"}))
@@ -92,8 +93,11 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, 
     data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)  # zeros inside the pages; footer intact
     shard.write_bytes(bytes(data))
     stream.check_files(str(copy), m)  # the footer still reads: only reading the rows finds it
+    shipped = C.DataConfig().shuffle_buffer  # the default users get, not this file's buffer of 0
     cfg = _cfg(tmp_path, **{"train.name": "damaged", "train.steps": 50, "data.shards": str(copy),
-                            "data.image_size": m["image_size"], "eval.sample_metrics": "false"})
+                            "data.image_size": m["image_size"], "eval.sample_metrics": "false",
+                            "data.shuffle_buffer": shipped})
+    assert cfg.data.shuffle_buffer == 1000
     t0 = time.time()
     with pytest.raises(train.TrainingStopped, match=rf"^damaged shard {shard}, row group \d+"):
         train.run(cfg)
