@@ -326,7 +326,7 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     out = os.path.abspath(out)
     uri = f"sqlite:///{out}/mlflow.db"
-    base = [f"train.storage={out}/runs", f"track.tracking_uri={uri}", "data.shuffle_buffer=0",
+    base = [f"train.storage={out}/runs", f"track.tracking_uri={uri}",
             f"train.steps={steps}", f"train.log_every={log_every}", f"train.checkpoint_every={ckpt_every}",
             "train.keep_checkpoints=100", "train.eval_every=0", f"train.synthetic_images={images}",
             f"data.decode_tasks={args.decode_tasks}", "scale.threads_per_worker=1"]

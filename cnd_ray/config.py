@@ -154,7 +154,9 @@ class DataConfig:
     latent_scale: float = field(default=0.18215, metadata=_range(0.0, lo_open=True))
     vae: str = ""  # VAE folder that decodes samples; empty = the one the shards were encoded with
     balance: Literal["none", "oversample"] = "none"  # oversample: repeat malignant rows to ~1:1
-    shuffle_buffer: int = field(default=1000, metadata=_range(0))  # rows, per worker; 0 = off
+    # Shuffle window: each run of this many row positions of an epoch is trained in an order drawn
+    # from (seed, epoch, window), which a checkpoint can name exactly (stream.windows); 0 = off.
+    shuffle_buffer: int = field(default=1000, metadata=_range(0))
     decode_tasks: int = field(default=0, metadata=_range(0))  # concurrent; 0 = half the cluster's CPUs
 
 

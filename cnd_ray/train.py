@@ -423,12 +423,14 @@ def _worker(config: dict) -> None:
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cfg.scale.use_gpu)
     device = acc.device
     ckpt = ray.train.get_checkpoint()
-    epoch, pos = 0, 0
+    consumed = stream.Consumed(cfg.data.shuffle_buffer)
     if ckpt:  # resume and worker-group restart: the same path as a fresh start, plus the state
         with ckpt.as_directory() as d:
             state = checkpoint.load(d, device, restore_rng=False, cfg=cfg)  # the driver checked cfg
             extra = checkpoint.read_extra(d)
-        epoch, pos = extra.get("epoch", 0), extra.get("pos", 0)
+        done = extra.get("trained")
+        consumed = stream.Consumed(cfg.data.shuffle_buffer, (extra.get("epoch", 0), extra.get("pos", 0)),
+                                   None if done is None else done.numpy())
         rngs = extra.get("rng", [])
         if len(rngs) == world:
             checkpoint.set_rng_state(rngs[rank])
@@ -450,7 +452,7 @@ def _worker(config: dict) -> None:
         tracker.tag("worker_nodes", ",".join(nodes))
     try:
         evaluator = _Evaluator(cfg, state, tracker, rank, world, config["judge"])
-        _loop(cfg, state, rt, tracker, rank, world, (epoch, pos), tuple(config["stream_start"]),
+        _loop(cfg, state, rt, tracker, rank, world, consumed, tuple(config["stream_start"]),
               config["run_dir"], evaluator, config.get("interrupt", ""))
     finally:
         tracker.close()
@@ -472,12 +474,12 @@ def _or_stop_on_damage(batches: Iterator[dict], rank: int, world: int, run_dir: 
         _say(f"stopped: {line}")
 
 
-def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir, evaluator,
+def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir, evaluator,
           interrupt: str = "") -> None:
-    """Train until train.steps. `resume_at` = (epoch, row position) the state has consumed data up
-    to; the stream starts at `stream_start`, which differs after a worker-group restart inside one
-    launch: then batches before `resume_at` are read and dropped. When the file `interrupt` appears
-    (the driver's Ctrl-C), every rank saves a checkpoint at the same step and stops."""
+    """Train until train.steps. `consumed` (stream.Consumed) names the rows the state has trained
+    on; the stream starts at `stream_start`, which is earlier after a worker-group restart inside
+    one launch: then rows before `consumed.start` are read and dropped. When the file `interrupt`
+    appears (the driver's Ctrl-C), every rank saves a checkpoint at the same step and stops."""
     import ray.train
 
     tr = cfg.train
@@ -488,8 +490,6 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
     t_start, step0 = time.perf_counter(), state.step
     history: list[tuple[int, float]] = []
 
-    epoch, frontier = resume_at[0], resume_at[1] - 1  # newest epoch seen; last row position in it
-
     def report(evaluated: dict, save: bool) -> None:
         """Every rank, at the same steps: metrics (rank 0's evaluation included: Ray Tune reads
         rank 0's) and, when `save`, the checkpoint rank 0 writes."""
@@ -498,12 +498,12 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
             ray.train.report(metrics)
             return
         rngs = _gather(checkpoint.rng_state(), world)
-        ends = _gather((epoch, frontier), world)
-        e = max(ends)[0]
-        p = max(f for ep, f in ends if ep == e) + 1  # rows of epoch e consumed, across ranks
+        # The stream restarts at the earliest shuffle window a rank is in, less what was trained.
+        start = min(_gather(consumed.window_start(), world))
+        trained = np.concatenate(_gather(consumed.since(start, restored=rank == 0), world))
         # Ranks must hold the same weights; a cheap checksum per rank says whether they do.
         sums = _gather(sum(float(p.detach().double().sum()) for p in state.objective.parameters()), world)
-        metrics.update(epoch=e, ranks_in_sync=float(len(set(sums)) == 1))
+        metrics.update(epoch=start[0], ranks_in_sync=float(len(set(sums)) == 1))
         # Metrics up to this checkpoint reach MLflow before it is stored: a restart resumes after
         # it, so whatever rank 0 still held would never be logged if its node died now.
         tracker.flush()
@@ -511,7 +511,8 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
             ck, t0 = None, time.perf_counter()
             if rank == 0:
                 path = checkpoint.save(state, os.path.join(d, "ckpt"),
-                                       extra={"epoch": e, "pos": p, "rng": rngs, "world": world})
+                                       extra={"epoch": start[0], "pos": start[1], "rng": rngs, "world": world,
+                                              "trained": torch.from_numpy(trained)})
                 if state.step >= tr.steps:
                     evaluator.keep_judged(path, state.step)
                 ck = ray.train.Checkpoint.from_directory(str(path))
@@ -523,22 +524,10 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
 
     if state.step >= tr.steps:
         return
-    if tuple(stream_start) > tuple(resume_at):  # would train on the wrong rows: say so, loudly
+    if tuple(stream_start) > consumed.start:  # would skip rows never trained: say so, loudly
         raise RuntimeError(f"the data stream starts at (epoch, row) {tuple(stream_start)} but the "
-                           f"restored checkpoint (step {state.step}) is at {tuple(resume_at)}")
-    stale = tuple(stream_start) < tuple(resume_at)
-    for batch in _or_stop_on_damage(stream.batches(shard, cfg, wait), rank, world, run_dir):
-        b_epoch, b_pos = batch["epoch"], batch["pos"]
-        if stale:  # after a restart: skip what the checkpoint already trained on
-            if (int(b_epoch.max()), int(b_pos.max())) < resume_at:
-                continue
-            stale = False
-        # The shuffle buffer mixes neighbouring epochs: the newest one seen is where a resume starts.
-        newest = int(b_epoch.max())
-        if newest > epoch:
-            epoch, frontier = newest, -1
-        if bool((b_epoch == epoch).any()):
-            frontier = max(frontier, int(b_pos[b_epoch == epoch].max()))
+                           f"restored checkpoint (step {state.step}) is at {consumed.start}")
+    for batch in _or_stop_on_damage(stream.batches(shard, cfg, wait, consumed), rank, world, run_dir):
         mb = _to(augment.model_batch(batch, cfg), next(state.dit.parameters()).device)
         try:
             m = engine.train_step(state, engine.split_batch(mb, cfg.optim.grad_accum), rt)
@@ -548,6 +537,7 @@ def _loop(cfg, state, rt, tracker, rank, world, resume_at, stream_start, run_dir
                     f.write(str(e))
                 _say(f"stopped: {e}")
             return
+        consumed.add(batch)
         for k, v in m.items():
             window[k] = window.get(k, 0.0) + v
         n_win += 1

@@ -33,7 +33,7 @@ def _cluster(head_cpus: float, node_cpus: list[float]):
 
 def _cfg(folder: Path, overrides: dict):
     base = {"train.storage": str(folder / "runs"), "track.tracking_uri": f"sqlite:///{folder}/mlflow.db",
-            "data.shuffle_buffer": 0, "scale.threads_per_worker": 1, **overrides}
+            "scale.threads_per_worker": 1, **overrides}
     return C.load("debug", [f"{k}={v}" for k, v in base.items()])
 
 

@@ -86,7 +86,7 @@ def test_a_failing_save_warns_and_does_not_raise(tmp_path, capfd):
 def test_a_failed_train_leaves_its_driver_log_with_the_run(ray_local, tmp_path, capfd):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     code = cli.main(["train", "--config", "debug", f"train.storage={tmp_path / 'runs'}",
-                     f"track.tracking_uri={uri}", "data.shuffle_buffer=0", "train.steps=40",
+                     f"track.tracking_uri={uri}", "train.steps=40",
                      "optim.lr=1e12", "classifier.lr=1e12", "train.name=diverges"])
     assert code == 1  # TrainingStopped: a non-finite loss
     (log,) = (tmp_path / "runs" / "diverges" / "logs").iterdir()

@@ -17,8 +17,8 @@ from tests.helpers import MlflowServer, free_port, wait_for
 
 
 def _cfg(tmp_path, **over):
-    base = {"train.storage": str(tmp_path / "runs"), "track.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-            "data.shuffle_buffer": 0}
+    """The debug config as shipped (data.shuffle_buffer 1000: more rows than its synthetic train split holds)."""
+    base = {"train.storage": str(tmp_path / "runs"), "track.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
     base.update(over)
     return C.load("debug", [f"{k}={v}" for k, v in base.items()])
 
@@ -43,20 +43,25 @@ def test_interrupted_and_resumed_equals_straight(ray_local, tmp_path):
     assert first["checkpoint"].endswith("checkpoint_00000010")
     resumed = train.run(_cfg(tmp_path, **{"train.name": "resumed", "train.steps": 20}))
     assert checkpoint.read_meta(resumed["checkpoint"])["step"] == 20
-    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
-    for part in ("dit", "ema", "classifier"):
-        for k in a[part]:
-            assert torch.allclose(a[part][k].float(), b[part][k].float(), atol=1e-6), (part, k)
+    _assert_equal_weights(straight["checkpoint"], resumed["checkpoint"])
     runs, steps = _history(tmp_path, "resumed")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run across launches
     assert steps == [5, 10, 15, 20]  # every step once: none lost, none duplicated
     assert straight["metrics"]["ranks_in_sync"] == 1.0
 
 
+def _assert_equal_weights(a, b):
+    """Bit-equal: the same rows in the same order, the same RNG draws."""
+    a, b = _weights(a), _weights(b)
+    for part in ("dit", "ema", "classifier", "cls_ema"):
+        for k in a[part] or {}:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
 def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp_path, capsys):
     from cnd_ray.errors import UserError
 
-    run = {"train.name": "changed", "data.shuffle_buffer": C.DataConfig().shuffle_buffer}  # shipped
+    run = {"train.name": "changed"}
     first = train.run(_cfg(tmp_path, **run, **{"train.steps": 4}))
     old = checkpoint.load_config(first["checkpoint"])
     change = {**run, "train.steps": 8, "method.lambda_cls": 0.9, "classifier.lr": 0.5}
@@ -93,11 +98,9 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, 
     data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)  # zeros inside the pages; footer intact
     shard.write_bytes(bytes(data))
     stream.check_files(str(copy), m)  # the footer still reads: only reading the rows finds it
-    shipped = C.DataConfig().shuffle_buffer  # the default users get, not this file's buffer of 0
     cfg = _cfg(tmp_path, **{"train.name": "damaged", "train.steps": 50, "data.shards": str(copy),
-                            "data.image_size": m["image_size"], "eval.sample_metrics": "false",
-                            "data.shuffle_buffer": shipped})
-    assert cfg.data.shuffle_buffer == 1000
+                            "data.image_size": m["image_size"], "eval.sample_metrics": "false"})
+    assert cfg.data.shuffle_buffer == C.DataConfig().shuffle_buffer == 1000  # as shipped
     t0 = time.time()
     with pytest.raises(train.TrainingStopped, match=rf"^damaged shard {shard}, row group \d+"):
         train.run(cfg)
@@ -244,8 +247,9 @@ def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tm
 
     import psutil
 
-    cfg = _cfg(tmp_path, **{"train.name": "killme", "train.steps": 300, "train.checkpoint_every": 30,
-                            "train.log_every": 30, "train.max_failures": 2})
+    run = {"train.steps": 200, "train.checkpoint_every": 30, "train.log_every": 30, "train.max_failures": 2}
+    straight = train.run(_cfg(tmp_path, **{"train.name": "straight", **run}))
+    cfg = _cfg(tmp_path, **{"train.name": "killme", **run})
     th, out = _run_in_thread(cfg)
     first = tmp_path / "runs" / "killme" / "checkpoint_00000030"
     assert wait_for(lambda: (first / "meta.json").exists())
@@ -255,9 +259,11 @@ def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tm
     os.kill(workers[0].pid, signal.SIGKILL)
     th.join(timeout=400)
     assert "error" not in out, out.get("error")
-    assert checkpoint.read_meta(out["result"]["checkpoint"])["step"] == 300
+    assert checkpoint.read_meta(out["result"]["checkpoint"])["step"] == 200
+    # The restart went on with the next untrained row: the run ends where an unbroken one does.
+    _assert_equal_weights(straight["checkpoint"], out["result"]["checkpoint"])
     runs, steps = _history(tmp_path, "killme")
-    assert steps == sorted(set(steps)) and steps[-1] == 300  # no step logged twice
+    assert steps == sorted(set(steps)) and steps[-1] == 200  # no step logged twice
 
 
 @pytest.mark.slow

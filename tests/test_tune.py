@@ -92,7 +92,7 @@ def test_search_name_follows_space_and_config_not_where_it_logs():
 
 # Long enough that the second trial can be caught between its checkpoints (the kill test).
 # Threads pinned: the float results (and so the table) must not depend on how many trials ran at once.
-E2E = ["data.shuffle_buffer=0", "scale.threads_per_worker=1", "train.steps=400", "train.checkpoint_every=100", "train.eval_every=100",
+E2E = ["scale.threads_per_worker=1", "train.steps=400", "train.checkpoint_every=100", "train.eval_every=100",
        "train.log_every=100"]
 
 

@@ -3,7 +3,8 @@
 Driver side: `dataset(cfg, split, epochs=...)` checks the shards against the config (image size,
 latent VAE) and builds a lazy Ray Dataset that streams those epochs, each visiting the row groups in
 an order drawn from (seed, epoch), decoded in Ray Data tasks. Worker side: `batches(shard, cfg)`
-iterates `get_dataset_shard(...)`, and `augment.model_batch` turns each batch into the model's input.
+iterates `get_dataset_shard(...)` in shuffle windows a checkpoint can name (`windows`, `Consumed`),
+and `augment.model_batch` turns each batch into the model's input.
 Nothing is materialised: the data set streams, whatever its size. This module does not import torch:
 Ray Data's decode workers import it, and a new worker that loads torch stalls the stream ~5 s.
 """
@@ -220,16 +221,18 @@ def parquet_file(path: str):
 
 def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> Iterator[dict]:
     """(epoch, file, row group, position, first row) items -> decoded batches, each row tagged
-    with its epoch and its position in that epoch's order (what a resume skips to)."""
+    with its epoch, its position in that epoch's order (what a resume skips to) and, for a row
+    repeated by oversampling, which copy it is."""
     for epoch, path, group, offset, start in zip(batch["epoch"], batch["file"], batch["group"],
                                                  batch["offset"], batch["start"]):
         rows = _CACHE.get(str(path), int(group), columns, space)
         start = int(start)
         out = {k: v[start:] for k, v in rows.items()}
         out["pos"] = np.arange(offset + start, offset + len(rows["label"]), dtype=np.int64)
-        if repeat > 1:  # malignant rows repeated to rebalance
-            times = np.where(out["label"] == 1, repeat, 1)
-            out = {k: np.repeat(v, times, axis=0) for k, v in out.items()}
+        times = np.where(out["label"] == 1, repeat, 1)  # malignant rows repeated to rebalance
+        out = {k: np.repeat(v, times, axis=0) for k, v in out.items()}
+        # Which copy of its row each is: (epoch, pos, copy) names one row of the stream exactly.
+        out["copy"] = np.arange(len(out["pos"])) - np.repeat(np.cumsum(times) - times, times)
         out["epoch"] = np.full(len(out["label"]), epoch, np.int64)
         yield out
 
@@ -241,7 +244,7 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
     One iteration streams all those epochs back to back; each row carries its `epoch`. With
     shuffle (training), epoch e visits the split's row groups in an order drawn from
     (train.seed, e) alone, so a run resumed at epoch e sees what an uninterrupted one saw (exactly
-    so with one worker; the worker's local shuffle buffer then mixes rows), and oversampling
+    so with one worker; the worker's shuffle windows then order the rows), and oversampling
     applies. Without shuffle (evaluation), one pass in shard order. `skip_rows` drops the first
     rows of the first epoch: a resume continues where the checkpoint's epoch left off.
 
@@ -298,11 +301,11 @@ def data_config():
 
 
 class DataWait:
-    """Seconds the training loop spent blocked waiting for its next batch."""
+    """Seconds the training loop spent blocked waiting for the stream's next block of rows."""
 
     def __init__(self):
         self.seconds = 0.0
-        self.batches = 0
+        self.blocks = 0
 
     def timed(self, iterable) -> Iterator:
         it = iter(iterable)
@@ -314,18 +317,132 @@ class DataWait:
                 except StopIteration:
                     return
                 self.seconds += time.perf_counter() - t0
-                self.batches += 1
+                self.blocks += 1
                 yield item
         finally:  # closing us closes Ray's iterator, which stops its executor decoding ahead
             if hasattr(it, "close"):
                 it.close()
 
 
-def batches(shard, cfg: Config, wait: DataWait | None = None) -> Iterator[dict]:
-    """This worker's batches (numpy -> torch on CPU) over every epoch the dataset streams, rows
-    mixed in a seeded local shuffle buffer of data.shuffle_buffer rows."""
-    buffer = cfg.data.shuffle_buffer
-    it = shard.iter_torch_batches(
-        batch_size=cfg.per_worker_batch, drop_last=True, prefetch_batches=2, device="cpu",
-        local_shuffle_buffer_size=buffer or None, local_shuffle_seed=cfg.train.seed if buffer else None)
-    return wait.timed(it) if wait is not None else iter(it)
+def batches(shard, cfg: Config, wait: DataWait | None = None, resume: "Consumed | None" = None
+            ) -> Iterator[dict]:
+    """This worker's batches of torch tensors (on CPU) over every epoch the dataset streams, in
+    shuffle windows of data.shuffle_buffer row positions (`windows`), from the place `resume`
+    names: rows before its start and rows it already trained on are dropped."""
+    import torch  # worker side only (the module docstring says why)
+
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    blocks = wait.timed(blocks) if wait is not None else blocks
+    resume = resume or Consumed(cfg.data.shuffle_buffer)
+    ordered = windows(resume.after_start(blocks), cfg.data.shuffle_buffer, cfg.train.seed)
+    for batch in rebatch(ordered, cfg.per_worker_batch, resume.done):
+        yield {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def _since(rows: dict, start: tuple[int, int]) -> np.ndarray:
+    """Mask of the rows at or after (epoch, position) `start`."""
+    e, p = rows["epoch"], rows["pos"]
+    return (e > start[0]) | ((e == start[0]) & (p >= start[1]))
+
+
+def windows(blocks: Iterator[dict], size: int, seed: int) -> Iterator[dict]:
+    """Blocks of rows in stream order -> one block per shuffle window: the rows at positions
+    [k * size, (k + 1) * size) of an epoch, in an order drawn from (seed, epoch, k) alone.
+
+    Ray Data's local shuffle buffer mixed rows across epochs in an order no checkpoint could
+    name, so a resume skipped rows never trained (issue 17). Here the order a row is trained in
+    follows from where it sits in the stream: a resume re-reads its window, draws the same order
+    and drops what was trained. A window holds whatever part of it this worker receives (all of
+    it with one worker); `size` 0 keeps the stream's order."""
+    size = max(1, size)
+    pending, key = [], None
+    for block in blocks:
+        if not len(block["pos"]):
+            continue
+        w = block["pos"] // size
+        # Where (epoch, window) changes inside the block: it may straddle two windows.
+        cut = np.flatnonzero((np.diff(w) != 0) | (np.diff(block["epoch"]) != 0)) + 1
+        for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(w)]):
+            here = (int(block["epoch"][lo]), int(w[lo]))
+            if here != key and pending:
+                yield _shuffled(pending, key, size, seed)
+                pending = []
+            key = here
+            pending.append({k: v[lo:hi] for k, v in block.items()})
+    if pending:
+        yield _shuffled(pending, key, size, seed)
+
+
+def _shuffled(parts: list[dict], key: tuple[int, int], size: int, seed: int) -> dict:
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if size == 1:  # shuffling off: copies of one row are alike
+        return rows
+    order = np.random.default_rng((seed, *key)).permutation(len(rows["pos"]))
+    return {k: v[order] for k, v in rows.items()}
+
+
+def rebatch(blocks: Iterator[dict], size: int, done: set | None = None) -> Iterator[dict]:
+    """Blocks of rows -> batches of exactly `size` rows in the same order, leaving out the rows
+    whose (epoch, pos, copy) is in `done`; a last partial batch is dropped."""
+    carry: list[dict] = []
+    held = 0
+    for block in blocks:
+        if done:
+            keep = np.array([k not in done for k in zip(block["epoch"].tolist(), block["pos"].tolist(),
+                                                         block["copy"].tolist())], bool)
+            block = {k: v[keep] for k, v in block.items()}
+        carry.append(block)
+        held += len(block["pos"])
+        if held < size:
+            continue
+        rows = {k: np.concatenate([c[k] for c in carry]) for k in block}
+        full = held - held % size
+        for lo in range(0, full, size):
+            yield {k: v[lo:lo + size] for k, v in rows.items()}
+        carry, held = [{k: v[full:] for k, v in rows.items()}], held - full
+
+
+class Consumed:
+    """What one rank has trained on, in the stream's terms, for a checkpoint to name exactly.
+
+    A checkpoint keeps a stream start (epoch, position: the start of the earliest shuffle window
+    any rank was still in) and every row at or after it that some rank trained, by (epoch, pos,
+    copy). A resume streams from that start and drops those rows: nothing is skipped and nothing
+    trained twice, for any data.shuffle_buffer and worker count. With one worker the order is the
+    uninterrupted run's too (the same windows, shuffled the same way)."""
+
+    def __init__(self, window: int, start: tuple[int, int] = (0, 0), done: np.ndarray | None = None):
+        self.window = max(1, window)
+        self.start = (int(start[0]), int(start[1]))
+        self.restored = np.zeros((0, 3), np.int64) if done is None else np.asarray(done, np.int64)
+        self.done = set(map(tuple, self.restored.tolist()))
+        self.rows: list[np.ndarray] = []  # (N, 3) per trained batch: epoch, pos, copy
+        self.at = (self.start[0], self.start[1] // self.window)  # (epoch, window) of the last row
+
+    def after_start(self, blocks: Iterator[dict]) -> Iterator[dict]:
+        """The blocks without their rows before the start (a restart inside one launch streams
+        from the launch's start)."""
+        for block in blocks:
+            keep = _since(block, self.start)
+            yield block if keep.all() else {k: v[keep] for k, v in block.items()}
+
+    def add(self, batch: dict) -> None:
+        """A batch (of `batches`) has been trained on."""
+        rows = np.stack([np.asarray(batch[k]) for k in ("epoch", "pos", "copy")], 1).astype(np.int64)
+        self.rows.append(rows)
+        self.at = (int(rows[-1, 0]), int(rows[-1, 1]) // self.window)
+
+    def window_start(self) -> tuple[int, int]:
+        """(epoch, position) where the window this rank is in starts."""
+        return self.at[0], self.at[1] * self.window
+
+    def since(self, start: tuple[int, int], restored: bool) -> np.ndarray:
+        """The rows at or after `start` this rank trained (plus, when `restored`, those the
+        checkpoint it resumed from named: one rank passes them on); older ones are forgotten."""
+
+        def keep(rows: np.ndarray) -> np.ndarray:
+            return rows[_since({"epoch": rows[:, 0], "pos": rows[:, 1]}, start)]
+
+        self.rows = [keep(np.concatenate(self.rows))] if self.rows else []
+        self.restored = keep(self.restored)
+        return np.concatenate(self.rows + [self.restored if restored else self.restored[:0]])
