@@ -67,6 +67,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cnd_ray.data import stream
+
+    good, problems = stream.verify(args.shards)
+    for line in problems:
+        print(line)
+    print(f"{good} rows read and decoded; {len(problems)} problem(s)"
+          + (f": re-ingest {args.shards}" if problems else ""))
+    return 1 if problems else 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from cnd_ray.data import synth
 
@@ -312,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print dit_params and classifier_params (all parameters)")
     p.set_defaults(func=cmd_config)
     _add_ingest(verbs)
+    p = verbs.add_parser(
+        "verify", help="read ingested shards back in full: checksums, footers, every row decoded",
+        description="Check every shard the manifest lists: its sha256 against the manifest's, its "
+                    "footer and row count, every Parquet page's CRC, and every row decoded. Prints "
+                    "one line per shard and one per problem (file, row group, image id); exit 1 "
+                    "when any is found.")
+    p.add_argument("shards", metavar="SHARDS", help="folder (or URI) written by `cnd-ray ingest`")
+    p.set_defaults(func=cmd_verify)
     _add_synth(verbs)
     p = verbs.add_parser(
         "train", help="train Class-N-Diff on Ray Train workers, logged to MLflow",

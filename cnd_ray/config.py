@@ -181,6 +181,11 @@ class TrainConfig:
     # Relaunching a run (same train.name) with settings that change what is trained is refused,
     # naming them; true continues from its checkpoint under the new settings.
     resume_with_changes: bool = False
+    # Record every row each step trained on (step, epoch, position, copy, row id) in
+    # ROWS_DIR/rank<r>.csv of the run's folder: which images made a model, for an audit (and the
+    # fault tests' row accounting). A restart appends the steps it redoes again: the last entry of
+    # a step is the one the model kept. Local storage only.
+    log_rows: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from cnd_ray.errors import UserError
 
 STOP_FILE = "STOPPED.txt"  # written by rank 0 when a non-finite loss stops the run
 INTERRUPT_FILE = "INTERRUPT_REQUESTED"  # written by the driver on Ctrl-C; every rank stops at one step
+ROWS_DIR = "rows"  # train.log_rows: rank<r>.csv, one line per row trained
 # Held-out share of synthetic data: the judge's FD compares samples with these images, per class
 # (2000 images: ~120 malignant ones instead of ~60 at ingest's default 0.1).
 SYNTHETIC_VAL = 0.2
@@ -39,7 +40,8 @@ BUCKET_BYTES = 25 * 2 ** 20  # gradients are averaged in flat buckets of about t
 # Settings that do not change what is trained: a run keeps its name (and resumes) across them.
 NAME_EXCLUDES = {"train.name", "train.storage", "train.steps", "train.checkpoint_every",
                  "train.resume_with_changes", "train.keep_checkpoints", "train.max_failures",
-                 "train.log_every", "train.eval_every", "train.eval_batches", "data.shuffle_buffer",
+                 "train.log_every", "train.eval_every", "train.eval_batches", "train.log_rows",
+                 "data.shuffle_buffer",
                  "data.decode_tasks", "data.vae", "diffusion.eta"}
 NAME_EXCLUDED_SECTIONS = ("scale.", "track.", "eval.", "fairness.")  # how it runs, where it logs, how it is judged
 
@@ -257,6 +259,8 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
 
     storage = storage_path(cfg)
     name = run_name(cfg)
+    if cfg.train.log_rows and "://" in storage:
+        raise UserError(f"train.log_rows: writes to a local run folder, and train.storage is a URI ({storage})")
     given = bool(cfg.data.shards)
     if given:  # what the data decides, before Ray starts (synthetic shards: once made)
         check_data(cfg, stream.read_manifest(cfg.data.shards))
@@ -474,6 +478,17 @@ def _or_stop_on_damage(batches: Iterator[dict], rank: int, world: int, run_dir: 
         _say(f"stopped: {line}")
 
 
+def _row_log(run_dir: str, rank: int):
+    """This rank's train.log_rows file, opened to append (a restart adds to it)."""
+    os.makedirs(os.path.join(run_dir, ROWS_DIR), exist_ok=True)
+    path = os.path.join(run_dir, ROWS_DIR, f"rank{rank}.csv")
+    new = not os.path.exists(path)
+    f = open(path, "a", buffering=1 << 16)
+    if new:
+        f.write("step,epoch,pos,copy,row_id\n")
+    return f
+
+
 def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir, evaluator,
           interrupt: str = "") -> None:
     """Train until train.steps. `consumed` (stream.Consumed) names the rows the state has trained
@@ -527,6 +542,7 @@ def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir,
     if tuple(stream_start) > consumed.start:  # would skip rows never trained: say so, loudly
         raise RuntimeError(f"the data stream starts at (epoch, row) {tuple(stream_start)} but the "
                            f"restored checkpoint (step {state.step}) is at {consumed.start}")
+    rows = _row_log(run_dir, rank) if tr.log_rows else None
     for batch in _or_stop_on_damage(stream.batches(shard, cfg, wait, consumed), rank, world, run_dir):
         mb = _to(augment.model_batch(batch, cfg), next(state.dit.parameters()).device)
         try:
@@ -538,6 +554,10 @@ def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir,
                 _say(f"stopped: {e}")
             return
         consumed.add(batch)
+        if rows is not None:
+            rows.writelines(f"{state.step},{e},{p},{c},{i}\n" for e, p, c, i in zip(
+                *(batch[k].tolist() for k in ("epoch", "pos", "copy", "row_id"))))
+            rows.flush()
         for k, v in m.items():
             window[k] = window.get(k, 0.0) + v
         n_win += 1
@@ -573,6 +593,8 @@ def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir,
             return
         if step >= tr.steps:
             break
+    if rows is not None:
+        rows.close()
     if rank == 0 and history:
         _plot_losses(history, tracker)
     if state.step < tr.steps and not os.path.isfile(os.path.join(run_dir, STOP_FILE)):

@@ -116,3 +116,33 @@ def random_checkpoint(folder, cfg_name: str = "debug", overrides=(), std: float 
                 if p.shape != state.ema.pos_embed.shape:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
     return str(checkpoint.save(state, folder))
+
+
+def rows_trained(run_dir) -> list[list[tuple[int, int, int]]]:
+    """Per rank, (epoch, pos, copy) of every row the run's model kept, from its train.log_rows
+    files: the last entry of each step (a restart redoes the steps after its checkpoint)."""
+    import csv
+    from pathlib import Path
+
+    ranks = []
+    for f in sorted((Path(run_dir) / "rows").glob("rank*.csv")):
+        steps: dict[int, list] = {}
+        prev = None
+        for r in csv.DictReader(f.open()):
+            step = int(r["step"])
+            if step != prev:  # a step's lines are contiguous: a later attempt's replace an older one's
+                steps[step], prev = [], step
+            steps[step].append((int(r["epoch"]), int(r["pos"]), int(r["copy"])))
+        ranks.append([row for s in sorted(steps) for row in steps[s]])
+    return ranks
+
+
+def assert_row_accounting(run_dir, train_rows: int) -> None:
+    """No row trained twice; every epoch that all ranks have moved past trained every row once."""
+    ranks = rows_trained(run_dir)
+    kept = [row for rows in ranks for row in rows]
+    assert kept and len(kept) == len(set(kept)), "a row was trained twice"
+    done = min(max(e for e, _, _ in rows) for rows in ranks)  # ranks may be in different epochs
+    assert done >= 1, "the run never finished an epoch: the test says nothing"
+    for epoch in range(done):
+        assert sorted(p for e, p, c in kept if e == epoch) == list(range(train_rows)), f"epoch {epoch}"

@@ -50,6 +50,7 @@ def train_losing_a_node(folder: Path) -> dict:
     cluster, nodes = _cluster(0, [1, 1, 1])
     cfg = _cfg(folder, {"train.name": "lose-a-node", "train.steps": 320, "train.checkpoint_every": 40,
                         "train.log_every": 10, "train.max_failures": 2, "scale.num_workers": 2,
+                        "train.log_rows": True,
                         "scale.placement_strategy": "STRICT_SPREAD"})
     out: dict = {}
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.helpers import assert_row_accounting
+
 
 def _scenario(name: str, folder) -> tuple[dict, str]:
     p = subprocess.run([sys.executable, "-m", "tests.multinode", name, str(folder)],
@@ -28,6 +30,10 @@ def test_two_workers_on_two_nodes_survive_losing_one(tmp_path):
     starts = [int(s) for s in re.findall(r"rank 0/2: .*?start step (\d+)", log)]
     assert starts[0] == 0 and len(starts) >= 2 and all(s >= 40 and s % 40 == 0 for s in starts[1:]), starts
     assert r["steps"] == list(range(10, 321, 10))  # every logged step once, none lost
+    # Both ranks' rows, across the restart on other nodes: none skipped, none trained twice.
+    (manifest,) = tmp_path.glob("runs/data/synthetic-*/manifest.json")
+    assert_row_accounting(tmp_path / "runs" / "lose-a-node",
+                          sum(json.loads(manifest.read_text())["splits"]["train"].values()))
 
 
 @pytest.mark.slow

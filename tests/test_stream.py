@@ -173,6 +173,48 @@ def test_a_damaged_shard_is_named_before_a_run_starts(ingested, tmp_path):
         stream.check_files(str(copy), manifest)
 
 
+def test_verify_reads_every_row_and_names_each_damage(ingested, tmp_path):
+    """`cnd-ray verify`: clean shards pass (exit 0); zeros written into a shard's pages (the footer
+    intact, so the run's start-up check passes it) fail the file's sha256 and the page CRC, named
+    by file and row group; an image that no longer decodes is named by its id."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from cnd_ray.data.ingest import file_sha256
+
+    folder, manifest = ingested["melanoma"]
+    assert all(s["sha256"] == file_sha256(str(folder / s["file"])) for s in manifest["shards"])
+    good, problems = stream.verify(str(folder), say=lambda line: None)
+    assert problems == [] and good == manifest["num_images"]
+    copy = tmp_path / "shards"
+    shutil.copytree(folder, copy)
+    shard = copy / manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    stream.check_files(str(copy), manifest)  # footer and row count still fine
+    _, problems = stream.verify(str(copy), say=lambda line: None)
+    assert problems[0] == f"{shard}: sha256 differs from the manifest's (changed since ingest)"
+    assert any(p.startswith(f"damaged shard {shard}, row group ") for p in problems[1:]), problems
+    # One PNG replaced (the file rewritten with its page checksums: only the image is wrong).
+    table = pq.read_table(folder / manifest["shards"][0]["file"])
+    images = table.column("image").to_pylist()
+    images[3] = b"\x89PNG but not really"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
+                                    pa.array(images, pa.binary())), shard, write_page_checksum=True)
+    want = table.column("image_id")[3].as_py()
+    r = subprocess.run([sys.executable, "-m", "cnd_ray", "verify", str(copy)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"damaged shard {shard}, row group 0, image {want}: " in r.stdout
+    assert r.stdout.strip().endswith(f"{manifest['num_images'] - 1} rows read and decoded; 2 problem(s): "
+                                      f"re-ingest {copy}"), r.stdout
+    assert "Traceback" not in r.stderr
+
+
 def test_an_image_that_no_longer_decodes_is_named_by_its_id(ingested, tmp_path):
     import pyarrow as pa
 

@@ -13,7 +13,7 @@ import torch
 
 from cnd_ray import checkpoint, tracking, train
 from cnd_ray import config as C
-from tests.helpers import MlflowServer, free_port, wait_for
+from tests.helpers import MlflowServer, assert_row_accounting, free_port, wait_for
 
 
 def _cfg(tmp_path, **over):
@@ -38,16 +38,25 @@ def _history(tmp_path, name, key="loss_diff"):
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_equals_straight(ray_local, tmp_path):
+    """On a set smaller than the shipped shuffle buffer (debug: 64 images): the relaunch resumes
+    mid-window and mid-epoch."""
     straight = train.run(_cfg(tmp_path, **{"train.name": "straight", "train.steps": 20}))
-    first = train.run(_cfg(tmp_path, **{"train.name": "resumed", "train.steps": 10}))
+    first = train.run(_cfg(tmp_path, **{"train.name": "resumed", "train.steps": 10, "train.log_rows": "true"}))
     assert first["checkpoint"].endswith("checkpoint_00000010")
-    resumed = train.run(_cfg(tmp_path, **{"train.name": "resumed", "train.steps": 20}))
+    resumed = train.run(_cfg(tmp_path, **{"train.name": "resumed", "train.steps": 20, "train.log_rows": "true"}))
+    assert_row_accounting(tmp_path / "runs" / "resumed", _train_rows(tmp_path))
     assert checkpoint.read_meta(resumed["checkpoint"])["step"] == 20
     _assert_equal_weights(straight["checkpoint"], resumed["checkpoint"])
     runs, steps = _history(tmp_path, "resumed")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run across launches
     assert steps == [5, 10, 15, 20]  # every step once: none lost, none duplicated
     assert straight["metrics"]["ranks_in_sync"] == 1.0
+
+
+def _train_rows(tmp_path) -> int:
+    """Rows in the train split of the synthetic shards the runs under tmp_path made."""
+    (manifest,) = (tmp_path / "runs").glob("data/synthetic-*/manifest.json")
+    return sum(json.loads(manifest.read_text())["splits"]["train"].values())
 
 
 def _assert_equal_weights(a, b):
@@ -247,9 +256,13 @@ def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tm
 
     import psutil
 
-    run = {"train.steps": 200, "train.checkpoint_every": 30, "train.log_every": 30, "train.max_failures": 2}
+    # A set larger than the shipped shuffle buffer (1040 train rows against 1000): the 1600 rows
+    # trained cross a window and an epoch.
+    run = {"train.steps": 200, "train.checkpoint_every": 30, "train.log_every": 30, "train.max_failures": 2,
+           "train.synthetic_images": 1300}
     straight = train.run(_cfg(tmp_path, **{"train.name": "straight", **run}))
-    cfg = _cfg(tmp_path, **{"train.name": "killme", **run})
+    assert _train_rows(tmp_path) > C.DataConfig().shuffle_buffer
+    cfg = _cfg(tmp_path, **{"train.name": "killme", "train.log_rows": "true", **run})
     th, out = _run_in_thread(cfg)
     first = tmp_path / "runs" / "killme" / "checkpoint_00000030"
     assert wait_for(lambda: (first / "meta.json").exists())
@@ -262,6 +275,7 @@ def test_a_killed_worker_restores_from_its_checkpoint_and_finishes(ray_local, tm
     assert checkpoint.read_meta(out["result"]["checkpoint"])["step"] == 200
     # The restart went on with the next untrained row: the run ends where an unbroken one does.
     _assert_equal_weights(straight["checkpoint"], out["result"]["checkpoint"])
+    assert_row_accounting(tmp_path / "runs" / "killme", _train_rows(tmp_path))
     runs, steps = _history(tmp_path, "killme")
     assert steps == sorted(set(steps)) and steps[-1] == 200  # no step logged twice
 

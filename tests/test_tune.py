@@ -1,5 +1,6 @@
 """Search-space files and `cnd-ray tune`: the shipped spaces, bad files, a real search with MLflow
 nesting checked through a real tracking server, and a search resumed after its driver is killed."""
+import json
 import os
 import signal
 import subprocess
@@ -185,13 +186,13 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
     resumes its checkpoint, MLflow has 1 + 2 runs, and the table equals the uninterrupted one."""
     import glob
 
-    from tests.helpers import wait_for
+    from tests.helpers import assert_row_accounting, wait_for
 
     space = tmp_path / "one_at_a_time.yaml"
     space.write_text((tune.SPACE_DIR / "smoke.yaml").read_text() + "max_concurrent_trials: 1\n")
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "cnd_ray", "tune", "--space", str(space), "--config", "debug", *E2E,
-           f"train.storage={tmp_path}/runs", f"track.tracking_uri=sqlite:///{db}"]
+           f"train.storage={tmp_path}/runs", f"track.tracking_uri=sqlite:///{db}", "train.log_rows=true"]
     mark = uuid.uuid4().hex
     env = {**os.environ, "CND_RAY_TEST_MARK": mark}
     env.pop("RAY_ADDRESS", None)
@@ -251,6 +252,12 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
         assert steps == sorted(set(steps))  # no step logged twice across the kill
     table = r.stdout[r.stdout.index("| rank"):].split("\n\n")[0].strip()
     assert table == smoke_search[0]["table"].strip()  # same seed, same table, interrupted or not
+    (manifest,) = glob.glob(f"{tmp_path}/runs/**/synthetic-*/manifest.json", recursive=True)
+    train_rows = sum(json.loads(open(manifest).read())["splits"]["train"].values())
+    trials = glob.glob(f"{tmp_path}/runs/*-trials/*/rows")
+    assert len(trials) == 2
+    for rows in trials:  # the interrupted trial's too: no row skipped or trained twice
+        assert_row_accounting(os.path.dirname(rows), train_rows)
 
 
 ASHA_SPACE = """search: grid

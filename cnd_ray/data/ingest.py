@@ -319,24 +319,42 @@ class ShardWriter:
             name = f"{split}-{sum(s['split'] == split for s in self.shards):05d}.parquet"
             info = {"file": name, "split": split, "rows": 0, "bytes": 0}
             self.shards.append(info)
+            # Page CRCs: a reader (stream.parquet_file verifies them) names a damaged page
+            # instead of decoding whatever the damage left.
             self.writers[split] = (pq.ParquetWriter(os.path.join(self.folder, name), self.schema,
-                                                    compression="zstd"), info)
+                                                    compression="zstd", write_page_checksum=True), info)
         writer, info = self.writers[split]
         table = pa.Table.from_pylist(rows, schema=self.schema)
         writer.write_table(table, row_group_size=ROW_GROUP)
         info["rows"] += len(rows)
         info["bytes"] += table.nbytes
         if info["bytes"] >= self.shard_bytes:
-            writer.close()
-            del self.writers[split]
+            self._close(split)
+
+    def _close(self, split: str) -> None:
+        """Finish the open shard of `split`; its sha256 goes to the manifest (`cnd-ray verify`)."""
+        writer, info = self.writers.pop(split)
+        writer.close()
+        info["sha256"] = file_sha256(os.path.join(self.folder, info["file"]))
 
     def close(self) -> list[dict]:
         for split in list(self.buffers):
             self._flush(split)
-        for writer, _ in self.writers.values():
-            writer.close()
-        self.writers.clear()
+        for split in list(self.writers):
+            self._close(split)
         return self.shards
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a local file or a pyarrow-filesystem URI, read in 8 MiB chunks."""
+    import pyarrow.fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _merged_meta(copies: list[Candidate]) -> dict:
