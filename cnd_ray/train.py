@@ -462,20 +462,32 @@ def _worker(config: dict) -> None:
         tracker.close()
 
 
-def _or_stop_on_damage(batches: Iterator[dict], rank: int, world: int, run_dir: str) -> Iterator[dict]:
-    """The batches, ending at a damaged shard as a non-finite loss ends the run: the line naming
-    it becomes STOP_FILE and the workers return, so Ray Train does not retry what would fail again.
-    With several workers the others would wait in the next all-reduce: Ray Train's restart (and,
-    after train.max_failures, the run's failure) carries the same line there."""
-    try:
-        yield from batches
-    except Exception as e:
-        line = stream.damaged(e)
-        if line is None or world > 1 or "://" in run_dir:
-            raise
-        with open(os.path.join(run_dir, STOP_FILE), "w") as f:
-            f.write(line)
-        _say(f"stopped: {line}")
+def _agreed_batches(batches: Iterator[dict], rt, rank: int, world: int, run_dir: str) -> Iterator[dict]:
+    """The batches, one agreed step at a time: before each step every rank says whether it has a
+    batch, so a damaged shard (or a stream that ended) on any rank stops them all at the same step,
+    where one rank stopping alone left the others waiting in the next all-reduce. A damaged shard
+    ends the run as a non-finite loss does: rank 0 writes the line naming it to STOP_FILE and the
+    workers return, so Ray Train does not retry what would fail again."""
+    it = iter(batches)
+    while True:
+        batch = line = None
+        try:
+            batch = next(it)
+        except StopIteration:
+            pass
+        except Exception as e:
+            line = stream.damaged(e)
+            if line is None or "://" in run_dir:
+                raise
+        if rt.all_finite(batch is not None):  # a logical AND across ranks (no-op with one)
+            yield batch
+            continue
+        lines = [x for x in _gather(line, world) if x]
+        if lines and rank == 0:
+            with open(os.path.join(run_dir, STOP_FILE), "w") as f:
+                f.write(lines[0])
+            _say(f"stopped: {lines[0]}")
+        return
 
 
 def _row_log(run_dir: str, rank: int):
@@ -543,7 +555,7 @@ def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir,
         raise RuntimeError(f"the data stream starts at (epoch, row) {tuple(stream_start)} but the "
                            f"restored checkpoint (step {state.step}) is at {consumed.start}")
     rows = _row_log(run_dir, rank) if tr.log_rows else None
-    for batch in _or_stop_on_damage(stream.batches(shard, cfg, wait, consumed), rank, world, run_dir):
+    for batch in _agreed_batches(stream.batches(shard, cfg, wait, consumed), rt, rank, world, run_dir):
         mb = _to(augment.model_batch(batch, cfg), next(state.dit.parameters()).device)
         try:
             m = engine.train_step(state, engine.split_batch(mb, cfg.optim.grad_accum), rt)

@@ -92,7 +92,10 @@ def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp
     assert [g["lr"] for g in state.opt_cls.param_groups] == [0.5]
 
 
-def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, tmp_path, small_shards):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, tmp_path, small_shards, workers):
+    """Whichever rank meets the damage, every rank stops at the same step: no retries, no rank
+    left waiting in an all-reduce."""
     import shutil
 
     from mlflow.tracking import MlflowClient
@@ -108,7 +111,8 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, 
     shard.write_bytes(bytes(data))
     stream.check_files(str(copy), m)  # the footer still reads: only reading the rows finds it
     cfg = _cfg(tmp_path, **{"train.name": "damaged", "train.steps": 50, "data.shards": str(copy),
-                            "data.image_size": m["image_size"], "eval.sample_metrics": "false"})
+                            "data.image_size": m["image_size"], "eval.sample_metrics": "false",
+                            "scale.num_workers": workers})
     assert cfg.data.shuffle_buffer == C.DataConfig().shuffle_buffer == 1000  # as shipped
     t0 = time.time()
     with pytest.raises(train.TrainingStopped, match=rf"^damaged shard {shard}, row group \d+"):
