@@ -101,6 +101,21 @@ def _join(address: str) -> None:
         check_access(address, secret, where)
 
 
+def _loopback_only() -> None:
+    """Make the local Ray this process starts listen on 127.0.0.1 only.
+
+    On Linux Ray gives a node its network address and binds its metrics servers (dashboard,
+    autoscaler, per-node agent), agents and gRPC servers to every interface: anyone on the
+    network could read the metrics. Ray keeps a single-machine node on the loopback address where
+    clusters are off (its setting for macOS and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0);
+    a local Ray is never part of a cluster, so we turn that on. Ray reads the variable at import,
+    in this process and in each process it starts: set for both."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def local_cpus() -> int:
     """Logical CPUs of a local Ray: more than the cores on small machines, because training workers
     and Ray Data tasks take fractional shares and whole-CPU tasks would wait (num_cpus=2 hung on 2
@@ -112,13 +127,16 @@ def connect(num_cpus: float | None = None) -> None:
     """Reuse a running ray.init(); join RAY_ADDRESS; or start a local Ray with num_cpus logical CPUs
     (default: local_cpus()). Every verb connects here first, so the first one decides.
 
-    A cluster in RAY_ADDRESS is joined with its token (module doc).
+    A cluster in RAY_ADDRESS is joined with its token (module doc); a local Ray listens on
+    127.0.0.1 only (`_loopback_only`).
     """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _join(address)
+    else:
+        _loopback_only()
     # "local", not None: Ray would otherwise join any other Ray running on this machine (another
     # user's, a test's) and then refuse num_cpus.
     ray.init(address=address or "local", num_cpus=None if address else (num_cpus or local_cpus()),

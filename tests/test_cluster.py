@@ -347,3 +347,35 @@ def test_joining_an_address_where_no_cluster_answers_is_one_line_within_seconds(
     with pytest.raises(UserError, match="no Ray cluster answers at"):
         session.check_access(f"127.0.0.1:{free_port()}", "", "nowhere")
     assert time.monotonic() - t0 < session.PROBE_TIMEOUT_S + 2
+
+
+LISTEN_PROBE = """
+import os, time, psutil, ray
+from cnd_ray import session
+session.connect()
+ray.get(ray.remote(num_cpus=0.5)(lambda: 1).remote())  # a worker process up, too
+time.sleep(3)  # the dashboard's and agents' servers
+ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+print(sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+              if c.status == psutil.CONN_LISTEN and c.pid in ours}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_the_local_ray_listens_on_loopback_only():
+    """Every socket the local Ray of a cnd-ray verb listens on (GCS, raylet, workers, dashboard,
+    metrics servers, agents) is bound to the loopback address, none to the network's."""
+    import ast
+    import ipaddress
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    r = subprocess.run([sys.executable, "-c", LISTEN_PROBE], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sockets = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    assert len(sockets) >= 5, sockets  # GCS, raylet, a worker, the dashboard, metrics: found them all
+    for ip, port in sockets:
+        addr = ipaddress.ip_address(ip)
+        addr = getattr(addr, "ipv4_mapped", None) or addr
+        assert addr.is_loopback, f"{ip}:{port} listens beyond this machine"
