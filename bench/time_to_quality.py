@@ -75,7 +75,8 @@ def _variant(name: str, overrides: list[str], shards: str, judge_file: str, step
         got = judge.measure(images, plan["label"], cfg.eval.kid_subsets)
         row = {"step": step, "seconds": round(seconds, 1), "fidelity_auroc": round(got["fidelity_auroc"], 4),
                "fd_judge": round(got["fd_judge"], 2), "fd_ratio": round(got["fd_ratio"], 2),
-               "ms_ssim": round(got["ms_ssim"], 3), "lesion_share": round(got["lesion_share"], 3)}
+               "ms_ssim": round(got["ms_ssim"], 3), "lesion_share": round(got["lesion_share"], 3),
+               **{k: round(v, 3) for k, v in got.items() if k.startswith("lesion_share_")}}
         history.append(row)
         queue.put(("row", name, row))
         if got["fidelity_auroc"] >= FIDELITY_BAR and got["fd_ratio"] <= RATIO_BAR:

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -517,6 +518,13 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
 STATUS_ORDER = {"finished": 0, "stopped": 1, "error": 2}
 
 
+def error_line(error: BaseException) -> str:
+    """What a failed trial's error says, in one line: the last line of its text (the exception
+    itself; Ray's first line only names the actor), without terminal colours, fit for a table."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(error).__name__).replace("|", "/")[:300]
+
+
 def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
     """One row per trial, best first: finished trials by the metric, then ones ASHA stopped early,
     then failed ones."""
@@ -532,7 +540,7 @@ def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
         rows.append({
             "trial": trial_id, "setting": setting, "overrides": overrides,
             **{k: m[k] for k in METRICS if k in m},
-            "step": step, "status": status, "error": str(r.error).splitlines()[0][:300] if r.error else "",
+            "step": step, "status": status, "error": error_line(r.error) if r.error else "",
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
             "checkpoint": train.latest_checkpoint(f"{trials_storage}/{_trial_run(search, trial_id)}"),
             "curves": {k: _curve(r, k) for k in dict.fromkeys((s.metric, *CURVES))},

@@ -338,3 +338,12 @@ def test_concurrency_follows_resources_and_cpu_trials_share_cores():
     assert shared.scale.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
     pinned = C.override(cfg, {"scale.threads_per_worker": 3})
     assert tune._share_cores(pinned, 2, FakeRay).scale.threads_per_worker == 3
+
+
+def test_a_failed_trial_row_says_what_failed_in_one_clean_line():
+    """Ray's error text starts with the actor's coloured name; the table shows the exception."""
+    err = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=29165, ip=192.0.2.2, actor_id=34d)\n"
+                       "  File \"/x/train.py\", line 540, in _loop\n    consumed.add(batch)\n"
+                       "KeyError: 'copy' | more\n")
+    assert tune.error_line(err) == "KeyError: 'copy' / more"
+    assert tune.error_line(RuntimeError("")) == "RuntimeError"
