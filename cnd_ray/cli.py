@@ -78,6 +78,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_track_sync(args: argparse.Namespace) -> int:
+    from cnd_ray import tracking
+
+    left = tracking.spooled(args.run_dir)
+    if left is None:
+        raise UserError(f"{args.run_dir}: no MLflow spool here ({tracking.SPOOL}/): nothing waits for upload")
+    spool, server = left[0], args.to or left[1]
+    if not tracking.reachable(server):
+        raise UserError(f"MLflow at {server} does not answer: start it and run this again (or --to URI)")
+    for experiment, name in tracking.spool_runs(spool):
+        run_id = tracking.sync(spool, server, experiment, name)
+        print(f"uploaded run {name} to {server} (experiment {experiment}, run {run_id})")
+    tracking.drop_spool(args.run_dir)
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from cnd_ray.data import synth
 
@@ -332,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", metavar="SHARDS", help="folder (or URI) written by `cnd-ray ingest`")
     p.set_defaults(func=cmd_verify)
     _add_synth(verbs)
+    p = verbs.add_parser(
+        "track-sync", help="upload a run's MLflow spool (kept while the tracking server was away)",
+        description="A run whose tracking server did not answer at start logs to a local MLflow "
+                    "store in its folder (mlflow-spool/) and uploads it when the server answers. If "
+                    "it never did during the run, this uploads it: params, tags, every metric value "
+                    "the server lacks, artifacts and the status, each once; then removes the spool.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (train.storage/<run name>)")
+    p.add_argument("--to", metavar="URI", default="", help="another tracking server than the one the "
+                   "run was started with")
+    p.set_defaults(func=cmd_track_sync)
     p = verbs.add_parser(
         "train", help="train Class-N-Diff on Ray Train workers, logged to MLflow",
         description="Train on scale.num_workers Ray Train workers (the cluster in RAY_ADDRESS, else a "

@@ -48,6 +48,134 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# --- a server away at start: the run logs to a local spool, uploaded when the server answers -----
+
+SPOOL = "mlflow-spool"  # in the run's folder: a local MLflow store (mlflow.db) and server.txt
+PROBE_TIMEOUT_S = 5
+UPLOAD_EVERY_S = 30.0  # how often a spooling run asks whether its server answers again
+
+
+def reachable(uri: str) -> bool:
+    """Whether the tracking store at `uri` answers now: one request, no retries, 5 s at most
+    (MLflow's own retries took 259 s to give up on a server that was not there). Local stores
+    always answer."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)})
+    try:
+        _client(uri).search_experiments(max_results=1)
+        return True
+    except Exception:
+        return False
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def spool_uri(run_dir: str, server: str) -> str:
+    """The local store a run in `run_dir` logs to while `server` is away (noting the server)."""
+    folder = Path(run_dir, SPOOL)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "server.txt").write_text(server + "\n")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def spooled(run_dir: str) -> tuple[str, str] | None:
+    """(spool store URI, the server it waits for) when `run_dir` holds a spool, else None."""
+    folder = Path(run_dir, SPOOL)
+    if not (folder / "mlflow.db").is_file():
+        return None
+    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "server.txt").read_text().strip()
+
+
+def sync(spool: str, server: str, experiment: str, run_name: str) -> str:
+    """Copy the run `run_name` from the spool store into `server`: params, tags, every metric value
+    the server does not hold yet (by key and step), artifacts it does not have, and the status.
+    Idempotent, so an upload cut short and repeated stores each value exactly once. Returns the
+    server's run id."""
+    src = _client(spool)
+    run_id = find_run(spool, experiment, run_name)
+    if run_id is None:
+        raise ValueError(f"{spool} holds no run named {run_name}")
+    run = src.get_run(run_id)
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    tags.pop(RUN_NAME_TAG, None)
+    dest_id, _ = start_run(server, experiment, run_name, run.data.params, tags)
+    dst = _client(server)
+    from mlflow.entities import Metric
+
+    for key in run.data.metrics:
+        have = {m.step for m in dst.get_metric_history(dest_id, key)}
+        new = [Metric(m.key, m.value, m.timestamp, m.step) for m in src.get_metric_history(run_id, key)
+               if m.step not in have]
+        for i in range(0, len(new), 1000):
+            dst.log_batch(dest_id, metrics=new[i:i + 1000])
+    set_tags(server, dest_id, tags)
+    have = set(_artifact_paths(dst, dest_id))
+    with tempfile.TemporaryDirectory() as d:
+        for path in _artifact_paths(src, run_id):
+            if path not in have:
+                local = src.download_artifacts(run_id, path, d)
+                dst.log_artifact(dest_id, local, os.path.dirname(path) or None)
+    if run.info.status != "RUNNING":
+        dst.set_terminated(dest_id, status=run.info.status)
+    return dest_id
+
+
+def _artifact_paths(client, run_id: str, folder: str | None = None) -> list[str]:
+    out = []
+    for f in client.list_artifacts(run_id, folder):
+        out += _artifact_paths(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def spool_runs(spool: str) -> list[tuple[str, str]]:
+    """(experiment, run name) of every run a spool store holds."""
+    client = _client(spool)
+    out = []
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id]):
+            if RUN_NAME_TAG in run.data.tags:
+                out.append((exp.name, run.data.tags[RUN_NAME_TAG]))
+    return out
+
+
+def drop_spool(run_dir: str) -> None:
+    shutil.rmtree(Path(run_dir, SPOOL), ignore_errors=True)
+
+
+class SpoolUploader:
+    """While a run logs to its spool: every `every` s, once the server answers, copy what the
+    spool holds so far (`sync` stores each value once, however often it runs)."""
+
+    def __init__(self, spool: str, server: str, experiment: str, run_name: str, every: float = 0.0):
+        self.args = spool, server, experiment, run_name
+        self.every, self.uploads = every or UPLOAD_EVERY_S, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            if reachable(self.args[1]):
+                try:
+                    sync(*self.args)
+                except Exception:  # the server went away again mid-upload: the next round
+                    continue
+                if not self.uploads:
+                    print(f"MLflow at {self.args[1]} answers again: uploading the run's metrics "
+                          f"as it goes", flush=True)
+                self.uploads += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> tuple[str, int]:
     """(run id, last logged step) of the MLflow run for `run_name`: the existing one on a resume."""
     client = _client(uri)

@@ -285,12 +285,13 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     steps_per_epoch = max(1, rows // cfg.train.global_batch)
     epochs = math.ceil(max(0, cfg.train.steps - start_step) / steps_per_epoch) + 2  # + a margin
 
-    uri = tracking.resolve_uri(cfg.track.tracking_uri)
+    uri, server = _tracking_store(cfg, run_dir, name)
     tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
             "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
             "data.shards": cfg.data.shards, **(tags or {})}
     run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags)
-    driverlog.save_at_exit(run_dir, uri, run_id)  # however the run ends (a no-op in Tune's trials)
+    if server is None:  # however the run ends (a no-op in Tune's trials); a spool saves it at the end
+        driverlog.save_at_exit(run_dir, uri, run_id)
     tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
     log_judge(uri, run_id, judge_file)
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
@@ -324,29 +325,83 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
         # losing the steps since the last checkpoint; ours, installed here, keeps them.
         trainer._register_sigint_handler = lambda controller: None
+    uploader = server and tracking.SpoolUploader(uri, server, cfg.track.experiment, name)
+
+    def finish(status: str, tags: dict, text: str | None = None) -> str:
+        """End the MLflow run (with a spool: upload it, or say how); the run id it ends up under."""
+        tracking.finish_run(uri, run_id, status, tags)
+        if text:
+            tracking.log_text(uri, run_id, text, "final_checkpoint.txt")
+        if not server:
+            return run_id
+        uploader.close()
+        return _upload_spool(uri, server, cfg.track.experiment, name, run_dir, run_id)
+
     try:
         with _interruptible(request):
             result = trainer.fit()
     except Exception as e:
-        tracking.finish_run(uri, run_id, "FAILED", {"error": repr(e)[:500]})
+        finish("FAILED", {"error": repr(e)[:500]})
         raise
     stop = os.path.join(run_dir, STOP_FILE)
     ckpt = result.checkpoint.path if result.checkpoint else None
     if "://" not in run_dir and os.path.isfile(stop):
         msg = open(stop).read().strip()
         os.remove(stop)  # a relaunch (say with train.on_nonfinite=skip) starts clean
-        tracking.finish_run(uri, run_id, "FAILED", {"stopped": msg})
+        finish("FAILED", {"stopped": msg})
         kept = f"the last good checkpoint is kept: {ckpt}" if ckpt else "no checkpoint was written yet"
         raise TrainingStopped(f"{msg}; {kept}")
     if request and os.path.isfile(request):
         os.remove(request)
         step = (result.metrics or {}).get("step", start_step)
-        tracking.finish_run(uri, run_id, "KILLED", {"interrupted_at_step": step, "checkpoint": ckpt})
+        finish("KILLED", {"interrupted_at_step": step, "checkpoint": ckpt})
         raise TrainingInterrupted(f"interrupted at step {step}; checkpoint {ckpt}; run the same command "
                                   "again to resume from it")
-    tracking.finish_run(uri, run_id, "FINISHED", {"final_checkpoint": ckpt})
-    tracking.log_text(uri, run_id, f"{ckpt}\n", "final_checkpoint.txt")
+    run_id = finish("FINISHED", {"final_checkpoint": ckpt}, f"{ckpt}\n")
     return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id}
+
+
+def _tracking_store(cfg, run_dir: str, name: str) -> tuple[str, str | None]:
+    """(the store this launch logs to, the server it waits for or None).
+
+    A tracking server that does not answer at start does not stop training: the run logs to a
+    local MLflow store in its folder (tracking.SPOOL), uploaded when the server answers. A spool
+    left by an earlier launch is uploaded first once its server answers."""
+    uri = tracking.resolve_uri(cfg.track.tracking_uri)
+    local = "://" not in run_dir
+    left = tracking.spooled(run_dir) if local else None
+    if tracking.reachable(uri):
+        if left and left[1] == uri:
+            _upload_spool(left[0], uri, cfg.track.experiment, name, run_dir)
+        return uri, None
+    if not local:
+        raise UserError(f"track.tracking_uri: MLflow at {uri} does not answer, and a run stored at "
+                        f"{run_dir} cannot keep its metrics locally meanwhile: start the server, or "
+                        "point track.tracking_uri at one that answers")
+    spool = left[0] if left and left[1] == uri else tracking.spool_uri(run_dir, uri)
+    print(f"MLflow at {uri} does not answer: training starts anyway, logging to {spool}; it is "
+          f"uploaded when the server answers (or run `cnd-ray track-sync {run_dir}`)", flush=True)
+    return spool, uri
+
+
+def _upload_spool(spool: str, server: str, experiment: str, name: str, run_dir: str,
+                  spool_run: str | None = None) -> str | None:
+    """Upload a run's spool to `server` and remove it; or say where it stays and how to upload it.
+    Returns the run's id on the server (or, kept, in the spool)."""
+    try:
+        if tracking.reachable(server):
+            run_id = tracking.sync(spool, server, experiment, name)
+            tracking.drop_spool(run_dir)
+            print(f"MLflow: the run's spool is uploaded to {server} (run {run_id})", flush=True)
+            driverlog.save_at_exit(run_dir, server, run_id)
+            return run_id
+    except Exception as e:  # the run's outcome matters more: keep the spool
+        print(f"MLflow: uploading to {server} failed ({str(e).splitlines()[0][:200]})", flush=True)
+    print(f"MLflow at {server} does not answer: the run stays logged in {spool}; upload it with "
+          f"`cnd-ray track-sync {run_dir}`", flush=True)
+    if spool_run:
+        driverlog.save_at_exit(run_dir, spool, spool_run)
+    return spool_run
 
 
 # --- the worker ----------------------------------------------------------------------------------

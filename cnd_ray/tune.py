@@ -463,6 +463,10 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     cfg = _share_cores(cfg, concurrent, ray)
 
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
+    if not tracking.reachable(uri):  # a single `cnd-ray train` spools instead; a search does not yet
+        raise UserError(f"track.tracking_uri: MLflow at {uri} does not answer, and a search needs it "
+                        "for its parent run: start the server, or point track.tracking_uri at one "
+                        "that answers (a local sqlite:///... store always does)")
     # Resolved here: trials run in their own working directories.
     cfg = config_lib.override(cfg, {"track.tracking_uri": uri})
     parent, _ = tracking.start_run(

@@ -314,6 +314,71 @@ def test_metrics_survive_a_tracking_server_outage(ray_local, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
+def test_a_server_away_at_start_gets_the_run_when_it_answers(ray_local, tmp_path, monkeypatch, capsys):
+    """The tracking server is not there when training starts: training starts anyway, logging to
+    the run's spool; the server comes up mid-run and gets the metrics while the run goes on, and
+    at the end everything, each value once; the spool is gone."""
+    server = MlflowServer(tmp_path)  # its port, nothing listening yet
+    monkeypatch.setattr(tracking, "UPLOAD_EVERY_S", 1.0)
+    cfg = _cfg(tmp_path, **{"train.name": "away", "train.steps": 400, "train.log_every": 5,
+                            "train.checkpoint_every": 100, "track.tracking_uri": server.uri})
+    t0 = time.time()
+    th, out = _run_in_thread(cfg)
+    run_dir = tmp_path / "runs" / "away"
+    try:
+        assert wait_for(lambda: (run_dir / "checkpoint_00000100" / "meta.json").exists(), 300), out
+        assert time.time() - t0 < 200  # not MLflow's minutes of retries before giving up
+        assert (run_dir / tracking.SPOOL / "mlflow.db").exists()
+        server.start()
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(server.uri)
+
+        def uploaded():
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "loss_diff"))
+
+        assert wait_for(uploaded, 120), "nothing uploaded while the run went on"
+        assert th.is_alive()  # ... before the run finished
+        th.join(timeout=400)
+        assert "error" not in out, out.get("error")
+        (run,) = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
+        assert out["result"]["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")]
+        assert sorted(steps) == list(range(5, 401, 5))  # every logged step, once
+        assert run.data.params["optim.lr"] == str(cfg.optim.lr)
+        assert {"config.yaml", "final_checkpoint.txt"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
+        assert not (run_dir / tracking.SPOOL).exists()
+        assert "does not answer: training starts anyway" in capsys.readouterr().out
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_server_that_never_answers_leaves_a_spool_that_track_sync_uploads(ray_local, tmp_path, capsys):
+    from cnd_ray import cli
+
+    server = MlflowServer(tmp_path)
+    cfg = _cfg(tmp_path, **{"train.name": "never", "train.steps": 20, "track.tracking_uri": server.uri})
+    out = train.run(cfg)  # finishes: exit 0 for `cnd-ray train`
+    run_dir = tmp_path / "runs" / "never"
+    said = capsys.readouterr().out
+    assert f"the run stays logged in sqlite:///{run_dir}/{tracking.SPOOL}/mlflow.db" in said
+    assert f"`cnd-ray track-sync {run_dir}`" in said
+    assert cli.main(["track-sync", str(run_dir)]) == 2  # still away: one line, exit 2
+    with server:
+        assert cli.main(["track-sync", str(run_dir)]) == 0
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.RUN_NAME_TAG] == "never"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")) == [5, 10, 15, 20]
+        assert out["checkpoint"] and not (run_dir / tracking.SPOOL).exists()
+        assert cli.main(["track-sync", str(run_dir)]) == 2  # nothing left to upload
+
+
 def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards):
     """Latent space: grids are decoded by the VAE the shards record (64 px tiles, not 8 px latents),
     and the spooled artifact copies are cleaned up once uploaded."""
