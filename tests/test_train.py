@@ -321,15 +321,22 @@ def test_a_server_away_at_start_gets_the_run_when_it_answers(ray_local, tmp_path
     at the end everything, each value once; the spool is gone."""
     server = MlflowServer(tmp_path)  # its port, nothing listening yet
     monkeypatch.setattr(tracking, "UPLOAD_EVERY_S", 1.0)
-    cfg = _cfg(tmp_path, **{"train.name": "away", "train.steps": 400, "train.log_every": 5,
-                            "train.checkpoint_every": 100, "track.tracking_uri": server.uri})
+    # ~50 steps/s here: long enough to outlast the server's start-up
+    cfg = _cfg(tmp_path, **{"train.name": "away", "train.steps": 3000, "train.log_every": 50,
+                            "train.checkpoint_every": 1000, "track.tracking_uri": server.uri})
     t0 = time.time()
     th, out = _run_in_thread(cfg)
     run_dir = tmp_path / "runs" / "away"
     try:
-        assert wait_for(lambda: (run_dir / "checkpoint_00000100" / "meta.json").exists(), 300), out
+        spool = f"sqlite:///{run_dir}/{tracking.SPOOL}/mlflow.db"
+
+        def training_logs_to_the_spool():
+            runs = tracking.spool_runs(spool) if (run_dir / tracking.SPOOL / "mlflow.db").exists() else []
+            return bool(runs) and bool(tracking._client(spool).get_metric_history(
+                tracking.find_run(spool, "cnd_ray", "away"), "loss_diff"))
+
+        assert wait_for(training_logs_to_the_spool, 300), out
         assert time.time() - t0 < 200  # not MLflow's minutes of retries before giving up
-        assert (run_dir / tracking.SPOOL / "mlflow.db").exists()
         server.start()
         from mlflow.tracking import MlflowClient
 
@@ -346,7 +353,7 @@ def test_a_server_away_at_start_gets_the_run_when_it_answers(ray_local, tmp_path
         (run,) = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
         assert out["result"]["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")]
-        assert sorted(steps) == list(range(5, 401, 5))  # every logged step, once
+        assert sorted(steps) == list(range(50, 3001, 50))  # every logged step, once
         assert run.data.params["optim.lr"] == str(cfg.optim.lr)
         assert {"config.yaml", "final_checkpoint.txt"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
         assert not (run_dir / tracking.SPOOL).exists()

@@ -347,3 +347,15 @@ def test_a_failed_trial_row_says_what_failed_in_one_clean_line():
                        "KeyError: 'copy' | more\n")
     assert tune.error_line(err) == "KeyError: 'copy' / more"
     assert tune.error_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_a_search_whose_tracking_server_is_away_says_so_in_one_line(ray_local, tmp_path):
+    from cnd_ray.errors import UserError
+    from tests.helpers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = C.load("debug", [f"train.storage={tmp_path}/runs", f"track.tracking_uri={uri}"])
+    t0 = time.time()
+    with pytest.raises(UserError, match=rf"^track.tracking_uri: MLflow at {uri} does not answer"):
+        tune.run("smoke", cfg)
+    assert time.time() - t0 < 120
