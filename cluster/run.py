@@ -8,9 +8,11 @@ defaults, so the same verbs work on a laptop and on the cluster.
     python cluster/run.py --check cluster/aws.yaml     # before `ray up`: what to fix, field by field
     python cluster/run.py --storage                    # the storage the head's config names
     python cluster/run.py --mlflow-hosts               # the head's MLflow server's --allowed-hosts
+    python cluster/run.py --mlflow-auth ~/mlflow       # its basic-auth login files, from the token
 
 Defaults it adds (an override you give wins): train.storage=<metadata.cnd_ray.storage>/runs for the
-verbs that train, and track.tracking_uri=http://<head address>:5000 (the head's MLflow server).
+verbs that train, and track.tracking_uri=http://<head address>:5000 (the head's MLflow server), with
+the login that server requires (cluster.mlflow_credentials) unless MLFLOW_TRACKING_USERNAME is set.
 It joins the cluster with its token (~/.ray/auth_token, which the config's file_mounts put on every
 node; cnd_ray.session): a missing or refused token is one line, not a traceback.
 """
@@ -51,7 +53,7 @@ def cluster_argv(argv: list[str], storage: str, head_ip: str, environ=os.environ
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from cnd_ray import cli, cluster
+    from cnd_ray import cli, cluster, session
     from cnd_ray.errors import UserError
 
     try:
@@ -76,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         if argv == ["--storage"]:
             print(storage)
             return 0
+        if argv[:1] == ["--mlflow-auth"]:  # the head's MLflow server's login files, from the token
+            if len(argv) != 2:
+                raise UserError("usage: run.py --mlflow-auth FOLDER")
+            secret, where = session.token()
+            if not secret:
+                raise UserError(f"no cluster token at {where}: the MLflow login derives from it")
+            cluster.write_mlflow_auth(argv[1], secret)
+            return 0
         if argv == ["--mlflow-hosts"]:  # the Host headers the head's MLflow server accepts
             import ray
 
@@ -88,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", "auto")  # the running cluster, never a new local one
+    secret, _ = session.token()
+    if secret:  # the head's MLflow server's login (session forwards it to the workers)
+        for k, v in cluster.mlflow_credentials(secret).items():
+            os.environ.setdefault(k, v)
     return cli.main(cluster_argv(argv, storage, ray.util.get_node_ip_address(),
                                  mlflow_port=cluster.mlflow_port(config, MLFLOW_PORT)))
 

@@ -15,6 +15,7 @@ container's environment (`docker.run_options`) or its own command line.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
 import secrets
@@ -63,6 +64,38 @@ def mlflow_port(cfg: dict, default: int) -> int:
             if found:
                 return int(found.group(1))
     return default
+
+
+MLFLOW_USER = "cnd-ray"  # the head's MLflow server's one (admin) login
+
+
+def mlflow_credentials(token: str) -> dict[str, str]:
+    """The MLflow basic-auth login of a cluster, as the environment MLflow's client reads, derived
+    from the cluster's Ray token (already on every node, owner-only): drivers and workers log in
+    with it and the head's server is started with it; rotating the token rotates it."""
+    password = hashlib.sha256(f"cnd-ray mlflow password\0{token}".encode()).hexdigest()
+    return {"MLFLOW_TRACKING_USERNAME": MLFLOW_USER, "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def write_mlflow_auth(folder: str | Path, token: str) -> None:
+    """The head's MLflow server's basic-auth files in `folder`, owner-only: basic_auth.ini (the
+    admin login of mlflow_credentials, no permissions for anyone else) and flask_secret (its
+    CSRF key). The user store is made afresh, so the login follows a rotated token."""
+    folder = Path(os.path.expanduser(str(folder)))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "basic_auth.db").unlink(missing_ok=True)
+    creds = mlflow_credentials(token)
+    ini = (f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+           f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+           f"admin_username = {creds['MLFLOW_TRACKING_USERNAME']}\n"
+           f"admin_password = {creds['MLFLOW_TRACKING_PASSWORD']}\n"
+           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    secret = hashlib.sha256(f"cnd-ray mlflow flask\0{token}".encode()).hexdigest()
+    for name, text in (("basic_auth.ini", ini), ("flask_secret", secret)):
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(folder / name, 0o600)
 
 
 def token_file(cfg: dict) -> str:

@@ -24,6 +24,9 @@ from cnd_ray.errors import UserError
 # on the head), and this module must import wherever a driver runs.
 DEFAULT_TOKEN = "~/.ray/auth_token"
 PROBE_TIMEOUT_S = 5.0
+# What MLflow's client reads to log in to a server that asks (basic auth, a bearer token).
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
 
 
 def token() -> tuple[str, str]:
@@ -137,7 +140,11 @@ def connect(num_cpus: float | None = None) -> None:
         _join(address)
     else:
         _loopback_only()
+    # A cluster's workers do not inherit this process's environment: they get the MLflow login
+    # (a local Ray's workers inherit it).
+    login = {k: os.environ[k] for k in MLFLOW_LOGIN if os.environ.get(k)} if address else {}
     # "local", not None: Ray would otherwise join any other Ray running on this machine (another
     # user's, a test's) and then refuse num_cpus.
     ray.init(address=address or "local", num_cpus=None if address else (num_cpus or local_cpus()),
-             logging_level=logging.WARNING, log_to_driver=True)
+             logging_level=logging.WARNING, log_to_driver=True,
+             runtime_env={"env_vars": login} if login else None)

@@ -9,12 +9,15 @@ and retried. Other ranks get the do-nothing `Tracker` (house rule 8).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from cnd_ray.errors import UserError
 
 RUN_NAME_TAG = "cnd_ray.run_name"
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests a trial's run under its search's run
@@ -66,7 +69,10 @@ def reachable(uri: str) -> bool:
     try:
         _client(uri).search_experiments(max_results=1)
         return True
-    except Exception:
+    except Exception as e:
+        if re.search(r"\b40[13]\b|UNAUTHENTICATED|PERMISSION_DENIED", str(e)):  # it answered: no
+            raise UserError(f"track.tracking_uri: MLflow at {uri} refused the login (set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)") from None
         return False
     finally:
         for k, v in saved.items():
@@ -161,7 +167,11 @@ class SpoolUploader:
 
     def _loop(self) -> None:
         while not self.stop.wait(self.every):
-            if reachable(self.args[1]):
+            try:
+                answers = reachable(self.args[1])
+            except UserError:  # a refused login: the end of the run says so, once
+                answers = False
+            if answers:
                 try:
                     sync(*self.args)
                 except Exception:  # the server went away again mid-upload: the next round

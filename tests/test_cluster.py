@@ -291,11 +291,32 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
         runs = tmp_path / "storage" / "runs"
         assert sorted(p.name for p in runs.glob("*/checkpoint_00000020")), list(runs.rglob("*"))[:20]
+        import urllib.error
+        import urllib.request
+
         import mlflow as mlflow_lib
 
-        client = mlflow_lib.MlflowClient(server)
-        found = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        assert [x.info.status for x in found] == ["FINISHED"], found
+        from cnd_ray import tracking
+        from cnd_ray.errors import UserError
+
+        # The head's MLflow asks for the login (basic auth); run.py gave it to the driver, which
+        # passed it to the worker that logged the metrics.
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{server}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        with pytest.raises(UserError, match="refused the login"):
+            tracking.reachable(server)
+        login = cluster.mlflow_credentials(secret.strip())
+        old = {k: os.environ.get(k) for k in login}
+        os.environ.update(login)
+        try:
+            client = mlflow_lib.MlflowClient(server)
+            found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            assert [x.info.status for x in found] == ["FINISHED"], found
+            assert client.get_metric_history(found[0].info.run_id, "loss_diff"), "the worker logged nothing"
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        assert oct(os.stat(home / "mlflow" / "basic_auth.ini").st_mode & 0o777) == "0o600"
 
         # A driver without the token, or with another, fails at once with one line naming the fix.
         for extra, fragment in ((dict(HOME=str(tmp_path)), "needs the cluster's token in"),
