@@ -84,13 +84,14 @@ def cmd_track_sync(args: argparse.Namespace) -> int:
     left = tracking.spooled(args.run_dir)
     if left is None:
         raise UserError(f"{args.run_dir}: no MLflow spool here ({tracking.SPOOL}/): nothing waits for upload")
-    spool, server = left[0], args.to or left[1]
-    if not tracking.reachable(server):
-        raise UserError(f"MLflow at {server} does not answer: start it and run this again (or --to URI)")
-    for experiment, name in tracking.spool_runs(spool):
-        run_id = tracking.sync(spool, server, experiment, name)
-        print(f"uploaded run {name} to {server} (experiment {experiment}, run {run_id})")
-    tracking.drop_spool(args.run_dir)
+    if args.to:
+        tracking.spool_uri(args.run_dir, args.to)  # the spool now waits for that server
+    done = tracking.upload(args.run_dir)
+    if done is None:
+        raise UserError(f"MLflow at {args.to or left[1]} does not answer: start it and run this again "
+                        "(or --to URI)")
+    for name, run_id in done[1].items():
+        print(f"uploaded run {name} to {done[0]} (run {run_id})")
     return 0
 
 
@@ -354,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "store in its folder (mlflow-spool/) and uploads it when the server answers. If "
                     "it never did during the run, this uploads it: params, tags, every metric value "
                     "the server lacks, artifacts and the status, each once; then removes the spool.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (train.storage/<run name>)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (train.storage/<run name>), or "
+                   "a search's (train.storage/<search name>): its parent run and trials")
     p.add_argument("--to", metavar="URI", default="", help="another tracking server than the one the "
                    "run was started with")
     p.set_defaults(func=cmd_track_sync)

@@ -98,11 +98,11 @@ def spooled(run_dir: str) -> tuple[str, str] | None:
     return f"sqlite:///{folder / 'mlflow.db'}", (folder / "server.txt").read_text().strip()
 
 
-def sync(spool: str, server: str, experiment: str, run_name: str) -> str:
+def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | None = None) -> str:
     """Copy the run `run_name` from the spool store into `server`: params, tags, every metric value
-    the server does not hold yet (by key and step), artifacts it does not have, and the status.
-    Idempotent, so an upload cut short and repeated stores each value exactly once. Returns the
-    server's run id."""
+    the server does not hold yet (by key and step), artifacts it does not have, and the status;
+    `parent`: the server's id of its parent run (a search's trial). Idempotent, so an upload cut
+    short and repeated stores each value exactly once. Returns the server's run id."""
     src = _client(spool)
     run_id = find_run(spool, experiment, run_name)
     if run_id is None:
@@ -110,6 +110,8 @@ def sync(spool: str, server: str, experiment: str, run_name: str) -> str:
     run = src.get_run(run_id)
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     tags.pop(RUN_NAME_TAG, None)
+    if parent:
+        tags[PARENT_TAG] = parent
     dest_id, _ = start_run(server, experiment, run_name, run.data.params, tags)
     dst = _client(server)
     from mlflow.entities import Metric
@@ -140,14 +142,31 @@ def _artifact_paths(client, run_id: str, folder: str | None = None) -> list[str]
 
 
 def spool_runs(spool: str) -> list[tuple[str, str]]:
-    """(experiment, run name) of every run a spool store holds."""
+    """(experiment, run name) of every run a spool store holds, parents (a search's) first."""
     client = _client(spool)
     out = []
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id]):
             if RUN_NAME_TAG in run.data.tags:
-                out.append((exp.name, run.data.tags[RUN_NAME_TAG]))
-    return out
+                out.append((PARENT_TAG in run.data.tags, exp.name, run.data.tags[RUN_NAME_TAG]))
+    return [(exp, name) for _, exp, name in sorted(out)]
+
+
+def upload(run_dir: str) -> tuple[str, dict[str, str]] | None:
+    """Upload the spool in `run_dir` (a run's or a search's folder) to its server and remove it:
+    (the server, {run name: its id there}), or None while the server does not answer. A search's
+    trials stay children of its parent run."""
+    spool, server = spooled(run_dir)
+    if not reachable(server):
+        return None
+    client, ids = _client(spool), {}
+    for experiment, name in spool_runs(spool):
+        run = client.get_run(find_run(spool, experiment, name))
+        parent = run.data.tags.get(PARENT_TAG)
+        parent_name = client.get_run(parent).data.tags.get(RUN_NAME_TAG) if parent else None
+        ids[name] = sync(spool, server, experiment, name, ids.get(parent_name))
+    drop_spool(run_dir)
+    return server, ids
 
 
 def drop_spool(run_dir: str) -> None:

@@ -285,7 +285,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     steps_per_epoch = max(1, rows // cfg.train.global_batch)
     epochs = math.ceil(max(0, cfg.train.steps - start_step) / steps_per_epoch) + 2  # + a margin
 
-    uri, server = _tracking_store(cfg, run_dir, name)
+    uri, server = tracking_store(cfg, run_dir, name)
     tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
             "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
             "data.shards": cfg.data.shards, **(tags or {})}
@@ -335,7 +335,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
         if not server:
             return run_id
         uploader.close()
-        return _upload_spool(uri, server, cfg.track.experiment, name, run_dir, run_id)
+        return upload_spool(run_dir, name, run_id)
 
     try:
         with _interruptible(request):
@@ -361,39 +361,42 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id}
 
 
-def _tracking_store(cfg, run_dir: str, name: str) -> tuple[str, str | None]:
-    """(the store this launch logs to, the server it waits for or None).
+def tracking_store(cfg, folder: str, name: str, what: str = "run") -> tuple[str, str | None]:
+    """(the store a run, or a search with `what`="search", logs to; the server it waits for or None).
 
-    A tracking server that does not answer at start does not stop training: the run logs to a
-    local MLflow store in its folder (tracking.SPOOL), uploaded when the server answers. A spool
-    left by an earlier launch is uploaded first once its server answers."""
+    A tracking server that does not answer at start does not stop training: the run (a search's
+    parent run and trials) logs to a local MLflow store in its folder (tracking.SPOOL), uploaded
+    when the server answers. A spool left by an earlier launch is uploaded first once its server
+    answers."""
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    local = "://" not in run_dir
-    left = tracking.spooled(run_dir) if local else None
+    local = "://" not in folder
+    left = tracking.spooled(folder) if local else None
     if tracking.reachable(uri):
         if left and left[1] == uri:
-            _upload_spool(left[0], uri, cfg.track.experiment, name, run_dir)
+            upload_spool(folder, name)
         return uri, None
     if not local:
-        raise UserError(f"track.tracking_uri: MLflow at {uri} does not answer, and a run stored at "
-                        f"{run_dir} cannot keep its metrics locally meanwhile: start the server, or "
+        raise UserError(f"track.tracking_uri: MLflow at {uri} does not answer, and a {what} stored at "
+                        f"{folder} cannot keep its metrics locally meanwhile: start the server, or "
                         "point track.tracking_uri at one that answers")
-    spool = left[0] if left and left[1] == uri else tracking.spool_uri(run_dir, uri)
-    print(f"MLflow at {uri} does not answer: training starts anyway, logging to {spool}; it is "
-          f"uploaded when the server answers (or run `cnd-ray track-sync {run_dir}`)", flush=True)
+    spool = left[0] if left and left[1] == uri else tracking.spool_uri(folder, uri)
+    print(f"MLflow at {uri} does not answer: the {what} starts anyway, logging to {spool}; it is "
+          f"uploaded when the server answers (or run `cnd-ray track-sync {folder}`)", flush=True)
     return spool, uri
 
 
-def _upload_spool(spool: str, server: str, experiment: str, name: str, run_dir: str,
-                  spool_run: str | None = None) -> str | None:
-    """Upload a run's spool to `server` and remove it; or say where it stays and how to upload it.
-    Returns the run's id on the server (or, kept, in the spool)."""
+def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str | None:
+    """Upload the spool in `run_dir` and remove it, or say where it stays and how to upload it;
+    the driver's log goes wherever the run is. Returns the id of run `name` on the server (or,
+    kept, in the spool)."""
+    spool, server = tracking.spooled(run_dir)
     try:
-        if tracking.reachable(server):
-            run_id = tracking.sync(spool, server, experiment, name)
-            tracking.drop_spool(run_dir)
-            print(f"MLflow: the run's spool is uploaded to {server} (run {run_id})", flush=True)
-            driverlog.save_at_exit(run_dir, server, run_id)
+        done = tracking.upload(run_dir)
+        if done:
+            run_id = done[1].get(name)
+            print(f"MLflow: the spool is uploaded to {server} ({len(done[1])} run(s))", flush=True)
+            if run_id:
+                driverlog.save_at_exit(run_dir, server, run_id)
             return run_id
     except Exception as e:  # the run's outcome matters more: keep the spool
         print(f"MLflow: uploading to {server} failed ({str(e).splitlines()[0][:200]})", flush=True)

@@ -462,19 +462,16 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     concurrent = _concurrency(s, cfg, ray.cluster_resources(), n)
     cfg = _share_cores(cfg, concurrent, ray)
 
-    uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    if not tracking.reachable(uri):  # a single `cnd-ray train` spools instead; a search does not yet
-        raise UserError(f"track.tracking_uri: MLflow at {uri} does not answer, and a search needs it "
-                        "for its parent run: start the server, or point track.tracking_uri at one "
-                        "that answers (a local sqlite:///... store always does)")
-    # Resolved here: trials run in their own working directories.
+    uri, server = train.tracking_store(cfg, exp_path, search, what="search")
+    # Resolved here: trials run in their own working directories (and log to a spool, if any).
     cfg = config_lib.override(cfg, {"track.tracking_uri": uri})
     parent, _ = tracking.start_run(
         uri, cfg.track.experiment, search,
         params={"space": s.name, "search": s.search, "metric": s.metric, "mode": s.mode,
                 "num_trials": n, "scheduler": s.scheduler},
         tags={"cnd_ray.kind": "search", "cnd_ray.space_file": s.path})
-    driverlog.save_at_exit(exp_path, uri, parent)  # the trials' output reaches this driver's log
+    if not server:  # the trials' output reaches this driver's log (a spool saves it at the end)
+        driverlog.save_at_exit(exp_path, uri, parent)
     tracking.log_text(uri, parent, s.text, f"space/{Path(s.path).name}")
     tracking.log_text(uri, parent, cfg.to_yaml(), "base_config.yaml")
     # One judge for every trial, made before the first one (and found again on a restore).
@@ -508,11 +505,16 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
         grid = tuner.fit()
     except Exception as e:
         tracking.finish_run(uri, parent, "FAILED", {"error": repr(e)[:500]})
+        if server:
+            train.upload_spool(exp_path, search, parent)
         raise
     rows = _rows(grid, s, cfg, search, trials_storage)
     table = format_table(rows, s)
     best = rows[0] if rows and rows[0]["status"] != "error" else None
     _log_parent(uri, parent, s, rows, table, best, time.time() - t0)
+    if server:  # the parent and every trial's run, or where they stay
+        uploaded = train.upload_spool(exp_path, search, parent)
+        uri, parent = (server, uploaded) if uploaded != parent else (uri, parent)
     return {"name": search, "rows": rows, "best": best, "path": exp_path, "parent_run_id": parent,
             "table": table, "space": s, "tracking_uri": uri, "judge": judge_file}
 

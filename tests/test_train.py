@@ -357,7 +357,7 @@ def test_a_server_away_at_start_gets_the_run_when_it_answers(ray_local, tmp_path
         assert run.data.params["optim.lr"] == str(cfg.optim.lr)
         assert {"config.yaml", "final_checkpoint.txt"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
         assert not (run_dir / tracking.SPOOL).exists()
-        assert "does not answer: training starts anyway" in capsys.readouterr().out
+        assert "does not answer: the run starts anyway" in capsys.readouterr().out
     finally:
         server.stop()
 

@@ -349,13 +349,31 @@ def test_a_failed_trial_row_says_what_failed_in_one_clean_line():
     assert tune.error_line(RuntimeError("")) == "RuntimeError"
 
 
-def test_a_search_whose_tracking_server_is_away_says_so_in_one_line(ray_local, tmp_path):
-    from cnd_ray.errors import UserError
-    from tests.helpers import free_port
+@pytest.mark.slow
+def test_a_search_whose_server_is_away_runs_and_track_sync_uploads_it_nested(ray_local, tmp_path, capsys):
+    """The search runs with its tracking server away, into a spool in its folder; once the server
+    is up, `cnd-ray track-sync` uploads the parent run and each trial's, the trials still its
+    children."""
+    from cnd_ray import cli, tracking
+    from tests.helpers import MlflowServer
 
-    uri = f"http://127.0.0.1:{free_port()}"
-    cfg = C.load("debug", [f"train.storage={tmp_path}/runs", f"track.tracking_uri={uri}"])
-    t0 = time.time()
-    with pytest.raises(UserError, match=rf"^track.tracking_uri: MLflow at {uri} does not answer"):
-        tune.run("smoke", cfg)
-    assert time.time() - t0 < 120
+    server = MlflowServer(tmp_path)
+    cfg = C.load("debug", [f"train.storage={tmp_path}/runs", f"track.tracking_uri={server.uri}",
+                           "train.steps=10", "scale.threads_per_worker=1"])
+    res = tune.run("smoke", cfg)
+    said = capsys.readouterr().out
+    assert "does not answer: the search starts anyway" in said
+    assert f"`cnd-ray track-sync {res['path']}`" in said
+    assert [r["status"] for r in res["rows"]] == ["finished"] * len(res["rows"])
+    with server:
+        assert cli.main(["track-sync", res["path"]]) == 0
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(server.uri)
+        runs = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
+        (parent,) = [r for r in runs if r.data.tags.get("cnd_ray.kind") == "search"]
+        children = [r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id]
+        assert len(children) == len(res["rows"]) == len(runs) - 1
+        assert all(client.get_metric_history(c.info.run_id, "loss_diff") for c in children)
+        assert {f.path for f in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "trials.json"}
+        assert not tracking.spooled(res["path"])
