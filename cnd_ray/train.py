@@ -530,9 +530,7 @@ def _agreed_batches(batches: Iterator[dict], rt, rank: int, world: int, run_dir:
     while True:
         batch = line = None
         try:
-            batch = next(it)
-        except StopIteration:
-            pass
+            batch = next(it, None)  # None: this rank's stream ended
         except Exception as e:
             line = stream.damaged(e)
             if line is None or "://" in run_dir:
@@ -542,10 +540,15 @@ def _agreed_batches(batches: Iterator[dict], rt, rank: int, world: int, run_dir:
             continue
         lines = [x for x in _gather(line, world) if x]
         if lines and rank == 0:
-            with open(os.path.join(run_dir, STOP_FILE), "w") as f:
-                f.write(lines[0])
-            _say(f"stopped: {lines[0]}")
+            _stop(run_dir, lines[0])
         return
+
+
+def _stop(run_dir: str, line: str) -> None:
+    """Rank 0: the run stops itself with `line` (the driver reads STOP_FILE and fails the run)."""
+    with open(os.path.join(run_dir, STOP_FILE), "w") as f:
+        f.write(line)
+    _say(f"stopped: {line}")
 
 
 def _row_log(run_dir: str, rank: int):
@@ -619,9 +622,7 @@ def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir,
             m = engine.train_step(state, engine.split_batch(mb, cfg.optim.grad_accum), rt)
         except engine.NonFiniteLoss as e:  # every rank raises together (all_finite agreed)
             if rank == 0:
-                with open(os.path.join(run_dir, STOP_FILE), "w") as f:
-                    f.write(str(e))
-                _say(f"stopped: {e}")
+                _stop(run_dir, str(e))
             return
         consumed.add(batch)
         if rows is not None:
