@@ -6,7 +6,10 @@ settings 2-5 beat setting 1?).
 Every model's images come from the same generation plan (image i: the same seed and label for
 every model), so the bootstrap resamples plan positions once per replicate and applies them to every
 model: the differences are paired. The held-out real images are resampled too, the same way for all
-models. Intervals are percentile intervals. Plain numpy on the judge's features.
+models. Intervals are percentile intervals shifted by the bootstrap's estimate of the statistic's
+bias: a resample repeats images, which narrows its feature spread, so FD and KD of resamples run
+high - at 32 images per class the plain percentile interval of FD lay wholly above the value
+(31.1 [31.6, 51.2]). Plain numpy on the judge's features.
 """
 from __future__ import annotations
 
@@ -93,9 +96,14 @@ def table(judge, models: dict[str, tuple[torch.Tensor, np.ndarray]], counts: lis
 
 
 def _interval(value: float, boot: list[float]) -> dict:
+    """95% interval: the resamples' 2.5 and 97.5 percentiles, less their mean's bias from `value`
+    (about 0 for a mean or an AUROC; FD's and KD's resamples run high)."""
     boot = np.asarray(boot, np.float64)
     boot = boot[np.isfinite(boot)]
-    low, high = (np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan))
+    if not len(boot):
+        return {"value": float(value), "low": np.nan, "high": np.nan}
+    bias = boot.mean() - value if np.isfinite(value) else 0.0
+    low, high = np.percentile(boot, [2.5, 97.5]) - bias
     return {"value": float(value), "low": float(low), "high": float(high)}
 
 
