@@ -84,9 +84,7 @@ def cmd_track_sync(args: argparse.Namespace) -> int:
     left = tracking.spooled(args.run_dir)
     if left is None:
         raise UserError(f"{args.run_dir}: no MLflow spool here ({tracking.SPOOL}/): nothing waits for upload")
-    if args.to:
-        tracking.spool_uri(args.run_dir, args.to)  # the spool now waits for that server
-    done = tracking.upload(args.run_dir)
+    done = tracking.upload(args.run_dir, to=args.to)
     if done is None:
         raise UserError(f"MLflow at {args.to or left[1]} does not answer: start it and run this again "
                         "(or --to URI)")
@@ -351,12 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(verbs)
     p = verbs.add_parser(
         "track-sync", help="upload a run's MLflow spool (kept while the tracking server was away)",
-        description="A run whose tracking server did not answer at start logs to a local MLflow "
-                    "store in its folder (mlflow-spool/) and uploads it when the server answers. If "
-                    "it never did during the run, this uploads it: params, tags, every metric value "
-                    "the server lacks, artifacts and the status, each once; then removes the spool.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (train.storage/<run name>), or "
-                   "a search's (train.storage/<search name>): its parent run and trials")
+        description="A run whose tracking server did not answer at start logs to an MLflow store "
+                    "in its folder (mlflow-spool/, in a local folder or at a URI such as s3://) and "
+                    "uploads it when the server answers. If it never did during the run, this uploads "
+                    "it: params, tags, every metric value the server lacks, artifacts and the status, "
+                    "each once; then removes the spool.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder or URI (train.storage/<run name>), "
+                   "or a search's (train.storage/<search name>): its parent run and trials")
     p.add_argument("--to", metavar="URI", default="", help="another tracking server than the one the "
                    "run was started with")
     p.set_defaults(func=cmd_track_sync)

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from cnd_ray import storage
 from cnd_ray.errors import UserError
 
 RUN_NAME_TAG = "cnd_ray.run_name"
@@ -56,6 +57,7 @@ def _client(uri: str):
 SPOOL = "mlflow-spool"  # in the run's folder: a local MLflow store (mlflow.db) and server.txt
 PROBE_TIMEOUT_S = 5
 UPLOAD_EVERY_S = 30.0  # how often a spooling run asks whether its server answers again
+PUSH_EVERY_S = 10.0  # how often rank 0 copies a spool kept at a URI to that storage
 
 
 def reachable(uri: str) -> bool:
@@ -82,20 +84,80 @@ def reachable(uri: str) -> bool:
                 os.environ[k] = v
 
 
-def spool_uri(run_dir: str, server: str) -> str:
-    """The local store a run in `run_dir` logs to while `server` is away (noting the server)."""
-    folder = Path(run_dir, SPOOL)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "server.txt").write_text(server + "\n")
-    return f"sqlite:///{folder / 'mlflow.db'}"
+def _spool(run_dir: str, *names: str) -> str:
+    return storage.join(run_dir, SPOOL, *names)
+
+
+_copies: dict[tuple[str, str], Path] = {}  # (run folder, who) -> this process's latest working copy
+
+
+def _fresh_copy(run_dir: str, who: str) -> Path:
+    """A new local file for this process's working copy of the spool store of a folder at a URI:
+    SQLite needs a local file; every writer (the driver, rank 0 of a run, the uploader: `who`)
+    keeps its own; and each pull is a new file, because MLflow keeps its connections to a store
+    open (a file replaced under them would be written through the old one). The previous copy goes."""
+    old = _copies.get((run_dir, who))
+    if old:
+        shutil.rmtree(old.parent, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"cnd_ray-spool-{os.getpid()}{who}-"))
+    _copies[run_dir, who] = folder / "mlflow.db"
+    return folder / "mlflow.db"
+
+
+def spool_uri(run_dir: str, server: str, children: str | None = None) -> str:
+    """The MLflow store a run (or a search) in `run_dir` logs to while `server` is away, noting the
+    server (and, for a search, the folder of its trials' runs, each with its own spool). In a local
+    folder it is the spool itself; at a URI, this process's working copy, which `push_spool` copies
+    there (artifacts go to the storage directly: see `spool_artifacts`)."""
+    storage.write_text(_spool(run_dir, "server.txt"), server + "\n")
+    if children:
+        storage.write_text(_spool(run_dir, "children.txt"), children + "\n")
+    if not storage.is_uri(run_dir):
+        return f"sqlite:///{os.path.abspath(_spool(run_dir, 'mlflow.db'))}"
+    return pull_spool(run_dir)
+
+
+def spool_artifacts(run_dir: str) -> str:
+    """Where a spooled run's artifacts go: beside the spool's database, in the run's storage."""
+    where = _spool(run_dir, "mlartifacts")
+    return where if storage.is_uri(where) else Path(where).absolute().as_uri()
+
+
+def pull_spool(run_dir: str, who: str = "") -> str:
+    """The spool store of `run_dir` to log to or read: at a URI, a fresh working copy of what the
+    storage holds (none yet: an empty one)."""
+    if not storage.is_uri(run_dir):
+        return f"sqlite:///{os.path.abspath(_spool(run_dir, 'mlflow.db'))}"
+    local = _fresh_copy(run_dir, who)
+    if storage.is_file(_spool(run_dir, "mlflow.db")):
+        storage.download(_spool(run_dir, "mlflow.db"), str(local))
+    return f"sqlite:///{local}"
+
+
+def push_spool(run_dir: str, uri: str) -> None:
+    """Copy the working copy `uri` of a URI folder's spool to its storage (a consistent snapshot,
+    by SQLite's backup); nothing to do in a local folder, where the spool is the store itself."""
+    if not storage.is_uri(run_dir):
+        return
+    import sqlite3
+
+    db = uri[len("sqlite:///"):]
+    snap = f"{db}.snap"
+    src, dst = sqlite3.connect(db), sqlite3.connect(snap)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    storage.upload(snap, _spool(run_dir, "mlflow.db"))
+    os.remove(snap)
 
 
 def spooled(run_dir: str) -> tuple[str, str] | None:
     """(spool store URI, the server it waits for) when `run_dir` holds a spool, else None."""
-    folder = Path(run_dir, SPOOL)
-    if not (folder / "mlflow.db").is_file():
+    if not storage.is_file(_spool(run_dir, "mlflow.db")):
         return None
-    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "server.txt").read_text().strip()
+    return pull_spool(run_dir), storage.read_text(_spool(run_dir, "server.txt")).strip()
 
 
 def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | None = None) -> str:
@@ -152,33 +214,51 @@ def spool_runs(spool: str) -> list[tuple[str, str]]:
     return [(exp, name) for _, exp, name in sorted(out)]
 
 
-def upload(run_dir: str) -> tuple[str, dict[str, str]] | None:
+def _name_in(client, run_id: str | None) -> str | None:
+    """The cnd_ray run name of `run_id` in the store of `client`, None when it is not there."""
+    try:
+        return client.get_run(run_id).data.tags.get(RUN_NAME_TAG) if run_id else None
+    except Exception:  # a trial's spool names its search's run, which lives in another spool
+        return None
+
+
+def upload(run_dir: str, parent: str | None = None, to: str | None = None) -> tuple[str, dict[str, str]] | None:
     """Upload the spool in `run_dir` (a run's or a search's folder) to its server and remove it:
     (the server, {run name: its id there}), or None while the server does not answer. A search's
-    trials stay children of its parent run."""
+    trials, each spooled in its own run folder, follow its parent run and stay its children
+    (`parent`: the server's id of the run that the runs of this spool are children of; `to`: a
+    server other than the one the spool waits for)."""
     spool, server = spooled(run_dir)
+    server = to or server
     if not reachable(server):
         return None
     client, ids = _client(spool), {}
     for experiment, name in spool_runs(spool):
-        run = client.get_run(find_run(spool, experiment, name))
-        parent = run.data.tags.get(PARENT_TAG)
-        parent_name = client.get_run(parent).data.tags.get(RUN_NAME_TAG) if parent else None
-        ids[name] = sync(spool, server, experiment, name, ids.get(parent_name))
+        up = client.get_run(find_run(spool, experiment, name)).data.tags.get(PARENT_TAG)
+        ids[name] = sync(spool, server, experiment, name, ids.get(_name_in(client, up)) or (up and parent))
+    children = _spool(run_dir, "children.txt")
+    if storage.is_file(children):
+        (top,) = ids.values()  # a search's spool holds its parent run only
+        folder = storage.read_text(children).strip()
+        for sub in storage.subfolders(folder):
+            if spooled(storage.join(folder, sub)):
+                ids.update(upload(storage.join(folder, sub), top, server)[1])
     drop_spool(run_dir)
     return server, ids
 
 
 def drop_spool(run_dir: str) -> None:
-    shutil.rmtree(Path(run_dir, SPOOL), ignore_errors=True)
+    storage.remove_dir(_spool(run_dir))
+    for who in [w for d, w in _copies if d == run_dir]:
+        shutil.rmtree(_copies.pop((run_dir, who)).parent, ignore_errors=True)
 
 
 class SpoolUploader:
     """While a run logs to its spool: every `every` s, once the server answers, copy what the
     spool holds so far (`sync` stores each value once, however often it runs)."""
 
-    def __init__(self, spool: str, server: str, experiment: str, run_name: str, every: float = 0.0):
-        self.args = spool, server, experiment, run_name
+    def __init__(self, run_dir: str, server: str, experiment: str, run_name: str, every: float = 0.0):
+        self.run_dir, self.args = run_dir, (server, experiment, run_name)
         self.every, self.uploads = every or UPLOAD_EVERY_S, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -187,16 +267,16 @@ class SpoolUploader:
     def _loop(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                answers = reachable(self.args[1])
+                answers = reachable(self.args[0])
             except UserError:  # a refused login: the end of the run says so, once
                 answers = False
             if answers:
                 try:
-                    sync(*self.args)
+                    sync(pull_spool(self.run_dir, "-upload"), *self.args)
                 except Exception:  # the server went away again mid-upload: the next round
                     continue
                 if not self.uploads:
-                    print(f"MLflow at {self.args[1]} answers again: uploading the run's metrics "
+                    print(f"MLflow at {self.args[0]} answers again: uploading the run's metrics "
                           f"as it goes", flush=True)
                 self.uploads += 1
 
@@ -205,12 +285,14 @@ class SpoolUploader:
         self.thread.join()
 
 
-def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> tuple[str, int]:
-    """(run id, last logged step) of the MLflow run for `run_name`: the existing one on a resume."""
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+              artifacts: str | None = None) -> tuple[str, int]:
+    """(run id, last logged step) of the MLflow run for `run_name`: the existing one on a resume.
+    `artifacts`: where a new experiment keeps them (default: beside a local store's database)."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=_artifact_location(uri))
+        experiment, artifact_location=artifacts or _artifact_location(uri))
     run_id = find_run(uri, experiment, run_name)
     if run_id:
         client.update_run(run_id, status="RUNNING")
@@ -289,11 +371,15 @@ class Tracker:
 class MlflowTracker(Tracker):
     """Batched, retrying MLflow logging from a background thread."""
 
-    def __init__(self, uri: str, run_id: str, after_step: int = -1, flush_every: float = 2.0):
+    def __init__(self, uri: str, run_id: str, after_step: int = -1, flush_every: float = 2.0,
+                 mirror: str | None = None):
+        """`mirror`: the URI folder whose spool `uri` is a working copy of, pushed there every
+        PUSH_EVERY_S and at the end (a restarted rank 0, on any node, pulls it again)."""
+        self.mirror, self.pushed = mirror, time.monotonic()
         # Fail fast and retry ourselves: MLflow's own retries would block the flush thread minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        self.client, self.run_id = _client(uri), run_id
+        self.uri, self.client, self.run_id = uri, _client(uri), run_id
         # Steps up to here are already logged (a resume, or a worker-group restart that went back
         # to an earlier checkpoint than the last step it logged): asked again here, not trusted
         # from the driver, which only knows the state at launch.
@@ -351,11 +437,15 @@ class MlflowTracker(Tracker):
             self.failures += 1
             return False
 
-    def flush(self) -> bool:
+    def flush(self, push: bool = False) -> bool:
         """Send what is pending; True when nothing is left. One flush at a time: a caller that must
         know its metrics are stored (before a checkpoint) waits for the thread's batch in flight."""
         with self.flushing:
-            return self._flush()
+            done = self._flush()
+            if self.mirror and (push or time.monotonic() - self.pushed >= PUSH_EVERY_S):
+                self._send(lambda: push_spool(self.mirror, self.uri))
+                self.pushed = time.monotonic()
+            return done
 
     def _flush(self) -> bool:
         with self.lock:
@@ -390,7 +480,7 @@ class MlflowTracker(Tracker):
         self.stop.set()
         self.thread.join()
         deadline = time.time() + timeout
-        while not self.flush() and time.time() < deadline:
+        while not self.flush(push=True) and time.time() < deadline:
             time.sleep(1.0)
 
 
@@ -398,7 +488,9 @@ def open_tracker(info: dict | None, rank: int) -> Tracker:
     """The tracker for this rank: MLflow on rank 0 when the driver opened a run, else nothing."""
     if rank != 0 or not info:
         return Tracker()
-    return MlflowTracker(info["uri"], info["run_id"], info.get("after_step", -1))
+    mirror = info.get("mirror")  # a spool at a URI: log to a copy of it on this node
+    return MlflowTracker(pull_spool(mirror) if mirror else info["uri"], info["run_id"],
+                         info.get("after_step", -1), mirror=mirror)
 
 
 def ui_command(uri: str) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, driverlog, engine, monitor, tracking
+from cnd_ray import checkpoint, driverlog, engine, monitor, storage, tracking
 from cnd_ray import vae as vae_lib
 from cnd_ray import config as config_lib
 from cnd_ray.data import augment, stream
@@ -246,11 +246,12 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
+def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | None = None) -> dict:
     """Train `cfg` on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id"}.
 
     `callbacks` go to Ray Train's RunConfig (Tune passes its report callback); `tags` are added to
-    the MLflow run (Tune passes the parent run id and the trial's setting)."""
+    the MLflow run (Tune passes the parent run id and the trial's setting); `spool_for`: the
+    tracking server a search spools for (its trials spool too, and the search uploads them)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -285,15 +286,18 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     steps_per_epoch = max(1, rows // cfg.train.global_batch)
     epochs = math.ceil(max(0, cfg.train.steps - start_step) / steps_per_epoch) + 2  # + a margin
 
-    uri, server = tracking_store(cfg, run_dir, name)
+    uri, server = tracking_store(cfg, run_dir, name, spool_for=spool_for)
     tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
             "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
             "data.shards": cfg.data.shards, **(tags or {})}
-    run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags)
+    run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags,
+                                             tracking.spool_artifacts(run_dir) if server else None)
     if server is None:  # however the run ends (a no-op in Tune's trials); a spool saves it at the end
         driverlog.save_at_exit(run_dir, uri, run_id)
     tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
     log_judge(uri, run_id, judge_file)
+    if server:  # rank 0, on any node, logs to a copy of what the storage holds now
+        tracking.push_spool(run_dir, uri)
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
           f"storage {run_dir}; MLflow run {run_id} at {uri}", flush=True)
 
@@ -311,7 +315,8 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file,
                            "interrupt": request or "",
                            "stream_start": [start_epoch, start_pos],
-                           "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged}},
+                           "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged,
+                                        "mirror": run_dir if server and storage.is_uri(run_dir) else None}},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker,
                                                            **({"GPU": 1} if s.use_gpu else {})},
@@ -325,17 +330,21 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
         # losing the steps since the last checkpoint; ours, installed here, keeps them.
         trainer._register_sigint_handler = lambda controller: None
-    uploader = server and tracking.SpoolUploader(uri, server, cfg.track.experiment, name)
+    uploader = server and not spool_for and tracking.SpoolUploader(run_dir, server, cfg.track.experiment, name)
 
     def finish(status: str, tags: dict, text: str | None = None) -> str:
-        """End the MLflow run (with a spool: upload it, or say how); the run id it ends up under."""
-        tracking.finish_run(uri, run_id, status, tags)
+        """End the MLflow run (with a spool: upload it, or say how; a search's trial: leave it to
+        the search); the run id it ends up under."""
+        if uploader:
+            uploader.close()
+        now = tracking.pull_spool(run_dir) if server else uri  # with what rank 0 logged
+        tracking.finish_run(now, run_id, status, tags)
         if text:
-            tracking.log_text(uri, run_id, text, "final_checkpoint.txt")
+            tracking.log_text(now, run_id, text, "final_checkpoint.txt")
         if not server:
             return run_id
-        uploader.close()
-        return upload_spool(run_dir, name, run_id)
+        tracking.push_spool(run_dir, now)
+        return run_id if spool_for else upload_spool(run_dir, name, run_id)
 
     try:
         with _interruptible(request):
@@ -343,11 +352,11 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     except Exception as e:
         finish("FAILED", {"error": repr(e)[:500]})
         raise
-    stop = os.path.join(run_dir, STOP_FILE)
+    stop = storage.join(run_dir, STOP_FILE)
     ckpt = result.checkpoint.path if result.checkpoint else None
-    if "://" not in run_dir and os.path.isfile(stop):
-        msg = open(stop).read().strip()
-        os.remove(stop)  # a relaunch (say with train.on_nonfinite=skip) starts clean
+    if storage.is_file(stop):
+        msg = storage.read_text(stop).strip()
+        storage.remove_file(stop)  # a relaunch (say with train.on_nonfinite=skip) starts clean
         finish("FAILED", {"stopped": msg})
         kept = f"the last good checkpoint is kept: {ckpt}" if ckpt else "no checkpoint was written yet"
         raise TrainingStopped(f"{msg}; {kept}")
@@ -361,28 +370,28 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None) -> dict:
     return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id}
 
 
-def tracking_store(cfg, folder: str, name: str, what: str = "run") -> tuple[str, str | None]:
+def tracking_store(cfg, folder: str, name: str, what: str = "run", children: str | None = None,
+                   spool_for: str | None = None) -> tuple[str, str | None]:
     """(the store a run, or a search with `what`="search", logs to; the server it waits for or None).
 
     A tracking server that does not answer at start does not stop training: the run (a search's
-    parent run and trials) logs to a local MLflow store in its folder (tracking.SPOOL), uploaded
-    when the server answers. A spool left by an earlier launch is uploaded first once its server
-    answers."""
+    parent run; `children`: the folder of its trials' runs) logs to an MLflow store in its folder,
+    local or at a URI (tracking.SPOOL), uploaded when the server answers. A spool left by an earlier
+    launch is uploaded first once its server answers. `spool_for`: spool for that server without
+    asking it (a trial of a search that spools: the search uploads its trials)."""
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    local = "://" not in folder
-    left = tracking.spooled(folder) if local else None
-    if tracking.reachable(uri):
+    left = tracking.spooled(folder)
+    if not spool_for and tracking.reachable(uri):
         if left and left[1] == uri:
             upload_spool(folder, name)
         return uri, None
-    if not local:
-        raise UserError(f"track.tracking_uri: MLflow at {uri} does not answer, and a {what} stored at "
-                        f"{folder} cannot keep its metrics locally meanwhile: start the server, or "
-                        "point track.tracking_uri at one that answers")
-    spool = left[0] if left and left[1] == uri else tracking.spool_uri(folder, uri)
-    print(f"MLflow at {uri} does not answer: the {what} starts anyway, logging to {spool}; it is "
-          f"uploaded when the server answers (or run `cnd-ray track-sync {folder}`)", flush=True)
-    return spool, uri
+    server = spool_for or uri
+    spool = left[0] if left and left[1] == server else tracking.spool_uri(folder, server, children)
+    if not spool_for:
+        print(f"MLflow at {uri} does not answer: the {what} starts anyway, logging to a spool in "
+              f"{folder}; it is uploaded when the server answers (or run `cnd-ray track-sync {folder}`)",
+              flush=True)
+    return spool, server
 
 
 def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str | None:
@@ -390,6 +399,8 @@ def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str |
     the driver's log goes wherever the run is. Returns the id of run `name` on the server (or,
     kept, in the spool)."""
     spool, server = tracking.spooled(run_dir)
+    where = storage.join(run_dir, tracking.SPOOL) if storage.is_uri(run_dir) else spool
+    why = "does not answer"
     try:
         done = tracking.upload(run_dir)
         if done:
@@ -399,8 +410,8 @@ def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str |
                 driverlog.save_at_exit(run_dir, server, run_id)
             return run_id
     except Exception as e:  # the run's outcome matters more: keep the spool
-        print(f"MLflow: uploading to {server} failed ({str(e).splitlines()[0][:200]})", flush=True)
-    print(f"MLflow at {server} does not answer: the run stays logged in {spool}; upload it with "
+        why = f"failed the upload ({str(e).splitlines()[0][:200]})"
+    print(f"MLflow at {server} {why}: the run stays logged in {where}; upload it with "
           f"`cnd-ray track-sync {run_dir}`", flush=True)
     if spool_run:
         driverlog.save_at_exit(run_dir, spool, spool_run)
@@ -546,8 +557,7 @@ def _agreed_batches(batches: Iterator[dict], rt, rank: int, world: int, run_dir:
 
 def _stop(run_dir: str, line: str) -> None:
     """Rank 0: the run stops itself with `line` (the driver reads STOP_FILE and fails the run)."""
-    with open(os.path.join(run_dir, STOP_FILE), "w") as f:
-        f.write(line)
+    storage.write_text(storage.join(run_dir, STOP_FILE), line)
     _say(f"stopped: {line}")
 
 
@@ -668,7 +678,7 @@ def _loop(cfg, state, rt, tracker, rank, world, consumed, stream_start, run_dir,
         rows.close()
     if rank == 0 and history:
         _plot_losses(history, tracker)
-    if state.step < tr.steps and not os.path.isfile(os.path.join(run_dir, STOP_FILE)):
+    if state.step < tr.steps and not storage.is_file(storage.join(run_dir, STOP_FILE)):
         raise RuntimeError(f"the data stream ended at step {state.step} of {tr.steps}")
 
 

@@ -401,8 +401,9 @@ def _trial_run(search: str, trial_id: str) -> str:
 
 
 def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage: str,
-           parent_run_id: str) -> None:
-    """One trial = one `cnd-ray train` run with the trial's overrides, a child of the parent run."""
+           parent_run_id: str, spool_for: str | None) -> None:
+    """One trial = one `cnd-ray train` run with the trial's overrides, a child of the parent run
+    (`spool_for`: the server the search spools for, or None)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cnd_ray import train, tracking
@@ -415,7 +416,7 @@ def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage
             "cnd_ray.overrides": json.dumps(overrides, sort_keys=True)}
     if setting:
         tags["cnd_ray.setting"] = setting
-    train.run(cfg, callbacks=[TuneReportCallback()], tags=tags)
+    train.run(cfg, callbacks=[TuneReportCallback()], tags=tags, spool_for=spool_for)
 
 
 def _prepare(cfg):
@@ -462,14 +463,16 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     concurrent = _concurrency(s, cfg, ray.cluster_resources(), n)
     cfg = _share_cores(cfg, concurrent, ray)
 
-    uri, server = train.tracking_store(cfg, exp_path, search, what="search")
-    # Resolved here: trials run in their own working directories (and log to a spool, if any).
-    cfg = config_lib.override(cfg, {"track.tracking_uri": uri})
+    uri, server = train.tracking_store(cfg, exp_path, search, what="search", children=trials_storage)
+    # Resolved here: trials run in their own working directories (and, while the search spools,
+    # each spools in its run's folder: they may run on any node).
+    cfg = config_lib.override(cfg, {"track.tracking_uri": server or uri})
     parent, _ = tracking.start_run(
         uri, cfg.track.experiment, search,
         params={"space": s.name, "search": s.search, "metric": s.metric, "mode": s.mode,
                 "num_trials": n, "scheduler": s.scheduler},
-        tags={"cnd_ray.kind": "search", "cnd_ray.space_file": s.path})
+        tags={"cnd_ray.kind": "search", "cnd_ray.space_file": s.path},
+        artifacts=tracking.spool_artifacts(exp_path) if server else None)
     if not server:  # the trials' output reaches this driver's log (a spool saves it at the end)
         driverlog.save_at_exit(exp_path, uri, parent)
     tracking.log_text(uri, parent, s.text, f"space/{Path(s.path).name}")
@@ -477,13 +480,15 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     # One judge for every trial, made before the first one (and found again on a restore).
     judge_file = train.prepare_judge(cfg, trials_storage)
     train.log_judge(uri, parent, judge_file)
+    if server:
+        tracking.push_spool(exp_path, uri)
     print(f"search {search}: {n} trials of {s.name}, {concurrent} at a time, metric {s.metric} "
           f"({s.mode}); {'resuming ' if restoring else ''}{exp_path}; MLflow parent run {parent} at {uri}",
           flush=True)
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), settings=s.settings, search=search,
-                             trials_storage=trials_storage, parent_run_id=parent),
+                             trials_storage=trials_storage, parent_run_id=parent, spool_for=server),
         {"cpu": 0.01})  # the trial actor only drives its Train run; 0 is rejected (DESIGN.md)
     t0 = time.time()
     try:
@@ -506,6 +511,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     except Exception as e:
         tracking.finish_run(uri, parent, "FAILED", {"error": repr(e)[:500]})
         if server:
+            tracking.push_spool(exp_path, uri)
             train.upload_spool(exp_path, search, parent)
         raise
     rows = _rows(grid, s, cfg, search, trials_storage)
@@ -513,6 +519,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     best = rows[0] if rows and rows[0]["status"] != "error" else None
     _log_parent(uri, parent, s, rows, table, best, time.time() - t0)
     if server:  # the parent and every trial's run, or where they stay
+        tracking.push_spool(exp_path, uri)
         uploaded = train.upload_spool(exp_path, search, parent)
         uri, parent = (server, uploaded) if uploaded != parent else (uri, parent)
     return {"name": search, "rows": rows, "best": best, "path": exp_path, "parent_run_id": parent,

@@ -46,3 +46,53 @@ def test_a_server_that_is_not_there_is_known_within_seconds():
     assert not tracking.reachable(f"http://127.0.0.1:{free_port()}")
     assert time.monotonic() - t0 < tracking.PROBE_TIMEOUT_S + 2
     assert tracking.reachable("sqlite:////nonexistent/but/local.db")
+
+
+def test_a_spool_at_a_uri_is_a_working_copy_pushed_to_its_storage(tmp_path):
+    """At a URI (file:// takes the same path as s3://) each writer logs to a local copy and pushes
+    it; artifacts go to the storage directly; a later reader pulls what was pushed."""
+    run_dir = f"file://{tmp_path}/run"
+    on_disk = tmp_path / "run" / tracking.SPOOL
+    spool = tracking.spool_uri(run_dir, "http://127.0.0.1:9")
+    assert str(tmp_path) not in spool  # SQLite works on a local file, not on the storage
+    run_id, _ = tracking.start_run(spool, "cnd_ray", "r1", {"optim.lr": 0.001}, {},
+                                   tracking.spool_artifacts(run_dir))
+    tracking.log_text(spool, run_id, "model: {}\n", "config.yaml")
+    assert list(on_disk.joinpath("mlartifacts").rglob("config.yaml"))  # in the storage already
+    assert tracking.spooled(run_dir) is None  # nothing pushed yet
+    tracking.push_spool(run_dir, spool)
+    rank0 = tracking.spooled(run_dir)[0]  # rank 0 on another node: its own copy of what was pushed
+    assert rank0 != spool
+    for step in (5, 10):
+        tracking.log_metrics(rank0, run_id, {"loss_diff": 1.0 / step}, step)
+    tracking.push_spool(run_dir, rank0)
+    later, server = tracking.spooled(run_dir)
+    assert server == "http://127.0.0.1:9"
+    assert sorted(m.step for m in tracking._client(later).get_metric_history(run_id, "loss_diff")) == [5, 10]
+    dest = f"sqlite:///{tmp_path}/server.db"
+    assert tracking.upload(run_dir, to=dest)[1].keys() == {"r1"}
+    client = tracking._client(dest)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")) == [5, 10]
+    assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert not on_disk.exists()
+
+
+def test_the_uploader_of_a_run_at_a_uri_reads_what_rank_0_pushed(tmp_path):
+    import time
+
+    run_dir = f"file://{tmp_path}/run"
+    spool = tracking.spool_uri(run_dir, "http://127.0.0.1:9")
+    run_id, _ = tracking.start_run(spool, "cnd_ray", "r1", {}, {}, tracking.spool_artifacts(run_dir))
+    tracking.log_metrics(spool, run_id, {"loss_diff": 0.5}, 5)
+    tracking.push_spool(run_dir, spool)
+    dest = f"sqlite:///{tmp_path}/server.db"  # a store that answers, standing in for the server
+    uploader = tracking.SpoolUploader(run_dir, dest, "cnd_ray", "r1", every=0.2)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not tracking.find_run(dest, "cnd_ray", "r1"):
+            time.sleep(0.2)
+    finally:
+        uploader.close()
+    got = tracking.find_run(dest, "cnd_ray", "r1")
+    assert got and [m.step for m in tracking._client(dest).get_metric_history(got, "loss_diff")] == [5]

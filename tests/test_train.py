@@ -187,9 +187,15 @@ def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_the_run_naming_the_step(ray_local, tmp_path):
+@pytest.mark.parametrize("where", ["folder", "uri"])
+def test_non_finite_loss_stops_the_run_naming_the_step(ray_local, tmp_path, where):
+    """Rank 0's stop signal reaches the driver through the run's storage, a folder or a URI (on a
+    URI it once failed to open, and the group was retried instead of stopping)."""
+    storage = f"file://{tmp_path}/runs" if where == "uri" else str(tmp_path / "runs")
     with pytest.raises(train.TrainingStopped, match=r"non-finite loss at step \d+"):
-        train.run(_cfg(tmp_path, **{"optim.lr": 1e12, "classifier.lr": 1e12, "train.steps": 40}))
+        train.run(_cfg(tmp_path, **{"optim.lr": 1e12, "classifier.lr": 1e12, "train.steps": 40,
+                                    "train.storage": storage}))
+    assert not list((tmp_path / "runs").rglob(train.STOP_FILE))  # a relaunch starts clean
 
 
 def test_preflight_names_the_setting_instead_of_hanging(ray_local, tmp_path):
@@ -363,27 +369,38 @@ def test_a_server_away_at_start_gets_the_run_when_it_answers(ray_local, tmp_path
 
 
 @pytest.mark.slow
-def test_a_server_that_never_answers_leaves_a_spool_that_track_sync_uploads(ray_local, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["folder", "uri"])
+def test_a_server_that_never_answers_leaves_a_spool_that_track_sync_uploads(ray_local, tmp_path, capsys, where):
+    """The spool lives in the run's storage, a local folder or a URI (here file://, which takes the
+    same path as s3://: rank 0 logs to a copy on its node and pushes it there)."""
     from cnd_ray import cli
 
     server = MlflowServer(tmp_path)
-    cfg = _cfg(tmp_path, **{"train.name": "never", "train.steps": 20, "track.tracking_uri": server.uri})
+    storage = f"file://{tmp_path}/runs" if where == "uri" else str(tmp_path / "runs")
+    cfg = _cfg(tmp_path, **{"train.name": "never", "train.steps": 20, "track.tracking_uri": server.uri,
+                            "train.storage": storage})
     out = train.run(cfg)  # finishes: exit 0 for `cnd-ray train`
-    run_dir = tmp_path / "runs" / "never"
+    run_dir = f"{storage}/never"
+    on_disk = tmp_path / "runs" / "never" / tracking.SPOOL
     said = capsys.readouterr().out
-    assert f"the run stays logged in sqlite:///{run_dir}/{tracking.SPOOL}/mlflow.db" in said
+    kept = f"{run_dir}/{tracking.SPOOL}" if where == "uri" else f"sqlite:///{on_disk}/mlflow.db"
+    assert f"does not answer: the run stays logged in {kept};" in said
     assert f"`cnd-ray track-sync {run_dir}`" in said
-    assert cli.main(["track-sync", str(run_dir)]) == 2  # still away: one line, exit 2
+    assert (on_disk / "mlflow.db").is_file() and (on_disk / "mlartifacts").is_dir()
+    assert cli.main(["track-sync", run_dir]) == 2  # still away: one line, exit 2
     with server:
-        assert cli.main(["track-sync", str(run_dir)]) == 0
+        assert cli.main(["track-sync", run_dir]) == 0
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
         assert run.info.status == "FINISHED" and run.data.tags[tracking.RUN_NAME_TAG] == "never"
+        # rank 0's metrics reached the storage's spool (at a URI: pushed from its working copy)
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")) == [5, 10, 15, 20]
-        assert out["checkpoint"] and not (run_dir / tracking.SPOOL).exists()
-        assert cli.main(["track-sync", str(run_dir)]) == 2  # nothing left to upload
+        assert run.data.params["optim.lr"] == str(cfg.optim.lr)
+        assert {"config.yaml", "final_checkpoint.txt"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
+        assert out["checkpoint"] and not on_disk.exists()
+        assert cli.main(["track-sync", run_dir]) == 2  # nothing left to upload
 
 
 def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards):

@@ -350,15 +350,17 @@ def test_a_failed_trial_row_says_what_failed_in_one_clean_line():
 
 
 @pytest.mark.slow
-def test_a_search_whose_server_is_away_runs_and_track_sync_uploads_it_nested(ray_local, tmp_path, capsys):
-    """The search runs with its tracking server away, into a spool in its folder; once the server
-    is up, `cnd-ray track-sync` uploads the parent run and each trial's, the trials still its
-    children."""
+@pytest.mark.parametrize("where", ["folder", "uri"])
+def test_a_search_whose_server_is_away_runs_and_track_sync_uploads_it_nested(ray_local, tmp_path, capsys, where):
+    """The search runs with its tracking server away: its parent run spools in its folder and each
+    trial in its run's (in a local folder or at a URI); once the server is up, `cnd-ray track-sync`
+    uploads the parent run and each trial's, the trials still its children."""
     from cnd_ray import cli, tracking
     from tests.helpers import MlflowServer
 
     server = MlflowServer(tmp_path)
-    cfg = C.load("debug", [f"train.storage={tmp_path}/runs", f"track.tracking_uri={server.uri}",
+    storage = f"file://{tmp_path}/runs" if where == "uri" else f"{tmp_path}/runs"
+    cfg = C.load("debug", [f"train.storage={storage}", f"track.tracking_uri={server.uri}",
                            "train.steps=10", "scale.threads_per_worker=1"])
     res = tune.run("smoke", cfg)
     said = capsys.readouterr().out
@@ -377,3 +379,4 @@ def test_a_search_whose_server_is_away_runs_and_track_sync_uploads_it_nested(ray
         assert all(client.get_metric_history(c.info.run_id, "loss_diff") for c in children)
         assert {f.path for f in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "trials.json"}
         assert not tracking.spooled(res["path"])
+        assert not list((tmp_path / "runs").rglob(tracking.SPOOL))  # the trials' spools too
