@@ -258,10 +258,10 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
 
     from cnd_ray import __version__, session
 
-    storage = storage_path(cfg)
+    root = storage_path(cfg)
     name = run_name(cfg)
-    if cfg.train.log_rows and "://" in storage:
-        raise UserError(f"train.log_rows: writes to a local run folder, and train.storage is a URI ({storage})")
+    if cfg.train.log_rows and storage.is_uri(root):
+        raise UserError(f"train.log_rows: writes to a local run folder, and train.storage is a URI ({root})")
     given = bool(cfg.data.shards)
     if given:  # what the data decides, before Ray starts (synthetic shards: once made)
         check_data(cfg, stream.read_manifest(cfg.data.shards))
@@ -271,9 +271,9 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     manifest = stream.read_manifest(cfg.data.shards)
     if not given:  # checked once: each shard's footer is read, a request per file on S3
         check_data(cfg, manifest)
-    judge_file = prepare_judge(cfg, storage)
+    judge_file = prepare_judge(cfg, root)
 
-    run_dir = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
+    run_dir = storage.join(root, name)
     latest = latest_checkpoint(run_dir)
     if latest:
         _check_resume(cfg, name, latest)
@@ -323,7 +323,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
                                      placement_strategy=s.placement_strategy),
         datasets=datasets,
         dataset_config=stream.data_config(),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+        run_config=RunConfig(name=name, storage_path=root, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
     if request:
