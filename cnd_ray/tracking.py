@@ -96,12 +96,16 @@ def _fresh_copy(run_dir: str, who: str) -> Path:
     SQLite needs a local file; every writer (the driver, rank 0 of a run, the uploader: `who`)
     keeps its own; and each pull is a new file, because MLflow keeps its connections to a store
     open (a file replaced under them would be written through the old one). The previous copy goes."""
-    old = _copies.get((run_dir, who))
-    if old:
-        shutil.rmtree(old.parent, ignore_errors=True)
+    _drop_copy(run_dir, who)
     folder = Path(tempfile.mkdtemp(prefix=f"cnd_ray-spool-{os.getpid()}{who}-"))
     _copies[run_dir, who] = folder / "mlflow.db"
     return folder / "mlflow.db"
+
+
+def _drop_copy(run_dir: str, who: str) -> None:
+    old = _copies.pop((run_dir, who), None)
+    if old:
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def spool_uri(run_dir: str, server: str, children: str | None = None) -> str:
@@ -250,7 +254,7 @@ def upload(run_dir: str, parent: str | None = None, to: str | None = None) -> tu
 def drop_spool(run_dir: str) -> None:
     storage.remove_dir(_spool(run_dir))
     for who in [w for d, w in _copies if d == run_dir]:
-        shutil.rmtree(_copies.pop((run_dir, who)).parent, ignore_errors=True)
+        _drop_copy(run_dir, who)
 
 
 class SpoolUploader:
@@ -283,6 +287,7 @@ class SpoolUploader:
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
+        _drop_copy(self.run_dir, "-upload")
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,
@@ -437,12 +442,12 @@ class MlflowTracker(Tracker):
             self.failures += 1
             return False
 
-    def flush(self, push: bool = False) -> bool:
+    def flush(self) -> bool:
         """Send what is pending; True when nothing is left. One flush at a time: a caller that must
         know its metrics are stored (before a checkpoint) waits for the thread's batch in flight."""
         with self.flushing:
             done = self._flush()
-            if self.mirror and (push or time.monotonic() - self.pushed >= PUSH_EVERY_S):
+            if self.mirror and time.monotonic() - self.pushed >= PUSH_EVERY_S:
                 self._send(lambda: push_spool(self.mirror, self.uri))
                 self.pushed = time.monotonic()
             return done
@@ -480,8 +485,10 @@ class MlflowTracker(Tracker):
         self.stop.set()
         self.thread.join()
         deadline = time.time() + timeout
-        while not self.flush(push=True) and time.time() < deadline:
+        while not self.flush() and time.time() < deadline:
             time.sleep(1.0)
+        if self.mirror and self._send(lambda: push_spool(self.mirror, self.uri)):
+            _drop_copy(self.mirror, "")  # in the storage now: this node's copy has done its work
 
 
 def open_tracker(info: dict | None, rank: int) -> Tracker:
