@@ -157,11 +157,12 @@ def push_spool(run_dir: str, uri: str) -> None:
     os.remove(snap)
 
 
-def spooled(run_dir: str) -> tuple[str, str] | None:
-    """(spool store URI, the server it waits for) when `run_dir` holds a spool, else None."""
+def spooled(run_dir: str, who: str = "") -> tuple[str, str] | None:
+    """(spool store URI, the server it waits for) when `run_dir` holds a spool, else None (`who`:
+    which of this process's working copies, for a spool at a URI)."""
     if not storage.is_file(_spool(run_dir, "mlflow.db")):
         return None
-    return pull_spool(run_dir), storage.read_text(_spool(run_dir, "server.txt")).strip()
+    return pull_spool(run_dir, who), storage.read_text(_spool(run_dir, "server.txt")).strip()
 
 
 def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | None = None) -> str:
@@ -226,16 +227,22 @@ def _name_in(client, run_id: str | None) -> str | None:
         return None
 
 
-def upload(run_dir: str, parent: str | None = None, to: str | None = None) -> tuple[str, dict[str, str]] | None:
+def upload(run_dir: str, parent: str | None = None, to: str | None = None, keep: bool = False,
+           who: str = "") -> tuple[str, dict[str, str]] | None:
     """Upload the spool in `run_dir` (a run's or a search's folder) to its server and remove it:
     (the server, {run name: its id there}), or None while the server does not answer. A search's
-    trials, each spooled in its own run folder, follow its parent run and stay its children
-    (`parent`: the server's id of the run that the runs of this spool are children of; `to`: a
-    server other than the one the spool waits for)."""
-    spool, server = spooled(run_dir)
+    trials, each spooled in its own run folder, follow its parent run and stay its children.
+    `parent`: the server's id of the run that the runs of this spool are children of; `to`: a
+    server other than the one the spool waits for; `keep`: upload what is there so far and keep
+    the spool (the runs go on: `sync` stores each value once however often it runs)."""
+    spool, server = spooled(run_dir, who)
     server = to or server
     if not reachable(server):
         return None
+    return server, _upload(run_dir, spool, server, parent, keep, who)
+
+
+def _upload(run_dir: str, spool: str, server: str, parent: str | None, keep: bool, who: str) -> dict:
     client, ids = _client(spool), {}
     for experiment, name in spool_runs(spool):
         up = client.get_run(find_run(spool, experiment, name)).data.tags.get(PARENT_TAG)
@@ -245,10 +252,12 @@ def upload(run_dir: str, parent: str | None = None, to: str | None = None) -> tu
         (top,) = ids.values()  # a search's spool holds its parent run only
         folder = storage.read_text(children).strip()
         for sub in storage.subfolders(folder):
-            if spooled(storage.join(folder, sub)):
-                ids.update(upload(storage.join(folder, sub), top, server)[1])
-    drop_spool(run_dir)
-    return server, ids
+            left = spooled(storage.join(folder, sub), who)
+            if left:
+                ids.update(_upload(storage.join(folder, sub), left[0], server, top, keep, who))
+    if not keep:
+        drop_spool(run_dir)
+    return ids
 
 
 def drop_spool(run_dir: str) -> None:
@@ -258,11 +267,11 @@ def drop_spool(run_dir: str) -> None:
 
 
 class SpoolUploader:
-    """While a run logs to its spool: every `every` s, once the server answers, copy what the
-    spool holds so far (`sync` stores each value once, however often it runs)."""
+    """While a run or a search logs to its spool: every `every` s, once the server answers, upload
+    what the spool (a search's: and its trials') holds so far, keeping it."""
 
-    def __init__(self, run_dir: str, server: str, experiment: str, run_name: str, every: float = 0.0):
-        self.run_dir, self.args = run_dir, (server, experiment, run_name)
+    def __init__(self, run_dir: str, server: str, every: float = 0.0):
+        self.run_dir, self.server = run_dir, server
         self.every, self.uploads = every or UPLOAD_EVERY_S, 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -271,23 +280,21 @@ class SpoolUploader:
     def _loop(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                answers = reachable(self.args[0])
-            except UserError:  # a refused login: the end of the run says so, once
-                answers = False
-            if answers:
-                try:
-                    sync(pull_spool(self.run_dir, "-upload"), *self.args)
-                except Exception:  # the server went away again mid-upload: the next round
+                if not upload(self.run_dir, to=self.server, keep=True, who="-upload"):
                     continue
-                if not self.uploads:
-                    print(f"MLflow at {self.args[0]} answers again: uploading the run's metrics "
-                          f"as it goes", flush=True)
-                self.uploads += 1
+            except Exception:  # a refused login (the end says so, once); the server went away
+                continue       # again mid-upload: the next round
+            if not self.uploads:
+                print(f"MLflow at {self.server} answers again: uploading the metrics as they come",
+                      flush=True)
+            self.uploads += 1
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
-        _drop_copy(self.run_dir, "-upload")
+        for d, w in list(_copies):
+            if w == "-upload":
+                _drop_copy(d, w)
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,

@@ -330,7 +330,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
         # losing the steps since the last checkpoint; ours, installed here, keeps them.
         trainer._register_sigint_handler = lambda controller: None
-    uploader = server and not spool_for and tracking.SpoolUploader(run_dir, server, cfg.track.experiment, name)
+    uploader = server and not spool_for and tracking.SpoolUploader(run_dir, server)
 
     def finish(status: str, tags: dict, text: str | None = None) -> str:
         """End the MLflow run (with a spool: upload it, or say how; a search's trial: leave it to

@@ -482,6 +482,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     train.log_judge(uri, parent, judge_file)
     if server:
         tracking.push_spool(exp_path, uri)
+    uploader = server and tracking.SpoolUploader(exp_path, server)  # the parent and the trials so far
     print(f"search {search}: {n} trials of {s.name}, {concurrent} at a time, metric {s.metric} "
           f"({s.mode}); {'resuming ' if restoring else ''}{exp_path}; MLflow parent run {parent} at {uri}",
           flush=True)
@@ -511,6 +512,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     except Exception as e:
         tracking.finish_run(uri, parent, "FAILED", {"error": repr(e)[:500]})
         if server:
+            uploader.close()
             tracking.push_spool(exp_path, uri)
             train.upload_spool(exp_path, search, parent)
         raise
@@ -519,6 +521,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     best = rows[0] if rows and rows[0]["status"] != "error" else None
     _log_parent(uri, parent, s, rows, table, best, time.time() - t0)
     if server:  # the parent and every trial's run, or where they stay
+        uploader.close()
         tracking.push_spool(exp_path, uri)
         uploaded = train.upload_spool(exp_path, search, parent)
         uri, parent = (server, uploaded) if uploaded != parent else (uri, parent)

@@ -78,21 +78,35 @@ def test_a_spool_at_a_uri_is_a_working_copy_pushed_to_its_storage(tmp_path):
     assert not on_disk.exists()
 
 
-def test_the_uploader_of_a_run_at_a_uri_reads_what_rank_0_pushed(tmp_path):
+def test_the_uploader_of_a_search_uploads_its_trials_as_they_go_keeping_the_spools(tmp_path):
+    """A search at a URI: its parent run spools in its folder, each trial in its run's; while
+    they run, the uploader copies what rank 0s pushed so far, trials nested under the parent."""
     import time
 
-    run_dir = f"file://{tmp_path}/run"
-    spool = tracking.spool_uri(run_dir, "http://127.0.0.1:9")
-    run_id, _ = tracking.start_run(spool, "cnd_ray", "r1", {}, {}, tracking.spool_artifacts(run_dir))
-    tracking.log_metrics(spool, run_id, {"loss_diff": 0.5}, 5)
-    tracking.push_spool(run_dir, spool)
+    search, trials = f"file://{tmp_path}/s", f"file://{tmp_path}/s-trials"
+    server = "http://127.0.0.1:9"
+    spool = tracking.spool_uri(search, server, children=trials)
+    parent, _ = tracking.start_run(spool, "cnd_ray", "s", {}, {"cnd_ray.kind": "search"},
+                                   tracking.spool_artifacts(search))
+    tracking.push_spool(search, spool)
+    for trial in ("s-a", "s-b"):
+        run_dir = f"{trials}/{trial}"
+        t = tracking.spool_uri(run_dir, server)
+        run_id, _ = tracking.start_run(t, "cnd_ray", trial, {}, {tracking.PARENT_TAG: parent},
+                                       tracking.spool_artifacts(run_dir))
+        tracking.log_metrics(t, run_id, {"loss_diff": 0.5}, 5)
+        tracking.push_spool(run_dir, t)
     dest = f"sqlite:///{tmp_path}/server.db"  # a store that answers, standing in for the server
-    uploader = tracking.SpoolUploader(run_dir, dest, "cnd_ray", "r1", every=0.2)
+    uploader = tracking.SpoolUploader(search, dest, every=0.2)
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not tracking.find_run(dest, "cnd_ray", "r1"):
+        while time.monotonic() < deadline and not tracking.find_run(dest, "cnd_ray", "s-b"):
             time.sleep(0.2)
     finally:
         uploader.close()
-    got = tracking.find_run(dest, "cnd_ray", "r1")
-    assert got and [m.step for m in tracking._client(dest).get_metric_history(got, "loss_diff")] == [5]
+    top = tracking.find_run(dest, "cnd_ray", "s")
+    for trial in ("s-a", "s-b"):
+        got = tracking._client(dest).get_run(tracking.find_run(dest, "cnd_ray", trial))
+        assert got.data.tags[tracking.PARENT_TAG] == top
+        assert [m.step for m in tracking._client(dest).get_metric_history(got.info.run_id, "loss_diff")] == [5]
+    assert tracking.spooled(search) and tracking.spooled(f"{trials}/s-a")  # kept: the runs go on
