@@ -20,7 +20,11 @@ import yaml
 from cnd_ray.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"  # shipped search spaces (cnd_ray.tune)
+# Shipped search spaces (cnd_ray.tune): inside the package once installed from a wheel
+# (pyproject.toml maps them there), at the top of the repository in a checkout.
+SPACE_DIR = next((d for d in (Path(__file__).resolve().parent / "tune_spaces",
+                              Path(__file__).resolve().parents[1] / "tune_spaces") if d.is_dir()),
+                 Path(__file__).resolve().parents[1] / "tune_spaces")
 
 # Sizes of models/dit.py's registry (kept here as names only so config stays torch-free; a test
 # checks both lists agree).
