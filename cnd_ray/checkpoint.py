@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnd_ray import config as config_lib, weights as weights_lib
+from cnd_ray import config as config_lib, storage, weights as weights_lib
 from cnd_ray.engine import TrainState, build_state
 
 FORMAT = 1
@@ -109,14 +109,7 @@ def read_extra(path: str | Path) -> dict:
 
 def _read_text(path: str | Path, name: str) -> str:
     """File `name` of a checkpoint in a folder or at a URI (s3://..., any pyarrow filesystem)."""
-    path = str(path)
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, inner = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(f"{inner.rstrip('/')}/{name}") as f:
-            return f.read().decode()
-    return (Path(path) / name).read_text()
+    return storage.read_text(storage.join(str(path), name))
 
 
 def read_meta(path: str | Path) -> dict:

@@ -20,6 +20,8 @@ import threading
 import time
 import traceback
 
+from cnd_ray import storage
+
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours the worker prefixes; the file stays plain
 # Ray's log monitor forwards worker output to the driver a moment after the worker wrote it: wait
 # this long before saving so a failing worker's last lines make it into the log.
@@ -91,16 +93,7 @@ def save(path: str, folder: str, uri: str, run_id: str) -> bool:
 
 
 def _copy(path: str, folder: str, name: str) -> None:
-    if "://" not in folder:
-        os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
-        shutil.copyfile(path, os.path.join(folder, "logs", name))
-        return
-    import pyarrow.fs
-
-    fs, base = pyarrow.fs.FileSystem.from_uri(folder)
-    fs.create_dir(f"{base.rstrip('/')}/logs", recursive=True)
-    pyarrow.fs.copy_files(path, f"{base.rstrip('/')}/logs/{name}",
-                          source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+    storage.upload(path, storage.join(folder, "logs", name))
 
 
 def save_at_exit(folder: str, uri: str, run_id: str) -> None:

@@ -25,6 +25,11 @@ def resolve(path: str):
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def absolute(path: str) -> str:
+    """A URI as it is; a local path absolute, `~` expanded (Ray's workers run in other folders)."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def join(base: str, *parts: str) -> str:
     """`base`/`parts`: '/'-joined for a URI (whatever this machine's separator), os.path otherwise."""
     return posixpath.join(str(base).rstrip("/"), *parts) if is_uri(base) else os.path.join(base, *parts)

@@ -34,7 +34,7 @@ def resolve_uri(uri: str) -> str:
         return f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
-    if "://" not in uri:  # a plain folder: MLflow's file store
+    if not storage.is_uri(uri):  # a plain folder: MLflow's file store
         return Path(uri).absolute().as_uri()
     return uri
 

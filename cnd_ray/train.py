@@ -120,18 +120,18 @@ def _check_resume(cfg, name: str, latest: str) -> None:
 
 
 def storage_path(cfg) -> str:
-    s = cfg.train.storage
-    return s if "://" in s else os.path.abspath(os.path.expanduser(s or "ray_results"))
+    return storage.absolute(cfg.train.storage or "ray_results")
 
 
-def _synthetic_shards(cfg, storage: str) -> str:
+def _synthetic_shards(cfg, root: str) -> str:
     """Shards of a synthetic set for runs without data.shards (made once, then reused)."""
     if cfg.data.space != "pixel":
         raise UserError("data.shards: empty, and synthetic data exists only in pixel space "
                         "(set data.space=pixel, or ingest real data with --latent)")
     from cnd_ray.data import ingest, synth
 
-    base = os.path.join(storage if "://" not in storage else os.path.abspath("ray_results"), "data")
+    # made on this machine and read by Ray's tasks here: beside a local run storage, else ./ray_results
+    base = os.path.join(os.path.abspath("ray_results") if storage.is_uri(root) else root, "data")
     n, size = cfg.train.synthetic_images, cfg.data.image_size
     shards = os.path.join(base, f"synthetic-{n}-{size}px-val{round(100 * SYNTHETIC_VAL)}")
     if not os.path.isfile(os.path.join(shards, "manifest.json")):
@@ -149,9 +149,7 @@ def with_shards(cfg):
     """`cfg` with data.shards absolute (Ray workers run elsewhere), or made synthetic when empty."""
     if not cfg.data.shards:
         return config_lib.override(cfg, {"data.shards": _synthetic_shards(cfg, storage_path(cfg))})
-    if "://" not in cfg.data.shards:
-        return config_lib.override(cfg, {"data.shards": os.path.abspath(cfg.data.shards)})
-    return cfg
+    return config_lib.override(cfg, {"data.shards": storage.absolute(cfg.data.shards)})
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -193,8 +191,8 @@ def check_data(cfg, manifest: dict) -> None:
             vae_lib.folder_for(cfg, manifest)  # the judge sees pixels: the samples need decoding
 
 
-def prepare_judge(cfg, storage: str) -> str | None:
-    """The judge file for cfg's shards under `storage` (None without eval.sample_metrics): found,
+def prepare_judge(cfg, root: str) -> str | None:
+    """The judge file for cfg's shards under the storage `root` (None without eval.sample_metrics): found,
     or trained first in a Ray task (a GPU one on GPU clusters), so that every run and trial on the
     same storage and shards is judged by the same classifier."""
     if not cfg.eval.sample_metrics:
@@ -203,7 +201,7 @@ def prepare_judge(cfg, storage: str) -> str | None:
 
     from cnd_ray.evaluate import judge
 
-    path = judge.path_for(cfg, judge.cache_dir(storage))
+    path = judge.path_for(cfg, judge.cache_dir(root))
     if judge.exists(path):
         print(f"judge: reusing {path}", flush=True)
         return path
@@ -308,7 +306,8 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
                                         skip_rows=start_pos)}
     if manifest["splits"].get("val"):
         datasets["val"] = stream.dataset(cfg, "val", shuffle=False)
-    request = os.path.join(run_dir, INTERRUPT_FILE) if "://" not in run_dir else None  # Ctrl-C
+    # Ctrl-C: every rank looks for the request at every step, a file check that is free only locally
+    request = None if storage.is_uri(run_dir) else os.path.join(run_dir, INTERRUPT_FILE)
     s = cfg.scale
     trainer = TorchTrainer(
         _worker,
@@ -544,7 +543,7 @@ def _agreed_batches(batches: Iterator[dict], rt, rank: int, world: int, run_dir:
             batch = next(it, None)  # None: this rank's stream ended
         except Exception as e:
             line = stream.damaged(e)
-            if line is None or "://" in run_dir:
+            if line is None:
                 raise
         if rt.all_finite(batch is not None):  # a logical AND across ranks (no-op with one)
             yield batch

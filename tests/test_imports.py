@@ -5,7 +5,7 @@ from pathlib import Path
 import cnd_ray
 
 CORE = ["config.py", "diffusion.py", "objective.py", "engine.py", "checkpoint.py", "models", "generate.py",
-        "monitor.py", "vae.py", "evaluate/metrics.py", "evaluate/features.py", "evaluate/fidelity.py"]
+        "monitor.py", "vae.py", "storage.py", "evaluate/metrics.py", "evaluate/features.py", "evaluate/fidelity.py"]
 FORBIDDEN = {"ray", "mlflow"}
 
 

@@ -67,7 +67,7 @@ def test_the_cli_names_a_truncated_checkpoint_in_one_line(tmp_path):
 def test_a_missing_file_and_bytes_from_a_uri(tmp_path):
     with pytest.raises(UserError, match="nope.pt: does not exist"):
         weights.load(tmp_path / "nope.pt")
-    ck = random_checkpoint(tmp_path / "ck")
+    random_checkpoint(tmp_path / "ck")
     blob = (tmp_path / "ck" / "weights.pt").read_bytes()
     assert "ema" in weights.load(blob, name="s3://b/weights.pt")
     with pytest.raises(UserError, match="s3://b/weights.pt: damaged"):

@@ -347,9 +347,9 @@ class ShardWriter:
 
 def file_sha256(path: str) -> str:
     """Hex sha256 of a local file or a pyarrow-filesystem URI, read in 8 MiB chunks."""
-    import pyarrow.fs as pafs
+    from cnd_ray import storage
 
-    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, inner = storage.resolve(path)
     digest = hashlib.sha256()
     with fs.open_input_stream(inner) as f:
         while chunk := f.read(8 << 20):

@@ -11,7 +11,6 @@ Ray Data's decode workers import it, and a new worker that loads torch stalls th
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
 import time
@@ -19,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from cnd_ray import storage
 from cnd_ray.config import Config
 from cnd_ray.data import image as image_lib
 from cnd_ray.data.ingest import SCHEMA_VERSION
@@ -67,19 +67,12 @@ def _calm(inner):
 
 _calm_idle_scheduler()
 
-def _join(root: str, name: str) -> str:
-    return posixpath.join(root, name) if "://" in root else os.path.join(root, name)
-
-
 def read_manifest(shards: str) -> dict:
     """The manifest.json of an ingest output (local folder or pyarrow-filesystem URI)."""
     if not shards:
         raise UserError("data.shards: empty; point it at a folder written by `cnd-ray ingest`")
-    import pyarrow.fs as pafs
-
     try:
-        fs, path = pafs.FileSystem.from_uri(shards) if "://" in shards else (
-            pafs.LocalFileSystem(), os.path.abspath(shards))
+        fs, path = storage.resolve(shards)
         with fs.open_input_stream(posixpath.join(path, "manifest.json")) as f:
             manifest = json.loads(f.read())
     except (OSError, ValueError) as e:
@@ -118,7 +111,7 @@ def check_files(shards: str, manifest: dict) -> None:
     import pyarrow as pa
 
     for s in manifest["shards"]:
-        path = _join(shards, s["file"])
+        path = storage.join(shards, s["file"])
         try:
             rows = parquet_file(path).metadata.num_rows
         except (OSError, pa.ArrowInvalid) as e:  # missing, truncated, not Parquet
@@ -141,7 +134,7 @@ def verify(shards: str, say=print) -> tuple[int, list[str]]:
     want = int(np.prod(lat["shape"])) * 2 if lat else 0  # latent_mean bytes: image and flip, float16
     good, problems = 0, []
     for n, s in enumerate(manifest["shards"], 1):
-        path = _join(shards, s["file"])
+        path = storage.join(shards, s["file"])
         found = len(problems)
         if s.get("sha256") and file_sha256(path) != s["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest's (changed since ingest)")
@@ -175,7 +168,7 @@ def verify(shards: str, say=print) -> tuple[int, list[str]]:
 
 
 def shard_files(shards: str, manifest: dict, split: str) -> list[str]:
-    files = [_join(shards, s["file"]) for s in manifest["shards"] if s["split"] == split]
+    files = [storage.join(shards, s["file"]) for s in manifest["shards"] if s["split"] == split]
     if not files:
         raise UserError(f"{shards} has no '{split}' rows (splits: {manifest.get('splits')})")
     return files
@@ -256,13 +249,10 @@ def oversample_factor(manifest: dict, split: str) -> int:
 def parquet_file(path: str):
     """A ParquetFile on a local path or any pyarrow-filesystem URI (s3://, gs://, ...), checking
     the page CRCs that ingest writes (shards without them read as before)."""
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    if "://" in path:
-        fs, inner = pafs.FileSystem.from_uri(path)
-        path = fs.open_input_file(inner)
-    return pq.ParquetFile(path, page_checksum_verification=True)
+    fs, inner = storage.resolve(path)
+    return pq.ParquetFile(fs.open_input_file(inner), page_checksum_verification=True)
 
 
 def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> Iterator[dict]:
@@ -299,8 +289,7 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
     """
     import ray
 
-    shards = cfg.data.shards if "://" in cfg.data.shards else os.path.abspath(
-        os.path.expanduser(cfg.data.shards))  # Ray tasks run in another working directory
+    shards = storage.absolute(cfg.data.shards)  # Ray tasks run in another working directory
     manifest = read_manifest(shards)
     check(manifest, cfg, shards)
     files = shard_files(shards, manifest, split)

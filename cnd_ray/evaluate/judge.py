@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from cnd_ray.data import shards as shards_lib, stream, tone
-from cnd_ray import weights
+from cnd_ray import storage, weights
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity, metrics
 from cnd_ray.generate import class_name
@@ -71,33 +70,22 @@ def file_name(manifest: dict, cfg) -> str:
     return f"judge-{manifest_digest(manifest)[:12]}-{key}.pt"
 
 
-def cache_dir(storage: str) -> str:
+def cache_dir(root: str) -> str:
     """Where judges live under a run's or a search's storage (a folder or URI)."""
-    return posixpath.join(storage, "judges") if "://" in storage else os.path.join(storage, "judges")
+    return storage.join(root, "judges")
 
 
 # --- the file -----------------------------------------------------------------------------------
 
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, inner = _fs(path)
-    return fs.get_file_info(inner).type == pafs.FileType.File
+    return storage.is_file(path)
 
 
 def _write(path: str, blob: dict) -> None:
     """Whole or not at all: written beside, then renamed (trials may look for it meanwhile)."""
     buf = io.BytesIO()
     torch.save(blob, buf)
-    fs, inner = _fs(path)
+    fs, inner = storage.resolve(path)
     fs.create_dir(posixpath.dirname(inner), recursive=True)
     tmp = f"{inner}.partial-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
@@ -221,7 +209,7 @@ def inception_reference(cfg, device="cpu") -> tuple | None:
 
 def load(path: str, device="cpu") -> Judge:
     """The judge saved at `path` (a local file or URI)."""
-    fs, inner = _fs(path)
+    fs, inner = storage.resolve(path)
     try:
         with fs.open_input_file(inner) as f:
             data = f.read()
@@ -302,7 +290,7 @@ def train(cfg, shards: str, manifest: dict, device="cpu", progress: bool = False
 def path_for(cfg, root: str, shards: str = "") -> str:
     """Where the judge of `shards` (default data.shards) with cfg's judge settings lives under `root`."""
     name = file_name(stream.read_manifest(shards or cfg.data.shards), cfg)
-    return posixpath.join(root, name) if "://" in root else os.path.join(root, name)
+    return storage.join(root, name)
 
 
 def check_shards(cfg, manifest: dict) -> None:

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, generate, sample
+from cnd_ray import checkpoint, generate, sample, storage
 from cnd_ray.config import ConfigError
 from cnd_ray.data import stream, tone
 from cnd_ray.data.shards import READ_BATCH, iter_split, read_rows, split_labels
@@ -143,9 +143,9 @@ def _judge(cfg, ckpt: str, shards: str, out: Path, device, show: bool):
     put there; for a checkpoint outside its run's storage, in the output folder."""
     from cnd_ray.train import storage_path
 
-    storage = storage_path(cfg)
-    inside = "://" not in storage and Path(ckpt).resolve().is_relative_to(Path(storage).resolve())
-    root = judge_lib.cache_dir(storage if inside else str(out))
+    root = storage_path(cfg)
+    inside = not storage.is_uri(root) and Path(ckpt).resolve().is_relative_to(Path(root).resolve())
+    root = judge_lib.cache_dir(root if inside else str(out))
     path = judge_lib.path_for(cfg, root, str(shards))
     judge_lib.prepare(cfg, str(shards), path, device, show, say=lambda m: print(m, flush=True))
     j = judge_lib.load(path, device)
@@ -428,8 +428,7 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
 
     _step(5, "metrics")
     res = {"protocol": {**sampled["protocol"], "num_samples": sizes,
-                        "reference": {"shards": str(Path(reference).absolute()) if "://" not in str(reference)
-                                      else str(reference), "split": e.reference_split,
+                        "reference": {"shards": storage.absolute(str(reference)), "split": e.reference_split,
                                       "images": n_ref, "counts": ref_counts},
                         "heldout": {"split": e.heldout_split, "images": n_held},
                         "extractors": [x.protocol() for x in exts.values()],
