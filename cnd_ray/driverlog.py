@@ -74,7 +74,7 @@ def save(path: str, folder: str, uri: str, run_id: str) -> bool:
     from cnd_ray import tracking
 
     name = os.path.basename(path)
-    dest = f"{folder.rstrip('/')}/logs/{name}"
+    dest = storage.join(folder, "logs", name)
     steps = [(dest, lambda: _copy(path, folder, name)),
              (f"MLflow run {run_id}", lambda: tracking.log_file(uri, run_id, path, "logs"))]
     failed = []

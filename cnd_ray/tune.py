@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from cnd_ray import config as config_lib
+from cnd_ray import config as config_lib, storage
 from cnd_ray.errors import UserError
 
 SPACE_DIR = config_lib.SPACE_DIR
@@ -448,9 +448,9 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     s = load_space(space, cfg)
     cfg = config_lib.override(cfg, s.fixed)
     search = name or search_name(s, cfg)
-    storage = train.storage_path(cfg)
-    exp_path = f"{storage.rstrip('/')}/{search}"
-    trials_storage = f"{storage.rstrip('/')}/{search}-trials"
+    root = train.storage_path(cfg)
+    exp_path = storage.join(root, search)
+    trials_storage = storage.join(root, f"{search}-trials")
     restoring = tune.Tuner.can_restore(exp_path)
     if resume and not restoring:
         raise UserError(f"--resume: no search to resume at {exp_path}")
@@ -506,7 +506,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
                     scheduler=_scheduler(s, cfg.train.steps), trial_name_creator=_trial_name,
                     trial_dirname_creator=_trial_name),
                 # Tune's own tables would drown the workers' progress lines: one line per event.
-                run_config=tune.RunConfig(name=search, storage_path=storage, verbose=0,
+                run_config=tune.RunConfig(name=search, storage_path=root, verbose=0,
                                           callbacks=[_Progress(n, s.metric)]))
         grid = tuner.fit()
     except Exception as e:
