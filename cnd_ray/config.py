@@ -7,7 +7,6 @@ Stdlib + PyYAML only: `cnd-ray config` and `--help` never import torch.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import typing
@@ -17,7 +16,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
-from cnd_ray.errors import UserError
+from cnd_ray.errors import UserError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Shipped search spaces (cnd_ray.tune): inside the package once installed from a wheel
@@ -335,9 +334,7 @@ def _sections() -> dict[str, type]:
 
 
 def _unknown(key: str, known: Iterable[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{key}'{did_you_mean(key, known)}")
 
 
 def _as_number(value: Any) -> float | None:

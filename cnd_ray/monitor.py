@@ -6,19 +6,9 @@ import numpy as np
 import torch
 
 from cnd_ray import generate
+from cnd_ray.evaluate.metrics import auroc
 from cnd_ray.diffusion import guided, sample
 from cnd_ray.vae import to_pixels
-
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); nan without both classes."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, ties averaged
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 @torch.no_grad()
@@ -43,7 +33,7 @@ def evaluate(state, batches: list[dict], seed: int = 0) -> dict[str, float]:
             labels += y.cpu().tolist()
     out = {"val_loss_diff": float(np.mean(losses))} if losses else {}
     if labels:
-        out["val_auroc"] = auroc(scores, labels)
+        out["val_auroc"] = auroc(labels, scores)
     return out
 
 

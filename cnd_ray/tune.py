@@ -11,7 +11,6 @@ is documented in tune_spaces/README.md.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -27,7 +26,7 @@ import yaml
 from ray import tune
 
 from cnd_ray import config as config_lib, storage
-from cnd_ray.errors import UserError
+from cnd_ray.errors import UserError, did_you_mean
 
 SPACE_DIR = config_lib.SPACE_DIR
 SEARCHES = ("grid", "random", "optuna", "hyperopt")
@@ -90,9 +89,7 @@ def _fail(path, msg: str) -> SpaceError:
 def _check_keys(path, where: str, got, allowed) -> None:
     for k in got:
         if k not in allowed:
-            close = difflib.get_close_matches(str(k), list(allowed), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise _fail(path, f"unknown key '{where}{k}'{hint}")
+            raise _fail(path, f"unknown key '{where}{k}'{did_you_mean(k, allowed)}")
 
 
 def _int(path, key: str, value, lo: int) -> int:
@@ -108,9 +105,7 @@ def _distribution(path, key: str, spec) -> tuple[str, list]:
                           f"got {spec!r}")
     kind, args = next(iter(spec.items()))
     if kind not in DISTRIBUTIONS:
-        close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise _fail(path, f"space.{key}: unknown distribution '{kind}'{hint}")
+        raise _fail(path, f"space.{key}: unknown distribution '{kind}'{did_you_mean(kind, DISTRIBUTIONS)}")
     if kind in ("grid", "choice"):
         if not isinstance(args, list) or not args:
             raise _fail(path, f"space.{key}: {kind} takes a non-empty list of values")

@@ -15,7 +15,7 @@ from torch import nn
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity
 from cnd_ray.models.classifier import Classifier
-from cnd_ray.monitor import auroc
+from cnd_ray.evaluate.metrics import auroc
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +178,7 @@ def test_fidelity_classifier_learns_saves_and_is_deterministic(tmp_path):
     assert steps == list(range(1, 61)) and not model.training
     s = fidelity.scores(model, held)
     assert s.dtype == np.float64 and s.shape == (200,)
-    val = auroc(s, held_y)
+    val = auroc(held_y, s)
     assert val > 0.9
 
     path = tmp_path / "fid" / "fidelity.pt"

@@ -14,6 +14,7 @@ from torch import nn
 
 from cnd_ray.data import synth, tone
 from cnd_ray.errors import UserError
+from cnd_ray.evaluate.metrics import auroc
 
 GT_HEADER = ("image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,"
              "benign_malignant,target")
@@ -198,13 +199,6 @@ def test_estimated_ita_tracks_painted_ita(tmp_path):
     assert np.mean([tone.band(e) == tone.band(p) for e, p in zip(est, painted)]) > 0.85
 
 
-def auroc(scores, labels):
-    """Area under the ROC curve by the rank-sum formula (tied scores count half)."""
-    r = _ranks(scores) + 1
-    pos, neg = labels.sum(), len(labels) - labels.sum()
-    return (r[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg)
-
-
 @pytest.fixture
 def one_thread():
     """Torch on one thread: for this tiny CNN two threads only add barrier waits, and on a busy
@@ -245,4 +239,4 @@ def test_classes_are_learnable(tmp_path, one_thread):
     with torch.no_grad():
         scores = net(x[torch.from_numpy(np.flatnonzero(test))]).squeeze(1).numpy()
     assert 0.3 < y[test].mean() < 0.7
-    assert auroc(scores, y[test]) >= 0.9
+    assert auroc(y[test], scores) >= 0.9

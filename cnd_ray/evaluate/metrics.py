@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnd_ray.monitor import auroc
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, as pytorch_msssim
 MS_SSIM_WIN, MS_SSIM_SIGMA, MS_SSIM_K = 11, 1.5, (0.01, 0.03)
@@ -247,10 +246,23 @@ def pca_plot(real: np.ndarray, real_labels, gen: np.ndarray, gen_labels, path,
     return {"explained_variance": ratio, "path": str(path)}
 
 
+def auroc(y, score) -> float:
+    """Area under the ROC curve of scores `score` for binary labels `y` (sklearn's order), as the
+    Mann-Whitney statistic: a tied positive-negative pair counts half; nan without both classes.
+    The project's one AUROC: training's val AUROC, class fidelity and the fairness report use it."""
+    scores, labels = np.asarray(score, np.float64), np.asarray(y).astype(bool)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, ties averaged
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
 def classification(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.0) -> dict:
     """Class fidelity of logits: AUROC, accuracy at `threshold`, accuracy per true class, count."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(int)
     correct = (scores > threshold) == labels.astype(bool)  # (N,)
-    return {"auroc": auroc(scores, labels), "accuracy": float(correct.mean()),
+    return {"auroc": auroc(labels, scores), "accuracy": float(correct.mean()),
             "per_class_accuracy": {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)},
             "n": len(labels)}

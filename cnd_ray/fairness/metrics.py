@@ -173,12 +173,11 @@ def _auc(s_pos: np.ndarray, s_neg: np.ndarray, w_pos: np.ndarray, w_neg: np.ndar
 
 
 def auroc(y, score) -> float:
-    """AUROC as the Mann-Whitney statistic (a tied positive-negative pair counts half); nan without both classes."""
+    """evaluate.metrics.auroc after checking the labels and scores (one line naming what is wrong)."""
+    from cnd_ray.evaluate.metrics import auroc as plain
+
     y = _labels(y)
-    s = _scores(score, len(y))
-    if y.all() or not y.any():
-        return float("nan")
-    return float(_auc(s[y], s[~y], np.ones((1, int(y.sum()))), np.ones((1, int((~y).sum()))))[0])
+    return plain(y, _scores(score, len(y)))
 
 
 def _roc_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
