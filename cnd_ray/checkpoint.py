@@ -4,7 +4,7 @@
     weights.pt    dit, ema, classifier, cls_ema state dicts
     optim.pt      both optimizers
     state.pt      step, the classifier's accumulated gradients (between its optimizer steps),
-                  counters, RNG states (torch, CUDA, numpy, python)
+                  RNG states (torch, CUDA, numpy, python), the data position (`extra`)
     meta.json     step and format version, for people and tools
 
 Written to a temporary sibling directory and renamed into place, so a crash never leaves a half
@@ -79,7 +79,7 @@ def save(state: TrainState, path: str | Path, extra: dict | None = None) -> Path
         torch.save({"dit": _sd(state.opt_dit), "classifier": _sd(state.opt_cls)}, tmp / "optim.pt")
         torch.save({"step": state.step, "cls_pending": state.cls_pending,
                     "cls_grads": _grads(state.classifier) if state.cls_pending else None,
-                    "counters": dict(state.counters), "rng": rng_state(), "extra": extra or {}},
+                    "rng": rng_state(), "extra": extra or {}},
                    tmp / "state.pt")
         scalars = {k: v for k, v in (extra or {}).items() if isinstance(v, (int, float, str))}
         (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": state.step, **scalars}))
@@ -100,11 +100,6 @@ def _check(path: Path) -> None:
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a cnd_ray checkpoint (missing {', '.join(missing)})")
-
-
-def read_extra(path: str | Path) -> dict:
-    """The `extra` dict a checkpoint was saved with."""
-    return _load(Path(path), "state.pt").get("extra", {})
 
 
 def _read_text(path: str | Path, name: str) -> str:
@@ -149,6 +144,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool
     """Rebuild the train state a checkpoint holds, under its own config or, given `cfg`, under that
     one (a resume the user asked to continue with changed settings: the optimizers keep their
     moments and take cfg's hyperparameters)."""
+    return load_with_extra(path, device, restore_rng, cfg)[0]
+
+
+def load_with_extra(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool = True,
+                    cfg=None) -> tuple[TrainState, dict]:
+    """`load`, and the `extra` dict the checkpoint was saved with (a worker's data position and
+    per-rank RNG states), from one read of state.pt."""
     path = Path(path)
     cfg = cfg or load_config(path)
     # Build without re-reading the classifier's pretrained file: the checkpoint has its weights
@@ -168,7 +170,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool
     if extra["cls_grads"] is not None:
         for p, g in zip(state.classifier.parameters(), extra["cls_grads"]):
             p.grad = None if g is None else g.to(p.device)
-    state.counters.update(extra["counters"])
     # load_state_dict brought back the saved rates; the DiT's is set every step from cfg anyway.
     for group in state.opt_dit.param_groups:
         group["weight_decay"] = cfg.optim.weight_decay
@@ -176,4 +177,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", restore_rng: bool
         group.update(lr=cfg.classifier.lr, momentum=cfg.classifier.momentum)
     if restore_rng:
         set_rng_state(extra["rng"])
-    return state
+    return state, extra.get("extra", {})

@@ -49,7 +49,8 @@ for _first in "tTfF":
         [_first])
 
 
-def _yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
+    """YAML as config files are read (YAML 1.2 booleans: `gamma_schedule: off` stays "off")."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -306,10 +307,6 @@ class Config:
         return self.train.global_batch // self.scale.num_workers
 
     @property
-    def micro_batch(self) -> int:
-        return self.per_worker_batch // self.optim.grad_accum
-
-    @property
     def use_classifier(self) -> bool:
         return self.method.gamma_schedule != "off"
 
@@ -468,7 +465,7 @@ def to_nested(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, dict[st
                 raise ConfigError(f"override '{s}' must look like section.key=value")
             k, v = s.split("=", 1)
             # The YAML reader gives numbers, booleans and lists; _coerce fixes the rest.
-            items.append((k.strip(), _yaml(v) if v.strip() else ""))
+            items.append((k.strip(), load_yaml(v) if v.strip() else ""))
     out: dict[str, dict[str, Any]] = {}
     for k, v in items:
         parts = k.split(".")
@@ -495,7 +492,7 @@ def packaged_names() -> list[str]:
 def yaml_mapping(text: str, where) -> Mapping[str, Any] | None:
     """A config file's text -> its mapping of sections (None when empty); one line naming `where`."""
     try:
-        data = _yaml(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is not None and not isinstance(data, Mapping):
@@ -524,5 +521,7 @@ def load(source: str | Path | None = None,
 
 
 # Keep the module's public surface obvious to readers.
-__all__ = ["Config", "ConfigError", "load", "override", "from_dict", "validate", "to_nested", "yaml_mapping",
-           "packaged_names", "DIT_SIZES"]
+__all__ = ["Config", "ModelConfig", "DiffusionConfig", "ClassifierConfig", "MethodConfig", "OptimConfig",
+           "DataConfig", "TrainConfig", "ScaleConfig", "EvalConfig", "FairnessConfig", "TrackConfig",
+           "ConfigError", "load", "load_yaml", "override", "from_dict", "validate", "to_nested",
+           "yaml_mapping", "packaged_names", "DIT_SIZES", "SAMPLERS", "CONFIG_DIR", "SPACE_DIR"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
@@ -29,7 +29,6 @@ class TrainState:
     step: int = 0
     # Weight of the clean-branch classifier gradients accumulated since its optimizer last stepped.
     cls_pending: float = 0.0
-    counters: dict = field(default_factory=lambda: {"cls_steps": 0, "skipped": 0})
 
     @property
     def dit(self) -> nn.Module:
@@ -134,7 +133,6 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
             if state.opt_cls is not None:
                 state.opt_cls.zero_grad(set_to_none=True)
                 state.cls_pending = 0.0
-            state.counters["skipped"] += 1
             state.step += 1
             return {"skipped": 1.0}
         loss = out.loss.float() / accum
@@ -177,7 +175,6 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
                 state.opt_cls.step()
             state.opt_cls.zero_grad(set_to_none=True)
             state.cls_pending = 0.0
-            state.counters["cls_steps"] += 1
             totals["cls_step"] = 1.0
             if state.cls_ema is not None:
                 ema_update(state.cls_ema, state.classifier, cfg.classifier.ema_decay)

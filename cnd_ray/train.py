@@ -498,8 +498,8 @@ def _worker(config: dict) -> None:
     consumed = stream.Consumed(cfg.data.shuffle_buffer)
     if ckpt:  # resume and worker-group restart: the same path as a fresh start, plus the state
         with ckpt.as_directory() as d:
-            state = checkpoint.load(d, device, restore_rng=False, cfg=cfg)  # the driver checked cfg
-            extra = checkpoint.read_extra(d)
+            # the driver checked cfg
+            state, extra = checkpoint.load_with_extra(d, device, restore_rng=False, cfg=cfg)
         done = extra.get("trained")
         consumed = stream.Consumed(cfg.data.shuffle_buffer, (extra.get("epoch", 0), extra.get("pos", 0)),
                                    None if done is None else done.numpy())

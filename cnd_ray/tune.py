@@ -135,7 +135,7 @@ def load_space(space: str, base: config_lib.Config) -> Space:
     path = resolve_space_path(space)
     text = path.read_text()
     try:
-        raw = config_lib._yaml(text)  # YAML 1.2 booleans: `gamma_schedule: off` stays "off"
+        raw = config_lib.load_yaml(text)  # as config files: `gamma_schedule: off` stays "off"
     except yaml.YAMLError as e:
         raise _fail(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):

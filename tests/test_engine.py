@@ -43,7 +43,7 @@ def _assert_same_state(a, b):
         for i in sa:
             for k in sa[i]:
                 assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
-    assert (a.step, a.cls_pending, a.counters) == (b.step, b.cls_pending, b.counters)
+    assert (a.step, a.cls_pending) == (b.step, b.cls_pending)
 
 
 RESUME_CFG = ["method.gamma=0.5", "classifier.step_every=3", "classifier.ema=true",
@@ -123,7 +123,7 @@ def test_nonfinite_loss_skip_leaves_weights_unchanged():
     b["x"][0] = float("inf")
     assert train_step(state, [b]) == {"skipped": 1.0}
     assert all(torch.equal(before[k], v) for k, v in _params(state).items())
-    assert state.step == 1 and state.counters["skipped"] == 1
+    assert state.step == 1
     assert train_step(state, [fixed_batch(state.cfg)])["loss_diff"] > 0  # and training goes on
 
 
