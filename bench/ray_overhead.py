@@ -22,12 +22,12 @@ import torch
 
 from cnd_ray import config as config_lib
 from cnd_ray import engine, train
-from cnd_ray.data import augment, image, stream
+from cnd_ray.data import augment, image, shardset
 
 
 def plain_images_per_s(cfg, steps: int) -> float:
-    m = stream.read_manifest(cfg.data.shards)
-    files = stream.shard_files(cfg.data.shards, m, "train")
+    m = shardset.read_manifest(cfg.data.shards)
+    files = shardset.files(cfg.data.shards, m, "train")
     table = pq.read_table(files, columns=["image", "label", "fitzpatrick", "row_id"])
     imgs = torch.from_numpy(np.stack([image.decode_png(b) for b in table.column("image").to_pylist()]))
     imgs = imgs.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8

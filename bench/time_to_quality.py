@@ -46,13 +46,13 @@ def _variant(name: str, overrides: list[str], shards: str, judge_file: str, step
     import torch
 
     from cnd_ray import config as config_lib, engine, monitor
-    from cnd_ray.data import augment, image, stream
+    from cnd_ray.data import augment, image, shardset
     from cnd_ray.evaluate import judge as judge_lib
 
     torch.set_num_threads(1)
     cfg = config_lib.load("quickstart", overrides + [f"data.shards={shards}"])
-    m = stream.read_manifest(shards)
-    table = pq.read_table(stream.shard_files(shards, m, "train"), columns=["image", "label", "row_id"])
+    m = shardset.read_manifest(shards)
+    table = pq.read_table(shardset.files(shards, m, "train"), columns=["image", "label", "row_id"])
     imgs = torch.from_numpy(np.stack([image.decode_png(b) for b in table.column("image").to_pylist()]))
     imgs = imgs.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
     labels = torch.tensor(table.column("label").to_pylist())

@@ -183,9 +183,9 @@ def _grid(images, labels, path: Path) -> None:
 
 def _real_grid(cfg, path: Path) -> None:
     """Held-out real images in the same layout as the sample grids, for the reader to compare."""
-    from cnd_ray.data import shards as shards_lib, stream
+    from cnd_ray.data import shards as shards_lib, shardset
 
-    m, split = stream.read_manifest(cfg.data.shards), cfg.eval.heldout_split
+    m, split = shardset.read_manifest(cfg.data.shards), cfg.eval.heldout_split
     labels = shards_lib.split_labels(cfg.data.shards, m, split)
     pos = np.sort(np.concatenate([np.flatnonzero(labels == c)[:GRID_PER_CLASS] for c in np.unique(labels)]))
     _grid(shards_lib.read_rows(cfg.data.shards, m, split, pos), labels[pos], path)

@@ -27,7 +27,7 @@ import torch
 from cnd_ray import checkpoint, driverlog, engine, monitor, storage, tracking
 from cnd_ray import vae as vae_lib
 from cnd_ray import config as config_lib
-from cnd_ray.data import augment, stream
+from cnd_ray.data import augment, shardset, stream
 from cnd_ray.errors import UserError
 
 STOP_FILE = "STOPPED.txt"  # written by rank 0 when a non-finite loss stops the run
@@ -181,8 +181,8 @@ def _preflight(cfg, ray) -> None:
 
 def check_data(cfg, manifest: dict) -> None:
     """Refuse shards this config cannot train or judge on, naming the setting (or the damaged file)."""
-    stream.check(manifest, cfg, cfg.data.shards)
-    stream.check_files(cfg.data.shards, manifest)
+    shardset.check(manifest, cfg, cfg.data.shards)
+    shardset.check_files(cfg.data.shards, manifest)
     if cfg.eval.sample_metrics:
         from cnd_ray.evaluate import judge
 
@@ -262,11 +262,11 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         raise UserError(f"train.log_rows: writes to a local run folder, and train.storage is a URI ({root})")
     given = bool(cfg.data.shards)
     if given:  # what the data decides, before Ray starts (synthetic shards: once made)
-        check_data(cfg, stream.read_manifest(cfg.data.shards))
+        check_data(cfg, shardset.read_manifest(cfg.data.shards))
     session.connect()
     _preflight(cfg, ray)
     cfg = with_shards(cfg)
-    manifest = stream.read_manifest(cfg.data.shards)
+    manifest = shardset.read_manifest(cfg.data.shards)
     if not given:  # checked once: each shard's footer is read, a request per file on S3
         check_data(cfg, manifest)
     judge_file = prepare_judge(cfg, root)
@@ -280,7 +280,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     rows = sum(manifest["splits"]["train"].values())
     if cfg.data.balance == "oversample":
         c = manifest["splits"]["train"]
-        rows = c["benign"] + c["malignant"] * stream.oversample_factor(manifest, "train")
+        rows = c["benign"] + c["malignant"] * shardset.oversample_factor(manifest, "train")
     steps_per_epoch = max(1, rows // cfg.train.global_batch)
     epochs = math.ceil(max(0, cfg.train.steps - start_step) / steps_per_epoch) + 2  # + a margin
 

@@ -417,7 +417,7 @@ def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage
 def _prepare(cfg):
     """The base config every trial starts from: evaluations at every report (so every report
     carries the search metric), and a val split to evaluate on."""
-    from cnd_ray.data import stream
+    from cnd_ray.data import shardset
 
     tr = cfg.train
     if not tr.eval_every:
@@ -426,7 +426,7 @@ def _prepare(cfg):
         raise UserError(f"train.checkpoint_every ({tr.checkpoint_every}) must be a multiple of "
                         f"train.eval_every ({tr.eval_every}) in a search: every report to Tune "
                         "must carry the metric")
-    if not stream.read_manifest(cfg.data.shards)["splits"].get("val"):
+    if not shardset.read_manifest(cfg.data.shards)["splits"].get("val"):
         raise UserError(f"data.shards: {cfg.data.shards} has no val split to evaluate trials on "
                         "(ingest with --val-fraction > 0)")
     return cfg
@@ -438,7 +438,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     import ray
 
     from cnd_ray import driverlog, session, tracking, train
-    from cnd_ray.data import stream
+    from cnd_ray.data import shardset
 
     s = load_space(space, cfg)
     cfg = config_lib.override(cfg, s.fixed)
@@ -450,10 +450,10 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     if resume and not restoring:
         raise UserError(f"--resume: no search to resume at {exp_path}")
     if cfg.data.shards:  # what the data decides, before Ray starts (synthetic shards: once made)
-        train.check_data(cfg, stream.read_manifest(cfg.data.shards))
+        train.check_data(cfg, shardset.read_manifest(cfg.data.shards))
     session.connect()
     cfg = _prepare(train.with_shards(cfg))
-    train.check_data(cfg, stream.read_manifest(cfg.data.shards))
+    train.check_data(cfg, shardset.read_manifest(cfg.data.shards))
     n = trial_count(s)
     concurrent = _concurrency(s, cfg, ray.cluster_resources(), n)
     cfg = _share_cores(cfg, concurrent, ray)

@@ -28,9 +28,9 @@ def for_run(cfg, device: str | torch.device = "cpu"):
     VAE is not on this machine."""
     if cfg.data.space == "pixel":
         return None
-    from cnd_ray.data import stream
+    from cnd_ray.data import shardset
 
-    return load(folder_for(cfg, stream.read_manifest(cfg.data.shards)), device)
+    return load(folder_for(cfg, shardset.read_manifest(cfg.data.shards)), device)
 
 
 def load(folder: str, device: str | torch.device = "cpu"):

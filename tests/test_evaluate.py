@@ -55,9 +55,9 @@ def test_ms_ssim_of_identical_images_is_one():
 
 
 def test_read_rows_picks_the_rows_iter_split_yields(shards):
-    from cnd_ray.data import stream
+    from cnd_ray.data import shardset
 
-    m = stream.read_manifest(shards)
+    m = shardset.read_manifest(shards)
     images = torch.cat([x for x, _ in shards_lib.iter_split(shards, m, "train")])
     pos = [len(images) - 1, 0, 5, 5]
     assert torch.equal(shards_lib.read_rows(shards, m, "train", pos), images[pos])

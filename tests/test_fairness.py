@@ -207,10 +207,10 @@ def test_a_tone_conditioned_dit_draws_the_requested_skin_tone(ray_local, tmp_pat
 
 
 def test_mclass_d_images_are_left_out_of_training(planted, tmp_path):
-    from cnd_ray.data import stream
+    from cnd_ray.data import shardset
 
     tmp, _, _ = planted
-    manifest = stream.read_manifest(str(tmp / "shards"))
+    manifest = shardset.read_manifest(str(tmp / "shards"))
     train_ids = fairness.read_real(str(tmp / "shards"), manifest, "train", 32)["ids"]
     bench = tmp_path / "mclass" / "BenchmarkDermoscopic"
     for i, name in enumerate(train_ids[:3] + ["ISIC_0000001"]):  # 3 of them trained on, 1 not

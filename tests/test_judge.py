@@ -8,7 +8,7 @@ import torch
 
 from cnd_ray import config as C
 from cnd_ray import monitor
-from cnd_ray.data import shards as shards_lib, stream
+from cnd_ray.data import shards as shards_lib, shardset
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import compare, judge, metrics
 from tests.helpers import random_checkpoint
@@ -60,18 +60,18 @@ def test_the_judge_is_reused_for_the_same_shards_and_settings_and_retrained_othe
     # Other shards (another manifest) name another judge.
     other = tmp_path / "other"
     os.makedirs(other)
-    m = stream.read_manifest(small_shards)
+    m = shardset.read_manifest(small_shards)
     m["num_images"] += 1
     (other / "manifest.json").write_text(__import__("json").dumps(m))
     assert judge.path_for(cfg, root, str(other)) != path
-    assert j.meta["manifest_digest"] == judge.manifest_digest(stream.read_manifest(small_shards))
+    assert j.meta["manifest_digest"] == judge.manifest_digest(shardset.read_manifest(small_shards))
     assert 0.5 <= j.meta["heldout_auroc"] <= 1.0 and str(cfg.eval.search_samples) in j.meta["floors"]
 
 
 def test_real_images_score_near_the_floor_and_noise_far_above_it(judged, small_shards):
     cfg, _, j = judged
     n = 8
-    m = stream.read_manifest(small_shards)
+    m = shardset.read_manifest(small_shards)
     labels = shards_lib.split_labels(small_shards, m, "train")
     pos = np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c in (0, 1)]))
     real = shards_lib.read_rows(small_shards, m, "train", pos)
@@ -106,7 +106,7 @@ def test_lesion_contrast_sees_a_dark_centred_disc_and_nothing_off_centre_or_flat
 
 def test_search_samples_the_reference_split_cannot_hold_are_refused_naming_the_key(judged, small_shards):
     cfg, _, j = judged
-    m = stream.read_manifest(small_shards)
+    m = shardset.read_manifest(small_shards)
     fewest = min(m["splits"]["train"].values())
     with pytest.raises(UserError, match=r"^eval.search_samples: .* lower it$"):
         judge.check_shards(C.override(cfg, {"eval.search_samples": fewest + 1}), m)
@@ -117,7 +117,7 @@ def test_search_samples_the_reference_split_cannot_hold_are_refused_naming_the_k
 
 def test_the_comparison_is_paired_and_says_which_model_is_worse(judged, small_shards):
     cfg, _, j = judged
-    m = stream.read_manifest(small_shards)
+    m = shardset.read_manifest(small_shards)
     labels = shards_lib.split_labels(small_shards, m, "train")
     pos = np.concatenate([np.flatnonzero(labels == c)[:12] for c in (0, 1)])
     plan_labels = np.tile([0, 1], 12)  # the interleaved order of a generation plan
@@ -166,7 +166,7 @@ def test_inception_fid_comes_with_the_sample_metrics_when_its_weights_are_config
     cfg, _, j = judged
     assert judge.inception_reference(cfg) is None  # not configured: no FID, nothing loaded
     inception = judge.inception_reference(C.override(cfg, {"eval.inception_weights": str(tmp_path)}))
-    m = stream.read_manifest(small_shards)
+    m = shardset.read_manifest(small_shards)
     labels = shards_lib.split_labels(small_shards, m, "train")
     pos = np.sort(np.concatenate([np.flatnonzero(labels == c)[:6] for c in (0, 1)]))
     images = shards_lib.read_rows(small_shards, m, "train", pos)

@@ -100,16 +100,16 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, 
 
     from mlflow.tracking import MlflowClient
 
-    from cnd_ray.data import stream
+    from cnd_ray.data import shardset
 
     copy = tmp_path / "shards"
     shutil.copytree(small_shards, copy)
-    m = stream.read_manifest(str(copy))
+    m = shardset.read_manifest(str(copy))
     shard = copy / next(s["file"] for s in m["shards"] if s["split"] == "train")
     data = bytearray(shard.read_bytes())
     data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)  # zeros inside the pages; footer intact
     shard.write_bytes(bytes(data))
-    stream.check_files(str(copy), m)  # the footer still reads: only reading the rows finds it
+    shardset.check_files(str(copy), m)  # the footer still reads: only reading the rows finds it
     cfg = _cfg(tmp_path, **{"train.name": "damaged", "train.steps": 50, "data.shards": str(copy),
                             "data.image_size": m["image_size"], "eval.sample_metrics": "false",
                             "scale.num_workers": workers})

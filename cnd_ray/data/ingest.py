@@ -26,10 +26,9 @@ import pyarrow.parquet as pq
 
 from cnd_ray import config as config_lib
 from cnd_ray.data import image as image_lib
-from cnd_ray.data import layouts, tone
+from cnd_ray.data import layouts, shardset, tone
 from cnd_ray.errors import UserError
 
-SCHEMA_VERSION = 1
 VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MISSING_ON_WORKER = "missing on worker"
 ROW_GROUP = 256  # rows per Parquet row group: small enough for Ray Data to split a shard
@@ -319,7 +318,7 @@ class ShardWriter:
             name = f"{split}-{sum(s['split'] == split for s in self.shards):05d}.parquet"
             info = {"file": name, "split": split, "rows": 0, "bytes": 0}
             self.shards.append(info)
-            # Page CRCs: a reader (stream.parquet_file verifies them) names a damaged page
+            # Page CRCs: a reader (shardset.parquet_file verifies them) names a damaged page
             # instead of decoding whatever the damage left.
             self.writers[split] = (pq.ParquetWriter(os.path.join(self.folder, name), self.schema,
                                                     compression="zstd", write_page_checksum=True), info)
@@ -335,7 +334,7 @@ class ShardWriter:
         """Finish the open shard of `split`; its sha256 goes to the manifest (`cnd-ray verify`)."""
         writer, info = self.writers.pop(split)
         writer.close()
-        info["sha256"] = file_sha256(os.path.join(self.folder, info["file"]))
+        info["sha256"] = shardset.file_sha256(os.path.join(self.folder, info["file"]))
 
     def close(self) -> list[dict]:
         for split in list(self.buffers):
@@ -343,18 +342,6 @@ class ShardWriter:
         for split in list(self.writers):
             self._close(split)
         return self.shards
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a local file or a pyarrow-filesystem URI, read in 8 MiB chunks."""
-    from cnd_ray import storage
-
-    fs, inner = storage.resolve(path)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(inner) as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _merged_meta(copies: list[Candidate]) -> dict:
@@ -538,7 +525,7 @@ def _manifest(roots, labels, ak_malignant, image_size, vae, val_fraction, seed, 
 
     classes = stats["classes"]
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": shardset.SCHEMA_VERSION,
         "created_by": f"cnd_ray {__version__}",
         "roots": roots,
         "label_mode": labels,

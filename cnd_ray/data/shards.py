@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cnd_ray.data import image as image_lib, stream
+from cnd_ray.data import image as image_lib, shardset
 
 READ_BATCH = 256  # images decoded at a time
 
@@ -15,8 +15,8 @@ READ_BATCH = 256  # images decoded at a time
 def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Iterator[tuple]:
     """(uint8 images (B, 3, S, S), labels (B,)) batches of a split's rows, in shard order."""
     seen = 0
-    for path in stream.shard_files(shards, manifest, split):
-        for b in stream.parquet_file(path).iter_batches(batch_size=READ_BATCH, columns=["image", "label"]):
+    for path in shardset.files(shards, manifest, split):
+        for b in shardset.parquet_file(path).iter_batches(batch_size=READ_BATCH, columns=["image", "label"]):
             if limit and seen >= limit:
                 return
             rows = b.to_pydict()
@@ -28,8 +28,8 @@ def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Itera
 
 def split_labels(shards: str, manifest: dict, split: str, limit: int = 0) -> np.ndarray:
     """The labels of a split's rows in shard order (the label column only: cheap)."""
-    labels = np.concatenate([stream.parquet_file(p).read(columns=["label"]).column("label").to_numpy()
-                             for p in stream.shard_files(shards, manifest, split)]).astype(np.int64)
+    labels = np.concatenate([shardset.parquet_file(p).read(columns=["label"]).column("label").to_numpy()
+                             for p in shardset.files(shards, manifest, split)]).astype(np.int64)
     return labels[:limit] if limit else labels
 
 
@@ -38,8 +38,8 @@ def read_rows(shards: str, manifest: dict, split: str, positions) -> torch.Tenso
     row groups that hold them."""
     want = {int(p): None for p in positions}
     start = 0
-    for path in stream.shard_files(shards, manifest, split):
-        f = stream.parquet_file(path)
+    for path in shardset.files(shards, manifest, split):
+        f = shardset.parquet_file(path)
         for g in range(f.metadata.num_row_groups):
             n = f.metadata.row_group(g).num_rows
             hits = [p for p in want if start <= p < start + n]

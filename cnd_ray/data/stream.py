@@ -10,8 +10,6 @@ Ray Data's decode workers import it, and a new worker that loads torch stalls th
 """
 from __future__ import annotations
 
-import json
-import posixpath
 import re
 import time
 from typing import Iterator
@@ -21,7 +19,7 @@ import numpy as np
 from cnd_ray import storage
 from cnd_ray.config import Config
 from cnd_ray.data import image as image_lib
-from cnd_ray.data.ingest import SCHEMA_VERSION
+from cnd_ray.data import shardset
 from cnd_ray.errors import UserError
 
 # Decode tasks take half a CPU so that, on a 2-core machine, Ray Data keeps running beside the
@@ -67,79 +65,22 @@ def _calm(inner):
 
 _calm_idle_scheduler()
 
-def read_manifest(shards: str) -> dict:
-    """The manifest.json of an ingest output (local folder or pyarrow-filesystem URI)."""
-    if not shards:
-        raise UserError("data.shards: empty; point it at a folder written by `cnd-ray ingest`")
-    try:
-        fs, path = storage.resolve(shards)
-        with fs.open_input_stream(posixpath.join(path, "manifest.json")) as f:
-            manifest = json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise UserError(f"data.shards: {shards} has no readable manifest.json ({e}); "
-                        "write one with `cnd-ray ingest`") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"data.shards: {shards} has schema version {manifest.get('schema_version')}, "
-                        f"this cnd_ray reads {SCHEMA_VERSION}: re-run `cnd-ray ingest`")
-    return manifest
-
-
-def check(manifest: dict, cfg: Config, shards: str) -> None:
-    """Refuse shards made for another image size or VAE (GUARANTEES 4: latent caches cannot lie)."""
-    d = cfg.data
-    if manifest["image_size"] != d.image_size:
-        raise UserError(f"data.image_size={d.image_size} but {shards} was ingested at "
-                        f"{manifest['image_size']} px: set data.image_size={manifest['image_size']} "
-                        "or re-ingest with --image-size")
-    if d.space == "latent":
-        lat = manifest.get("latent")
-        if not lat:
-            raise UserError(f"data.space=latent but {shards} holds no latents: ingest with "
-                            "--latent <VAE folder>, or set data.space=pixel")
-        want = [2, cfg.in_channels, cfg.input_size, cfg.input_size]
-        if lat["shape"] != want:
-            raise UserError(f"{shards} holds latents of shape {lat['shape']}, the model wants {want}")
-        if lat.get("scaling_factor") not in (None, d.latent_scale):
-            raise UserError(f"data.latent_scale={d.latent_scale} but the VAE of {shards} says "
-                            f"{lat['scaling_factor']}")
-
-
-def check_files(shards: str, manifest: dict) -> None:
-    """Every shard the manifest lists is there, with a readable footer and the rows it says: a
-    truncated or replaced file is named here, before a run starts, not as a decode task's
-    traceback minutes into it."""
-    import pyarrow as pa
-
-    for s in manifest["shards"]:
-        path = storage.join(shards, s["file"])
-        try:
-            rows = parquet_file(path).metadata.num_rows
-        except (OSError, pa.ArrowInvalid) as e:  # missing, truncated, not Parquet
-            raise UserError(f"damaged shard {path}: {str(e).splitlines()[0].rstrip('.')}; re-ingest "
-                            f"{shards}") from None
-        if rows != s["rows"]:
-            raise UserError(f"damaged shard {path}: {rows} rows where the manifest says {s['rows']}; "
-                            f"re-ingest {shards}")
-
-
 def verify(shards: str, say=print) -> tuple[int, list[str]]:
     """`cnd-ray verify`: read every shard back in full. Each file's sha256 against the manifest
     (ingests that recorded one), its footer and row count, every page's CRC, and every row decoded
     (pixel shards: the PNG; latent ones: the posterior's length). Returns (rows that passed, one
     line per problem naming the file, and the row group and image where it is one)."""
-    from cnd_ray.data.ingest import file_sha256
-
-    manifest = read_manifest(shards)
+    manifest = shardset.read_manifest(shards)
     lat = manifest.get("latent")
     want = int(np.prod(lat["shape"])) * 2 if lat else 0  # latent_mean bytes: image and flip, float16
     good, problems = 0, []
     for n, s in enumerate(manifest["shards"], 1):
         path = storage.join(shards, s["file"])
         found = len(problems)
-        if s.get("sha256") and file_sha256(path) != s["sha256"]:
+        if s.get("sha256") and shardset.file_sha256(path) != s["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest's (changed since ingest)")
         try:
-            f = parquet_file(path)
+            f = shardset.parquet_file(path)
             groups = f.metadata.num_row_groups
         except Exception as e:
             problems.append(f"damaged shard {path}: {str(e).splitlines()[0]}")
@@ -167,13 +108,6 @@ def verify(shards: str, say=print) -> tuple[int, list[str]]:
     return good, problems
 
 
-def shard_files(shards: str, manifest: dict, split: str) -> list[str]:
-    files = [storage.join(shards, s["file"]) for s in manifest["shards"] if s["split"] == split]
-    if not files:
-        raise UserError(f"{shards} has no '{split}' rows (splits: {manifest.get('splits')})")
-    return files
-
-
 class DamagedShard(UserError):
     """A shard whose bytes cannot be read or decoded: deterministic, so a retry cannot help."""
 
@@ -190,7 +124,7 @@ def _png(data: bytes, path: str, group: int, row: int) -> np.ndarray:
     try:
         return image_lib.decode_png(data)
     except Exception as e:  # a stored image that no longer decodes: name it
-        ids = parquet_file(path).read_row_group(group, columns=["image_id"]).column(0).to_pylist()
+        ids = shardset.parquet_file(path).read_row_group(group, columns=["image_id"]).column(0).to_pylist()
         raise DamagedShard(f"damaged shard {path}, row group {group}, image {ids[row]}: its stored "
                            f"PNG does not decode ({e})") from None
 
@@ -221,7 +155,7 @@ class _GroupCache:
         hit = self.groups.pop(key, None)
         if hit is None:
             try:
-                table = parquet_file(path).read_row_group(group, columns=columns)
+                table = shardset.parquet_file(path).read_row_group(group, columns=columns)
                 cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
             except Exception as e:  # corrupt pages, a truncated file: the same on every retry
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -238,21 +172,6 @@ class _GroupCache:
 
 CACHE_BYTES = 256 * 2 ** 20  # per decode worker process
 _CACHE = _GroupCache(CACHE_BYTES)
-
-
-def oversample_factor(manifest: dict, split: str) -> int:
-    """How many times each malignant row is repeated to bring the classes near 1:1."""
-    c = manifest["splits"].get(split, {"benign": 0, "malignant": 0})
-    return max(1, round(c["benign"] / c["malignant"])) if c["malignant"] else 1
-
-
-def parquet_file(path: str):
-    """A ParquetFile on a local path or any pyarrow-filesystem URI (s3://, gs://, ...), checking
-    the page CRCs that ingest writes (shards without them read as before)."""
-    import pyarrow.parquet as pq
-
-    fs, inner = storage.resolve(path)
-    return pq.ParquetFile(fs.open_input_file(inner), page_checksum_verification=True)
 
 
 def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> Iterator[dict]:
@@ -290,15 +209,15 @@ def dataset(cfg: Config, split: str = "train", shuffle: bool = True, epochs: tup
     import ray
 
     shards = storage.absolute(cfg.data.shards)  # Ray tasks run in another working directory
-    manifest = read_manifest(shards)
-    check(manifest, cfg, shards)
-    files = shard_files(shards, manifest, split)
+    manifest = shardset.read_manifest(shards)
+    shardset.check(manifest, cfg, shards)
+    files = shardset.files(shards, manifest, split)
     columns = ["row_id", "label", "fitzpatrick"] + (
         ["image"] if cfg.data.space == "pixel" else ["latent_mean", "latent_logvar"])
-    repeat = oversample_factor(manifest, split) if shuffle and cfg.data.balance == "oversample" else 1
+    repeat = shardset.oversample_factor(manifest, split) if shuffle and cfg.data.balance == "oversample" else 1
     groups = []  # (file, row group, rows)
     for f in files:
-        meta = parquet_file(f).metadata
+        meta = shardset.parquet_file(f).metadata
         groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     items = []
     for epoch in range(*epochs):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cnd_ray.data import shards as shards_lib, stream, tone
+from cnd_ray.data import shards as shards_lib, shardset, tone
 from cnd_ray import storage, weights
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity, metrics
@@ -203,7 +203,7 @@ def inception_reference(cfg, device="cpu") -> tuple | None:
     if not cfg.eval.inception_weights:
         return None
     ext = features.inception(cfg.eval.inception_weights, device)
-    x, y = _read(cfg.data.shards, stream.read_manifest(cfg.data.shards), cfg.eval.heldout_split)
+    x, y = _read(cfg.data.shards, shardset.read_manifest(cfg.data.shards), cfg.eval.heldout_split)
     return ext, ext.features(x), y
 
 
@@ -289,7 +289,7 @@ def train(cfg, shards: str, manifest: dict, device="cpu", progress: bool = False
 
 def path_for(cfg, root: str, shards: str = "") -> str:
     """Where the judge of `shards` (default data.shards) with cfg's judge settings lives under `root`."""
-    name = file_name(stream.read_manifest(shards or cfg.data.shards), cfg)
+    name = file_name(shardset.read_manifest(shards or cfg.data.shards), cfg)
     return storage.join(root, name)
 
 
@@ -313,7 +313,7 @@ def prepare(cfg, shards: str, path: str, device="cpu", progress: bool = False, s
     if exists(path):
         say(f"judge: reusing {path}")
         return None
-    judge = train(cfg, shards, stream.read_manifest(shards), device, progress, say)
+    judge = train(cfg, shards, shardset.read_manifest(shards), device, progress, say)
     judge.floor(cfg.eval.search_samples)
     judge.save(path)
     say(f"judge: saved {path}")

@@ -26,7 +26,7 @@ import torch
 
 from cnd_ray import checkpoint, generate, sample, storage
 from cnd_ray.config import ConfigError
-from cnd_ray.data import stream, tone
+from cnd_ray.data import shardset, tone
 from cnd_ray.data.shards import READ_BATCH, iter_split, read_rows, split_labels
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity, judge as judge_lib, metrics
@@ -376,7 +376,7 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
     cfg = sample.sampling_config(cfg, overrides)
     e, sizes = cfg.eval, sample_counts(cfg)
     names = extractor_names(cfg)
-    manifest = stream.read_manifest(str(reference))
+    manifest = shardset.read_manifest(str(reference))
     if manifest["image_size"] != cfg.data.image_size:
         raise UserError(f"--reference {reference}: images are {manifest['image_size']} px, the "
                         f"checkpoint generates {cfg.data.image_size} px; ingest at --image-size "

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cnd_ray import config as config_lib, weights as weights_lib
-from cnd_ray.data import external, stream, tone
+from cnd_ray.data import external, shardset, tone
 from cnd_ray.data import image as image_lib
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import fidelity
@@ -61,8 +61,8 @@ def read_real(shards: str, manifest: dict, split: str, size: int, limit: int = 0
     left out: `excluded` (image_id in `exclude`: MClass-D's ISIC images when MClass is evaluated)
     and `over_limit` (beyond `limit` rows; 0 = no limit)."""
     images, labels, groups, ids, excluded, over = [], [], [], [], 0, 0
-    for path in stream.shard_files(shards, manifest, split):
-        for b in stream.parquet_file(path).iter_batches(
+    for path in shardset.files(shards, manifest, split):
+        for b in shardset.parquet_file(path).iter_batches(
                 batch_size=256, columns=["image_id", "label", "fitzpatrick", "image"]):
             rows = b.to_pydict()
             for i, image_id in enumerate(rows["image_id"]):
@@ -225,7 +225,7 @@ def _check(real: str, synthetic: list[str], evals: dict, overrides) -> tuple:
     for name in evals:
         if name not in external.SETS:
             raise UserError(f"--eval {name}: unknown set; choose from {', '.join(external.SETS)}")
-    manifest = stream.read_manifest(real)
+    manifest = shardset.read_manifest(real)
     for key, split in (("fairness.real_split", f.real_split), ("fairness.val_split", f.val_split)):
         counts = manifest["splits"].get(split) or {}
         if not (counts.get("benign") and counts.get("malignant")):
