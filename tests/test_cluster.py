@@ -309,6 +309,7 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
         old = {k: os.environ.get(k) for k in login}
         os.environ.update(login)
         try:
+            assert tracking.reachable(server)  # the probe sends the login too
             client = mlflow_lib.MlflowClient(server)
             found = client.search_runs([e.experiment_id for e in client.search_experiments()])
             assert [x.info.status for x in found] == ["FINISHED"], found

@@ -176,9 +176,17 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 @pytest.mark.slow
 def test_default_critic_gradient_does_not_stall_the_dit():
-    _, (plain, _) = _train_and_eval(["method.gamma_schedule=off"])
-    _, (joint, _) = _train_and_eval(["method.gamma=0.25"])
-    _, (raw, _) = _train_and_eval(["method.gamma=0.25", "method.denoised_grad=raw",
-                                   "method.denoised_clip=0"])
-    assert joint < 1.5 * plain, (plain, joint)
-    assert raw > 2 * joint, (joint, raw)  # why the default scales the gradient
+    """After 250 steps on a fixed batch (diffusion loss 1.05 at the start), over three seeds: the
+    default critic gradient leaves the DiT's loss within 2x of a plain DiT's (measured 1.28-1.78x),
+    the raw one stalls it (6-7x the default's). One seed is not enough: 250 chaotic steps turn
+    float-level differences (another CPU's kernels) into 1.3x vs 1.8x."""
+    ratios = []
+    for seed in (0, 1, 2):
+        _, (plain, _) = _train_and_eval(["method.gamma_schedule=off", f"train.seed={seed}"])
+        _, (joint, _) = _train_and_eval(["method.gamma=0.25", f"train.seed={seed}"])
+        _, (raw, _) = _train_and_eval(["method.gamma=0.25", "method.denoised_grad=raw",
+                                       "method.denoised_clip=0", f"train.seed={seed}"])
+        ratios.append((joint / plain, raw / joint))
+    slowdown, stall = np.median(ratios, axis=0)
+    assert slowdown < 2.0, ratios
+    assert stall > 3.0, ratios  # why the default scales the gradient

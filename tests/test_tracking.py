@@ -1,4 +1,7 @@
 """A tracking server away at start: the spool store and its upload, on real MLflow stores."""
+import os
+import time
+
 import numpy as np
 
 from cnd_ray import tracking
@@ -35,6 +38,28 @@ def test_a_spool_records_its_server_and_uploads_each_value_once(tmp_path):
     assert [f.path for f in client.list_artifacts(first)] == ["config.yaml"]
     tracking.drop_spool(str(tmp_path / "run"))
     assert tracking.spooled(str(tmp_path / "run")) is None
+
+
+def test_the_probe_leaves_the_process_mlflow_settings_alone():
+    """The uploader probes from its own thread while the caller uses MLflow: a probe that set
+    MLflow's retry and timeout variables for the process cut the caller's requests to one 5 s try
+    (a test's client timed out on a busy server)."""
+    import socket
+    import threading
+
+    silent = socket.socket()  # accepts the connection, never answers: the probe waits its 5 s
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    before = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    probe = threading.Thread(target=tracking.reachable, args=(f"http://127.0.0.1:{silent.getsockname()[1]}",))
+    probe.start()
+    try:
+        time.sleep(1.0)
+        assert probe.is_alive()
+        assert {k: os.environ.get(k) for k in before} == before
+    finally:
+        probe.join()
+        silent.close()
 
 
 def test_a_server_that_is_not_there_is_known_within_seconds():
