@@ -114,7 +114,7 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
     objective.train()
     accum = len(micro_batches)
     totals: dict[str, float] = {}
-    pending = 0.0
+    pending = 0.0  # this step's share of clean-branch batches: what the classifier's grads average
     skip = cfg.train.on_nonfinite == "skip"
     # A non-finite batch would poison BatchNorm running stats in its forward: keep a copy to
     # restore when the step is skipped (buffers are small next to the weights).
@@ -125,16 +125,7 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
         if not rt.all_finite(bool(torch.isfinite(out.loss))):  # every rank decides alike
             if not skip:
                 raise NonFiniteLoss(_nonfinite_message(state, out, batch))
-            for b, v in zip(objective.buffers(), saved):
-                b.copy_(v)
-            # Skip: drop every pending gradient (the classifier's accumulated ones too: they are
-            # mixed in the same .grad tensors) and move on to the next step's data.
-            state.opt_dit.zero_grad(set_to_none=True)
-            if state.opt_cls is not None:
-                state.opt_cls.zero_grad(set_to_none=True)
-                state.cls_pending = 0.0
-            state.step += 1
-            return {"skipped": 1.0}
+            return _skip_step(state, saved)
         loss = out.loss.float() / accum
         (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
         if out.branch == CLEAN:
@@ -146,42 +137,65 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
         rt.average(_grads_of(state.dit))
     for group in state.opt_dit.param_groups:  # a pure function of the step: nothing to checkpoint
         group["lr"] = dit_lr(cfg.optim, state.step)
-    if rt.scaler is not None:
-        rt.scaler.unscale_(state.opt_dit)
-    if cfg.optim.grad_clip > 0:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-            state.dit.parameters(), cfg.optim.grad_clip))
-    if rt.scaler is not None:
-        rt.scaler.step(state.opt_dit)
-    else:
-        state.opt_dit.step()
-    state.opt_dit.zero_grad(set_to_none=True)
+    norm = _optimizer_step(state.opt_dit, state.dit.parameters(), rt, cfg.optim.grad_clip)
+    if norm is not None:
+        totals["grad_norm"] = norm
     ema_update(state.ema, state.dit, ema_decay(cfg.optim, state.step))
-
     if state.opt_cls is not None:
-        state.cls_pending += pending
-        totals["cls_step"] = 0.0
-        if (state.step + 1) % cfg.classifier.step_every == 0 and state.cls_pending > 0:
-            for p in state.classifier.parameters():
-                if p.grad is not None:
-                    p.grad.div_(state.cls_pending)
-            if rt.average is not None:  # grads, and BatchNorm statistics so ranks stay identical
-                rt.average(_grads_of(state.classifier)
-                           + [b for b in state.classifier.buffers() if b.dtype.is_floating_point])
-            if rt.scaler is not None:
-                rt.scaler.unscale_(state.opt_cls)
-                rt.scaler.step(state.opt_cls)
-            else:
-                state.opt_cls.step()
-            state.opt_cls.zero_grad(set_to_none=True)
-            state.cls_pending = 0.0
-            totals["cls_step"] = 1.0
-            if state.cls_ema is not None:
-                ema_update(state.cls_ema, state.classifier, cfg.classifier.ema_decay)
+        totals["cls_step"] = float(_classifier_step(state, pending, rt))
     if rt.scaler is not None:
         rt.scaler.update()
     state.step += 1
     return totals
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, params, rt: Runtime, clip: float = 0.0) -> float | None:
+    """Unscale (mixed precision), clip to `clip` (0: no clipping), step and zero one optimizer;
+    returns the gradient norm when it clipped."""
+    if rt.scaler is not None:
+        rt.scaler.unscale_(opt)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip > 0 else None
+    if rt.scaler is not None:
+        rt.scaler.step(opt)
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def _classifier_step(state: TrainState, pending: float, rt: Runtime) -> bool:
+    """Add this step's clean batches to the classifier's pending share and, every
+    `classifier.step_every` steps, step it on the average of its accumulated gradients. Whether
+    it stepped."""
+    cfg = state.cfg
+    state.cls_pending += pending
+    if (state.step + 1) % cfg.classifier.step_every or state.cls_pending <= 0:
+        return False
+    for p in state.classifier.parameters():
+        if p.grad is not None:
+            p.grad.div_(state.cls_pending)
+    if rt.average is not None:  # grads, and BatchNorm statistics so ranks stay identical
+        rt.average(_grads_of(state.classifier)
+                   + [b for b in state.classifier.buffers() if b.dtype.is_floating_point])
+    _optimizer_step(state.opt_cls, state.classifier.parameters(), rt)
+    state.cls_pending = 0.0
+    if state.cls_ema is not None:
+        ema_update(state.cls_ema, state.classifier, cfg.classifier.ema_decay)
+    return True
+
+
+def _skip_step(state: TrainState, saved: list[torch.Tensor]) -> dict[str, float]:
+    """train.on_nonfinite=skip: restore the buffers the bad forward touched, drop every pending
+    gradient (the classifier's accumulated ones too: they are mixed in the same .grad tensors),
+    and move on to the next step's data."""
+    for b, v in zip(state.objective.buffers(), saved):
+        b.copy_(v)
+    state.opt_dit.zero_grad(set_to_none=True)
+    if state.opt_cls is not None:
+        state.opt_cls.zero_grad(set_to_none=True)
+        state.cls_pending = 0.0
+    state.step += 1
+    return {"skipped": 1.0}
 
 
 def dit_lr(optim, step: int) -> float:
