@@ -7,8 +7,6 @@ import torch
 
 from cnd_ray import generate
 from cnd_ray.evaluate.metrics import auroc
-from cnd_ray.diffusion import guided, sample
-from cnd_ray.vae import to_pixels
 
 
 @torch.no_grad()
@@ -40,21 +38,12 @@ def evaluate(state, batches: list[dict], seed: int = 0) -> dict[str, float]:
 @torch.no_grad()
 def sample_grid(state, per_class: int = 8, seed: int = 0, vae=None) -> np.ndarray:
     """(rows = classes, cols = per_class) grid of EMA samples as one uint8 (H, W, 3) image, decoded
-    by `vae` in latent space; the same noise at every call so grids over training are comparable."""
-    cfg = state.cfg
-    n_cls = cfg.model.num_classes
-    device = next(state.ema.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n_cls).repeat_interleave(per_class).to(device)
-    noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(device)
-    d = cfg.diffusion
-    fn = guided(state.ema, y, n_cls, d.guidance_scale)
-    x = sample(state.objective.diffusion, fn, noise, d.sampler, d.sample_steps, d.eta,
-               clip=1.0 if vae is None else 0.0, generator=g)
-    img = to_pixels(x, vae, cfg.data.latent_scale)  # (N, 3, S, S)
-    s = img.shape[-1]
-    grid = img.view(n_cls, per_class, 3, s, s).permute(0, 3, 1, 4, 2).reshape(n_cls * s, per_class * s, 3)
-    return grid.numpy()
+    by `vae` in latent space, drawn by the one generation path (`generate.Generator`, as `cnd-ray
+    sample`); image i from seed (seed, i) at every call, so grids over training are comparable."""
+    k = state.cfg.model.num_classes
+    rows = generate.plan(per_class * k, [1.0] * k, seed, per_class * k)
+    gen = generate.Generator(state.cfg, state.ema, vae, next(state.ema.parameters()).device)
+    return tile(gen(rows["seed"], rows["label"], rows["tone"]).cpu(), rows["label"], per_class)
 
 
 def search_config(cfg):
