@@ -183,7 +183,7 @@ def test_verify_reads_every_row_and_names_each_damage(ingested, tmp_path):
 
     import pyarrow as pa
 
-    from cnd_ray.data.ingest import file_sha256
+    from cnd_ray.data.shardset import file_sha256
 
     folder, manifest = ingested["melanoma"]
     assert all(s["sha256"] == file_sha256(str(folder / s["file"])) for s in manifest["shards"])
