@@ -18,7 +18,7 @@ every process on 1 torch thread so the comparison is fair on 2 cores:
      a checkpoint are dropped. It includes the Ray Data stream (data_wait_share is shown) and, for
      N workers, the gradient all-reduce. overhead = Ray step - in-process step at the same
      per-worker batch; speedup = in-process step at the global batch / Ray step.
-     all-reduce probe: train.py's own gradient averaging (train._runtime) timed between N
+     all-reduce probe: train.py's own gradient averaging (distributed.runtime) timed between N
      STRICT_SPREAD workers on tensors of the config's gradient shapes, to say how much of the
      N-worker overhead the all-reduce is.
   2. Checkpoint cost: `checkpoint_write_s` (rank 0 writes the folder locally) and
@@ -111,7 +111,7 @@ def classifier_sync_share(cfg, steps: int = 2000) -> float:
 
 def allreduce_bytes(cfg, sizes: dict) -> dict:
     """fp32 bytes averaged per step: the DiT's trainable gradients every step (bucketed .float()
-    copies in train._runtime), the classifier's gradients + float buffers on its optimizer steps."""
+    copies in distributed.runtime), the classifier's gradients + float buffers on its optimizer steps."""
     share = classifier_sync_share(cfg)
     dit = 4 * sizes["dit_trainable"]
     cls = 4 * (sizes["cls_params"] + sizes["cls_float_buffers"])
@@ -168,7 +168,7 @@ def ray_run(cfg, uri: str, keep: list[int]) -> dict:
     """train.run(cfg); its steady-state step time, data wait, checkpoint costs and worker nodes."""
     from mlflow.tracking import MlflowClient
 
-    from cnd_ray import train
+    from cnd_ray import identity, train
 
     t = time.perf_counter()
     out = train.run(cfg)
@@ -182,7 +182,7 @@ def ray_run(cfg, uri: str, keep: list[int]) -> dict:
         raise RuntimeError(f"images_per_s not logged at steps {missing} (got {sorted(ips)})")
     win_s = [cfg.train.global_batch / ips[e] for e in keep]
     write, upload = hist("checkpoint_write_s"), hist("checkpoint_upload_s")
-    run_dir = os.path.join(train.storage_path(cfg), out["run_name"])
+    run_dir = os.path.join(identity.storage_path(cfg), out["run_name"])
     ckpts = []
     for step in sorted(write):
         folder = os.path.join(run_dir, f"checkpoint_{step:08d}")
@@ -210,19 +210,18 @@ def grad_shapes(cfg) -> dict:
 
 
 def _allreduce_probe(config: dict) -> None:
-    """Ray Train worker: time train._runtime's gradient averaging (the code a training step runs)
+    """Ray Train worker: time distributed.runtime's gradient averaging (the code a training step runs)
     on tensors of the measured config's shapes, between the workers of the simulated cluster."""
     import contextlib
-    import types
 
     import ray.train
     import torch.distributed as dist
 
-    from cnd_ray import train
+    from cnd_ray import distributed
 
     torch.set_num_threads(1)
     world = ray.train.get_context().get_world_size()
-    rt = train._runtime(types.SimpleNamespace(autocast=contextlib.nullcontext, scaler=None, device="cpu"), world)
+    rt = distributed.runtime(contextlib.nullcontext, None, "cpu", world)
     out = {}
     for key, shapes in config["shapes"].items():
         tensors = [torch.randn(s) for s in shapes]
@@ -424,7 +423,7 @@ def main() -> None:
     print(f"  {n}-worker step all-reduces {m_ar['dit'] / 1e6:.1f} MB of DiT gradients every step + "
           f"{m_ar['cls'] / 1e6:.1f} MB of classifier gradients/statistics on {100 * m_ar['cls_share']:.0f}% "
           f"of steps = {m_ar['per_step'] / 1e6:.1f} MB/step (fp32, gloo between raylets)")
-    print(f"  measured gradient averaging (train._runtime, median of {args.allreduce_reps}): DiT "
+    print(f"  measured gradient averaging (distributed.runtime, median of {args.allreduce_reps}): DiT "
           f"{1e3 * probe['dit_s']:.1f} ms, classifier {1e3 * probe['cls_s']:.1f} ms -> {1e3 * ar_s:.1f} "
           f"ms/step = {100 * ar_s / (figures[n]['overhead_ms'] / 1e3) if figures[n]['overhead_ms'] > 0 else float('nan'):.0f}% "
           f"of the {n}-worker overhead; bus bandwidth {bus:.2f} GB/s")

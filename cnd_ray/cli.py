@@ -160,7 +160,7 @@ SAMPLING_FLAGS = {"sampler": "diffusion.sampler", "steps": "diffusion.sample_ste
                   "cfg_scale": "diffusion.guidance_scale", "seed": "eval.seed"}
 
 
-def _sampling_overrides(args: argparse.Namespace) -> list[str]:
+def sampling_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={getattr(args, flag)}" for flag, key in SAMPLING_FLAGS.items()
             if getattr(args, flag, None) is not None] + list(args.overrides)
 
@@ -168,7 +168,7 @@ def _sampling_overrides(args: argparse.Namespace) -> list[str]:
 def cmd_sample(args: argparse.Namespace) -> int:
     from cnd_ray import sample
 
-    out = sample.run(args.ckpt, args.out, args.num_per_class, _sampling_overrides(args), tone=args.tone)
+    out = sample.run(args.ckpt, args.out, args.num_per_class, sampling_overrides(args), tone=args.tone)
     p = out["protocol"]
     t = out["timing"]
     rate = f", {t['images_per_s']} img/s on {t['actors']} {t['device']} actors" if out["generated"] else ""
@@ -188,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     counts = [f"eval.num_samples={args.num_samples}"] if args.num_samples else []
     res = evaluate.run(args.ckpt, args.reference, out=args.out or "",
-                       overrides=counts + _sampling_overrides(args))
+                       overrides=counts + sampling_overrides(args))
     print()
     print(evaluate.report(res), end="")
     m = res["mlflow"]

@@ -12,7 +12,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import yaml
 
@@ -58,14 +58,32 @@ class ConfigError(UserError):
     """A user error in a config file, override or value: one line naming the key."""
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    """Field metadata for a numeric range check (inclusive unless lo_open)."""
-    return {"range": (lo, hi, lo_open)}
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, **role) -> dict:
+    """Field metadata for a numeric range check (inclusive unless lo_open), plus `_role`'s."""
+    return {"range": (lo, hi, lo_open), **role}
+
+
+# What each key is for, declared once: a section's ROLE / SAMPLING class attributes, and a field's
+# metadata where it differs. Run names, search names, the resume check and the keys `cnd-ray sample`
+# may set are all derived from these (config.keys, cnd_ray.runs); a test pins the derived sets.
+TRAINS = "trains"  # changes the model trained: part of a run's identity (and so of a search's)
+# how long a run trains, or what its evaluations measure: a search ranks trials by those, so part
+# of a search's identity; a run keeps its name across them (a longer run resumes the shorter one)
+JUDGES = "judges"
+OPERATES = "operates"  # where and how it runs, logs and samples afterwards: part of neither
+ROLES = (TRAINS, JUDGES, OPERATES)
+
+
+def _role(role: str, sampling: bool | None = None) -> dict:
+    """Field metadata: the key's role, and whether sampling may set it (None: as its section)."""
+    return {"role": role} if sampling is None else {"role": role, "sampling": sampling}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The DiT denoiser (METHOD.md section 1)."""
+
+    ROLE: ClassVar[str] = TRAINS
 
     size: Literal[DIT_SIZES] = "L"  # T, XS: CPU sizes; S/B/L/XL: the DiT paper's
     patch_size: Literal[2, 4, 8] = 4
@@ -81,13 +99,16 @@ class ModelConfig:
 class DiffusionConfig:
     """Noise schedule and sampler (METHOD.md section 2)."""
 
+    ROLE: ClassVar[str] = TRAINS
+
     num_timesteps: int = field(default=1000, metadata=_range(2))
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
-    sampler: Literal[SAMPLERS] = "ddpm"  # see SAMPLERS above
-    sample_steps: int = field(default=250, metadata=_range(2))  # model calls per sample
-    eta: float = field(default=0.0, metadata=_range(0.0, 1.0))  # DDIM noise; 1 = DDPM's posterior
-    guidance_scale: float = field(default=1.0, metadata=_range(0.0))  # 1.0 = no guidance
+    sampler: Literal[SAMPLERS] = field(default="ddpm", metadata=_role(OPERATES, sampling=True))  # SAMPLERS
+    sample_steps: int = field(default=250, metadata=_range(2, **_role(OPERATES, sampling=True)))  # model calls per sample
+    eta: float = field(default=0.0, metadata=_range(0.0, 1.0, **_role(OPERATES, sampling=True)))  # DDIM noise; 1 = DDPM's posterior
+    # 1.0 = no guidance; the in-training evaluations sample with it (so it judges)
+    guidance_scale: float = field(default=1.0, metadata=_range(0.0, **_role(JUDGES, sampling=True)))
     # Weight of each timestep's epsilon MSE in the training loss. uniform: DiT's (and the paper's).
     # min_snr: min(SNR_t, min_snr_gamma) / SNR_t (Hang et al. 2023, "Min-SNR-gamma"): the many
     # low-noise steps, whose eps targets are hard and say little about the image's layout, no
@@ -99,6 +120,8 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class ClassifierConfig:
     """The benign/malignant critic trained jointly with the DiT, and its SGD optimizer."""
+
+    ROLE: ClassVar[str] = TRAINS
 
     backbone: str = "resnet101"  # any timm model name
     weights: str = ""  # local file with backbone weights; empty = random init (never downloaded)
@@ -115,6 +138,8 @@ class ClassifierConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     """The Class-N-Diff joint objective (METHOD.md section 3)."""
+
+    ROLE: ClassVar[str] = TRAINS
 
     # off: plain DiT; constant: gamma; periodic_ramp: 0 -> 1 sawtooth every gamma_period steps;
     # ramp: 0 -> gamma over gamma_period, then held; staircase: ramp in gamma_levels equal steps.
@@ -137,6 +162,8 @@ class MethodConfig:
 class OptimConfig:
     """The DiT's AdamW optimizer and its EMA."""
 
+    ROLE: ClassVar[str] = TRAINS
+
     lr: float = field(default=1e-4, metadata=_range(0.0, lo_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
     grad_accum: int = field(default=1, metadata=_range(1))  # DiT micro-batches per step
@@ -152,49 +179,58 @@ class OptimConfig:
 class DataConfig:
     """What the model sees (image size, pixel or VAE-latent space) and how the shards stream in."""
 
-    shards: str = ""  # folder (or URI) written by `cnd-ray ingest`
+    ROLE: ClassVar[str] = TRAINS
+
+    # folder (or URI) written by `cnd-ray ingest`; sampling may name others (evaluate's reference)
+    shards: str = field(default="", metadata=_role(TRAINS, sampling=True))
     image_size: int = field(default=256, metadata=_range(8))
     space: Literal["latent", "pixel"] = "latent"
     latent_scale: float = field(default=0.18215, metadata=_range(0.0, lo_open=True))
-    vae: str = ""  # VAE folder that decodes samples; empty = the one the shards were encoded with
+    vae: str = field(default="", metadata=_role(OPERATES, sampling=True))  # VAE folder that decodes samples; empty = the one the shards were encoded with
     balance: Literal["none", "oversample"] = "none"  # oversample: repeat malignant rows to ~1:1
     # Shuffle window: each run of this many row positions of an epoch is trained in an order drawn
     # from (seed, epoch, window), which a checkpoint can name exactly (stream.windows); 0 = off.
-    shuffle_buffer: int = field(default=1000, metadata=_range(0))
-    decode_tasks: int = field(default=0, metadata=_range(0))  # concurrent; 0 = half the cluster's CPUs
+    shuffle_buffer: int = field(default=1000, metadata=_range(0, **_role(OPERATES)))
+    decode_tasks: int = field(default=0, metadata=_range(0, **_role(OPERATES)))  # concurrent; 0 = half the cluster's CPUs
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The training run: length, batch, precision, checkpoints, evaluation, what to do on a bad step."""
 
+    ROLE: ClassVar[str] = TRAINS
+
     seed: int = 0
-    steps: int = field(default=100_000, metadata=_range(1))
+    steps: int = field(default=100_000, metadata=_range(1, **_role(JUDGES)))
     global_batch: int = field(default=8, metadata=_range(1))
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    name: str = ""  # Ray Train run name; "" = derived from the config, so the same config resumes
-    storage: str = ""  # local folder or URI (s3://...) for checkpoints; "" = ./ray_results
-    checkpoint_every: int = field(default=1000, metadata=_range(1))  # steps (and at the end)
-    keep_checkpoints: int = field(default=2, metadata=_range(1))
-    max_failures: int = field(default=2, metadata=_range(0))  # worker-group restarts per launch
-    log_every: int = field(default=50, metadata=_range(1))  # steps between metric lines
-    eval_every: int = field(default=0, metadata=_range(0))  # steps; 0 = only at the end
-    eval_batches: int = field(default=4, metadata=_range(1))  # held-out batches per evaluation
+    # Ray Train run name; "" = derived from the config, so the same config resumes
+    name: str = field(default="", metadata=_role(OPERATES))
+    # local folder or URI (s3://...) for checkpoints; "" = ./ray_results
+    storage: str = field(default="", metadata=_role(OPERATES))
+    checkpoint_every: int = field(default=1000, metadata=_range(1, **_role(OPERATES)))  # steps (and at the end)
+    keep_checkpoints: int = field(default=2, metadata=_range(1, **_role(OPERATES)))
+    max_failures: int = field(default=2, metadata=_range(0, **_role(OPERATES)))  # worker-group restarts per launch
+    log_every: int = field(default=50, metadata=_range(1, **_role(OPERATES)))  # steps between metric lines
+    eval_every: int = field(default=0, metadata=_range(0, **_role(JUDGES)))  # steps; 0 = only at the end
+    eval_batches: int = field(default=4, metadata=_range(1, **_role(JUDGES)))  # held-out batches per evaluation
     synthetic_images: int = field(default=2000, metadata=_range(16))  # when data.shards is ""
     # Relaunching a run (same train.name) with settings that change what is trained is refused,
     # naming them; true continues from its checkpoint under the new settings.
-    resume_with_changes: bool = False
+    resume_with_changes: bool = field(default=False, metadata=_role(OPERATES))
     # Record every row each step trained on (step, epoch, position, copy, row id) in
     # ROWS_DIR/rank<r>.csv of the run's folder: which images made a model, for an audit (and the
     # fault tests' row accounting). A restart appends the steps it redoes again: the last entry of
     # a step is the one the model kept. Local storage only.
-    log_rows: bool = False
+    log_rows: bool = field(default=False, metadata=_role(OPERATES))
 
 
 @dataclass(frozen=True)
 class ScaleConfig:
     """How many Ray Train workers and what each takes."""
+
+    ROLE: ClassVar[str] = OPERATES
 
     num_workers: int = field(default=1, metadata=_range(1))
     use_gpu: bool = False
@@ -212,14 +248,18 @@ class EvalConfig:
     """`cnd-ray sample` and `cnd-ray evaluate`: generation at scale and the sample-quality metrics
     of METHOD.md section 4 (the sampler itself is diffusion.*)."""
 
-    seed: int = 0  # image i's noise comes from seed (seed, i) alone
+    ROLE: ClassVar[str] = OPERATES
+    SAMPLING: ClassVar[bool] = True
+
+    seed: int = field(default=0, metadata=_role(JUDGES))  # image i's noise: from (seed, i) alone
     # Sample quality at every training evaluation (train.eval_every), judged by the independent
     # classifier below (cnd_ray/evaluate/judge.py): class fidelity, FD/KD in its feature space
     # against the held-out split and FD / the real-vs-real floor, MS-SSIM, per skin-tone band.
-    sample_metrics: bool = True
-    search_samples: int = field(default=64, metadata=_range(1))  # images per class per evaluation
-    search_sampler: Literal[SAMPLERS] = "dpm++-sde"  # fast, and no patch artefacts early (SAMPLERS)
-    search_sample_steps: int = field(default=20, metadata=_range(2))
+    sample_metrics: bool = field(default=True, metadata=_role(JUDGES))
+    search_samples: int = field(default=64, metadata=_range(1, **_role(JUDGES)))  # images per class per evaluation
+    # fast, and no patch artefacts early (SAMPLERS)
+    search_sampler: Literal[SAMPLERS] = field(default="dpm++-sde", metadata=_role(JUDGES))
+    search_sample_steps: int = field(default=20, metadata=_range(2, **_role(JUDGES)))
     num_samples: str = "5000,10000,20000"  # generated-image counts `evaluate` reports (the paper's)
     batch_size: int = field(default=64, metadata=_range(1))  # images per model call; fixes the chunks
     actors: int = field(default=0, metadata=_range(0))  # generation actors; 0 = one per GPU / 2 CPUs
@@ -233,7 +273,7 @@ class EvalConfig:
     reference_max: int = field(default=0, metadata=_range(0))  # cap on reference images; 0 = all
     heldout_split: str = "val"  # real images that calibrate memorisation and fidelity
     msssim_pairs: int = field(default=1000, metadata=_range(1))  # same-class pairs per class
-    kid_subsets: int = field(default=100, metadata=_range(1))
+    kid_subsets: int = field(default=100, metadata=_range(1, **_role(JUDGES)))
     kid_subset_size: int = field(default=1000, metadata=_range(2))
     force_fid: bool = False  # report FD even with fewer samples than feature dimensions
     memorisation_quantile: float = field(default=0.01, metadata=_range(0.0, 1.0, lo_open=True))
@@ -251,6 +291,8 @@ class EvalConfig:
 class FairnessConfig:
     """`cnd-ray fairness`: downstream benign/malignant classifiers trained on real data and on real
     plus synthetic data, judged on external sets overall and per skin-tone group."""
+
+    ROLE: ClassVar[str] = OPERATES
 
     backbone: str = "resnet18"  # timm model name of the downstream classifier
     weights: str = ""  # local backbone weights file (e.g. ImageNet); "" = random init
@@ -272,6 +314,9 @@ class FairnessConfig:
 @dataclass(frozen=True)
 class TrackConfig:
     """Where MLflow logs go."""
+
+    ROLE: ClassVar[str] = OPERATES
+    SAMPLING: ClassVar[bool] = True
 
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db
     experiment: str = "cnd_ray"
@@ -328,6 +373,18 @@ class Config:
 def _sections() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def keys(role: str | None = None, *, sampling: bool | None = None) -> set[str]:
+    """The flat keys with `role` (any when None) and, when given, that sampling may (not) set."""
+    out = set()
+    for sname, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            r = f.metadata.get("role", cls.ROLE)
+            s = f.metadata.get("sampling", getattr(cls, "SAMPLING", False))
+            if (role is None or r == role) and (sampling is None or s == sampling):
+                out.add(f"{sname}.{f.name}")
+    return out
 
 
 def _unknown(key: str, known: Iterable[str]) -> ConfigError:
@@ -524,4 +581,4 @@ def load(source: str | Path | None = None,
 __all__ = ["Config", "ModelConfig", "DiffusionConfig", "ClassifierConfig", "MethodConfig", "OptimConfig",
            "DataConfig", "TrainConfig", "ScaleConfig", "EvalConfig", "FairnessConfig", "TrackConfig",
            "ConfigError", "load", "load_yaml", "override", "from_dict", "validate", "to_nested",
-           "yaml_mapping", "packaged_names", "DIT_SIZES", "SAMPLERS", "CONFIG_DIR", "SPACE_DIR"]
+           "yaml_mapping", "packaged_names", "keys", "ROLES", "TRAINS", "JUDGES", "OPERATES", "DIT_SIZES", "SAMPLERS", "CONFIG_DIR", "SPACE_DIR"]

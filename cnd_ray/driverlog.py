@@ -30,7 +30,7 @@ SETTLE_S = 1.0
 _active: Capture | None = None  # the capture of this process, if any
 
 
-class _Tee:
+class Tee:
     """A text stream that writes to `stream` and, while the capture is open, to its file."""
 
     def __init__(self, stream, capture: Capture):
@@ -110,7 +110,7 @@ def capture():
     global _active
     cap, outer = Capture(), _active
     streams = sys.stdout, sys.stderr
-    tees = sys.stdout, sys.stderr = _Tee(streams[0], cap), _Tee(streams[1], cap)
+    tees = sys.stdout, sys.stderr = Tee(streams[0], cap), Tee(streams[1], cap)
     _active = cap
     try:
         yield cap

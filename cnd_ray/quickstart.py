@@ -103,9 +103,9 @@ def _samples(rows: list[dict], out_dir: Path, cfg) -> dict[str, dict]:
 
 
 def _judged(ckpt: str, plan: dict) -> np.ndarray | None:
-    """The images the trial's last evaluation drew and judged (train.JUDGED in its final
+    """The images the trial's last evaluation drew and judged (worker.JUDGED in its final
     checkpoint) when they are this plan's, else None."""
-    from cnd_ray.train import JUDGED
+    from cnd_ray.worker import JUDGED
 
     path = Path(ckpt) / JUDGED
     if not path.exists():

@@ -21,41 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from cnd_ray import checkpoint, config as config_lib, generate
+from cnd_ray import checkpoint, config as config_lib, generate, identity
 from cnd_ray.config import ConfigError
 from cnd_ray.errors import UserError
 
-# What sampling may change on top of the checkpoint's config; the model itself is the checkpoint's.
-SAMPLE_KEYS = {"diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
-               "diffusion.guidance_scale", "data.vae", "data.shards"}
-SAMPLE_SECTIONS = ("eval.", "track.")  # how images are judged, where results are logged
 ACTOR_CPUS = 1  # per CPU actor; a whole core, because a denoiser forward is the whole job
-
-
-def resolve_checkpoint(ckpt: str) -> str:
-    """A checkpoint folder, or a Ray Train run folder (its latest recorded checkpoint)."""
-    path = os.path.abspath(os.path.expanduser(ckpt))
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    if os.path.isdir(path):
-        from cnd_ray.train import latest_checkpoint
-
-        found = latest_checkpoint(path)
-        if found:
-            return found
-    raise UserError(f"--ckpt {ckpt}: not a cnd_ray checkpoint folder (no meta.json) nor a training "
-                    "run with a recorded checkpoint")
 
 
 def sampling_config(cfg, overrides) -> config_lib.Config:
     """The checkpoint's config with sampling overrides; a key that would change the model is refused."""
-    nested = config_lib.to_nested(overrides)
-    for sec, kv in nested.items():
+    allowed = config_lib.keys(sampling=True)
+    for sec, kv in config_lib.to_nested(overrides).items():
         for k in kv:
             key = f"{sec}.{k}"
-            if key not in SAMPLE_KEYS and not key.startswith(SAMPLE_SECTIONS):
+            if key not in allowed:
+                listed = sorted(k for k in allowed if not k.startswith(("eval.", "track.")))
                 raise ConfigError(f"{key}: fixed by the checkpoint; sampling may set only "
-                                  f"{', '.join(sorted(SAMPLE_KEYS))}, eval.* and track.*")
+                                  f"{', '.join(listed)}, eval.* and track.*")
     return config_lib.override(cfg, overrides)  # validate() refuses guidance without a null label
 
 
@@ -236,7 +218,7 @@ def tone_check(out: Path, files: list[str], requested: int, groups: int) -> dict
 def run(ckpt: str, out: str, num_per_class: int = 16, overrides=(), tone: int | None = None,
         progress: bool = True) -> dict:
     """Sample `num_per_class` images of every class from `ckpt` into `out`."""
-    path = resolve_checkpoint(ckpt)
+    path = identity.resolve_checkpoint(ckpt)
     cfg, ema, step = checkpoint.load_ema(path)
     cfg = sampling_config(cfg, overrides)
     if tone is not None and not 0 <= tone < cfg.model.tone_groups:

@@ -45,7 +45,7 @@ def _artifact_location(uri: str) -> str | None:
     return None  # a server decides (and proxies artifacts, so workers need no credentials)
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -178,7 +178,7 @@ def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | 
     the server does not hold yet (by key and step), artifacts it does not have, and the status;
     `parent`: the server's id of its parent run (a search's trial). Idempotent, so an upload cut
     short and repeated stores each value exactly once. Returns the server's run id."""
-    src = _client(spool)
+    src = mlflow_client(spool)
     run_id = find_run(spool, experiment, run_name)
     if run_id is None:
         raise ValueError(f"{spool} holds no run named {run_name}")
@@ -188,7 +188,7 @@ def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | 
     if parent:
         tags[PARENT_TAG] = parent
     dest_id, _ = start_run(server, experiment, run_name, run.data.params, tags)
-    dst = _client(server)
+    dst = mlflow_client(server)
     from mlflow.entities import Metric
 
     for key in run.data.metrics:
@@ -218,7 +218,7 @@ def _artifact_paths(client, run_id: str, folder: str | None = None) -> list[str]
 
 def spool_runs(spool: str) -> list[tuple[str, str]]:
     """(experiment, run name) of every run a spool store holds, parents (a search's) first."""
-    client = _client(spool)
+    client = mlflow_client(spool)
     out = []
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id]):
@@ -251,7 +251,7 @@ def upload(run_dir: str, parent: str | None = None, to: str | None = None, keep:
 
 
 def _upload(run_dir: str, spool: str, server: str, parent: str | None, keep: bool, who: str) -> dict:
-    client, ids = _client(spool), {}
+    client, ids = mlflow_client(spool), {}
     for experiment, name in spool_runs(spool):
         up = client.get_run(find_run(spool, experiment, name)).data.tags.get(PARENT_TAG)
         ids[name] = sync(spool, server, experiment, name, ids.get(_name_in(client, up)) or (up and parent))
@@ -309,7 +309,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
               artifacts: str | None = None) -> tuple[str, int]:
     """(run id, last logged step) of the MLflow run for `run_name`: the existing one on a resume.
     `artifacts`: where a new experiment keeps them (default: beside a local store's database)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifacts or _artifact_location(uri))
@@ -329,7 +329,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     """The id of the MLflow run logged for `run_name`, if the store has one."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -339,22 +339,22 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
 
 
 def set_tags(uri: str, run_id: str, tags: dict) -> None:
-    client = _client(uri)
+    client = mlflow_client(uri)
     for k, v in tags.items():
         client.set_tag(run_id, k, str(v))
 
 
 def finish_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
     set_tags(uri, run_id, tags or {})
-    _client(uri).set_terminated(run_id, status=status)
+    mlflow_client(uri).set_terminated(run_id, status=status)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    _client(uri).log_text(run_id, text, artifact_file)
+    mlflow_client(uri).log_text(run_id, text, artifact_file)
 
 
 def log_file(uri: str, run_id: str, path: str, artifact_path: str | None = None) -> None:
-    _client(uri).log_artifact(run_id, path, artifact_path)
+    mlflow_client(uri).log_artifact(run_id, path, artifact_path)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -362,7 +362,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
 
     now = int(time.time() * 1000)
     if metrics:
-        _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        mlflow_client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 class Tracker:
@@ -399,7 +399,7 @@ class MlflowTracker(Tracker):
         # Fail fast and retry ourselves: MLflow's own retries would block the flush thread minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        self.uri, self.client, self.run_id = uri, _client(uri), run_id
+        self.uri, self.client, self.run_id = uri, mlflow_client(uri), run_id
         # Steps up to here are already logged (a resume, or a worker-group restart that went back
         # to an earlier checkpoint than the last step it logged): asked again here, not trusted
         # from the driver, which only knows the state at launch.

@@ -11,7 +11,6 @@ is documented in tune_spaces/README.md.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -25,13 +24,13 @@ from typing import Any
 import yaml
 from ray import tune
 
-from cnd_ray import config as config_lib, storage
+from cnd_ray import config as config_lib, identity, storage
 from cnd_ray.errors import UserError, did_you_mean
 
 SPACE_DIR = config_lib.SPACE_DIR
 SEARCHES = ("grid", "random", "optuna", "hyperopt")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-# What each training evaluation reports (train._Evaluator) that a search can rank by, and which way
+# What each training evaluation reports (worker.Evaluator) that a search can rank by, and which way
 # is better. The sample metrics (the judge's, cnd_ray/evaluate/judge.py) need eval.sample_metrics.
 METRICS = {"fd_ratio": "min", "fd_judge": "min", "kd_judge": "min", "fidelity_auroc": "max",
            "ms_ssim": "min", "fid": "min", "val_loss_diff": "min", "val_auroc": "max"}
@@ -254,16 +253,6 @@ def trial_count(s: Space) -> int:
 
 # --- the search ----------------------------------------------------------------------------------
 
-def search_name(s: Space, base: config_lib.Config) -> str:
-    """`<space>-<hash of the space file and the base config>`: the same command finds (and
-    resumes) the same search; where things are stored and logged does not count."""
-    keep = {k: v for k, v in base.flat().items()
-            if k not in ("train.name", "train.storage", "diffusion.eta")
-            and not k.startswith(("track.", "eval.", "fairness."))}
-    digest = hashlib.sha256(json.dumps([s.text, keep], sort_keys=True).encode()).hexdigest()[:8]
-    return f"{s.name}-{digest}"
-
-
 def _param_space(s: Space) -> dict:
     make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda a: tune.uniform(*a),
             "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
@@ -290,7 +279,8 @@ def _search_alg(s: Space, seed: int, concurrent: int):
     return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent), None
 
 
-def _scheduler(s: Space, steps: int):
+def scheduler(s: Space, steps: int):
+    """The space's trial scheduler (ASHA, in training steps), or None."""
     if s.scheduler == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -315,7 +305,7 @@ def cpus_for(space: str, cfg, trials: int) -> float:
     return min(trials, trial_count(s)) * _trial_cpus(config_lib.override(cfg, s.fixed))
 
 
-def _concurrency(s: Space, cfg, resources: dict, trials: int) -> int:
+def concurrency(s: Space, cfg, resources: dict, trials: int) -> int:
     """Trials at once: the space's number, else what the cluster fits; an error naming the
     setting when not even one trial fits (instead of a search that waits forever)."""
     per_cpu = _trial_cpus(cfg)
@@ -361,7 +351,7 @@ class _Progress(tune.Callback):
         self._end(trials, trial, "failed")
 
 
-def _share_cores(cfg, concurrent: int, ray):
+def share_cores(cfg, concurrent: int, ray):
     """CPU trials side by side on a node split its cores between them: each worker would
     otherwise take all of them, and 2 trials on 2 cores ran 3x slower than one at a time
     (bench/tune_concurrency.py). An explicit scale.threads_per_worker is kept."""
@@ -373,8 +363,7 @@ def _share_cores(cfg, concurrent: int, ray):
 
 
 def _trial_name(trial) -> str:
-    setting = trial.config.get(SETTING)
-    return f"{trial.trial_id}-setting{setting}" if setting else trial.trial_id
+    return identity.trial_name(trial.trial_id, trial.config.get(SETTING))
 
 
 def _plain(v):
@@ -389,12 +378,6 @@ def _overrides(config: dict, settings: dict) -> tuple[str, dict]:
                      **{k: _plain(v) for k, v in config.items() if k != SETTING}}
 
 
-def _trial_run(search: str, trial_id: str) -> str:
-    """The training run a trial is (`train.name`): the same on a restored search, so Ray Train
-    resumes its checkpoint and MLflow its child run."""
-    return f"{search}-{trial_id}"
-
-
 def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage: str,
            parent_run_id: str, spool_for: str | None) -> None:
     """One trial = one `cnd-ray train` run with the trial's overrides, a child of the parent run
@@ -406,7 +389,7 @@ def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage
     trial_id = tune.get_context().get_trial_id()
     setting, overrides = _overrides(config, settings)
     cfg = config_lib.override(config_lib.from_dict(base), {
-        **overrides, "train.name": _trial_run(search, trial_id), "train.storage": trials_storage})
+        **overrides, "train.name": identity.trial_run(search, trial_id), "train.storage": trials_storage})
     tags = {tracking.PARENT_TAG: parent_run_id, "cnd_ray.search": search, "cnd_ray.trial_id": trial_id,
             "cnd_ray.overrides": json.dumps(overrides, sort_keys=True)}
     if setting:
@@ -442,10 +425,10 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
 
     s = load_space(space, cfg)
     cfg = config_lib.override(cfg, s.fixed)
-    search = name or search_name(s, cfg)
-    root = train.storage_path(cfg)
+    search = name or identity.search_name(s.name, s.text, cfg)
+    root = identity.storage_path(cfg)
     exp_path = storage.join(root, search)
-    trials_storage = storage.join(root, f"{search}-trials")
+    trials_storage = identity.trials_storage(cfg, search)
     restoring = tune.Tuner.can_restore(exp_path)
     if resume and not restoring:
         raise UserError(f"--resume: no search to resume at {exp_path}")
@@ -455,8 +438,8 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     cfg = _prepare(train.with_shards(cfg))
     train.check_data(cfg, shardset.read_manifest(cfg.data.shards))
     n = trial_count(s)
-    concurrent = _concurrency(s, cfg, ray.cluster_resources(), n)
-    cfg = _share_cores(cfg, concurrent, ray)
+    concurrent = concurrency(s, cfg, ray.cluster_resources(), n)
+    cfg = share_cores(cfg, concurrent, ray)
 
     uri, server = train.tracking_store(cfg, exp_path, search, what="search", children=trials_storage)
     # Resolved here: trials run in their own working directories (and, while the search spools,
@@ -498,7 +481,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
                 tune_config=tune.TuneConfig(
                     metric=s.metric, mode=s.mode, num_samples=s.num_samples,
                     max_concurrent_trials=limit, search_alg=alg,
-                    scheduler=_scheduler(s, cfg.train.steps), trial_name_creator=_trial_name,
+                    scheduler=scheduler(s, cfg.train.steps), trial_name_creator=_trial_name,
                     trial_dirname_creator=_trial_name),
                 # Tune's own tables would drown the workers' progress lines: one line per event.
                 run_config=tune.RunConfig(name=search, storage_path=root, verbose=0,
@@ -539,8 +522,6 @@ def error_line(error: BaseException) -> str:
 def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
     """One row per trial, best first: finished trials by the metric, then ones ASHA stopped early,
     then failed ones."""
-    from cnd_ray import train
-
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -553,7 +534,7 @@ def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
             **{k: m[k] for k in METRICS if k in m},
             "step": step, "status": status, "error": error_line(r.error) if r.error else "",
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
-            "checkpoint": train.latest_checkpoint(f"{trials_storage}/{_trial_run(search, trial_id)}"),
+            "checkpoint": identity.latest_checkpoint(storage.join(trials_storage, identity.trial_run(search, trial_id))),
             "curves": {k: _curve(r, k) for k in dict.fromkeys((s.metric, *CURVES))},
         })
 

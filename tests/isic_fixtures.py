@@ -305,7 +305,7 @@ def _write_csv(path: Path, header: list[str] | None, rows: list[list]) -> Path:
     return path
 
 
-def _one_hot(cols: list[str], hot: str) -> list[str]:
+def one_hot(cols: list[str], hot: str) -> list[str]:
     return ["1.0" if c == hot else "0.0" for c in cols]
 
 
@@ -455,7 +455,7 @@ def _isic2018(b: _Builder, top: Path) -> dict[str, str]:
             b.row(gt, cid, p)
             out[cid] = p
         # DATA.md: one-hot floats, header image,MEL,NV,BCC,AKIEC,BKL,DF,VASC.
-        _write_csv(gt, header, [[cid] + _one_hot(_T3_COLS, col) for cid, col in rows])
+        _write_csv(gt, header, [[cid] + one_hot(_T3_COLS, col) for cid, col in rows])
         # DATA.md: the image folder also holds ATTRIBUTION.txt and LICENSE.txt.
         b.raw(folder / "ATTRIBUTION.txt", b"Tschandl P., Rosendahl C. & Kittler H. (2018)\n")
         b.raw(folder / "LICENSE.txt", b"CC BY-NC 4.0\n")
@@ -494,13 +494,13 @@ def _isic2019(b: _Builder, top: Path, t3: dict[str, str]) -> None:
         p = b.image(folder / f"{raw}.jpg", size, cid, base=_base(cid))
         b.copy(cid, p, "isic2019", "train", col, size)
         b.row(gt, raw, p)
-        gt_rows.append([raw] + _one_hot(cols, col))
+        gt_rows.append([raw] + one_hot(cols, col))
         meta_rows.append([raw, "", "anterior torso", "", ""])  # empty cells allowed
     # DATA.md: 2019 contains all of HAM10000 (same file, same size as 2018/HAM).
     p = b.same_bytes(t3["ISIC_0024310"], folder / "ISIC_0024310.jpg")
     b.copy("ISIC_0024310", p, "isic2019", "train", "BCC", _T3_SIZE)
     b.row(gt, "ISIC_0024310", p)
-    gt_rows.append(["ISIC_0024310"] + _one_hot(cols, "BCC"))
+    gt_rows.append(["ISIC_0024310"] + one_hot(cols, "BCC"))
     meta_rows.append(["ISIC_0024310", "65.0", "", "HAM_0002761", "male"])
     # New 2019 (BCN) images: AK (grayscale L JPEG), two SCC of one lesion, UNK.
     new = [("ISIC_0053454", "AK", (64, 64), "L", "75.0", "head/neck", "BCN_0000002", "male"),
@@ -515,17 +515,17 @@ def _isic2019(b: _Builder, top: Path, t3: dict[str, str]) -> None:
         else:
             b.copy(cid, p, "isic2019", "train", col, size)
             b.link(cid, "lesion", lesion)
-        gt_rows.append([cid] + _one_hot(cols, col))
+        gt_rows.append([cid] + one_hot(cols, col))
         meta_rows.append([cid, age, site, lesion, sex])
     # Bad input: a 0-byte .jpg with a ground-truth row.
     p = b.raw(folder / "ISIC_0053460.jpg", b"")
     b.reject(p, "empty file")
     b.row(gt, "ISIC_0053460", p)
-    gt_rows.append(["ISIC_0053460"] + _one_hot(cols, "NV"))
+    gt_rows.append(["ISIC_0053460"] + one_hot(cols, "NV"))
     meta_rows.append(["ISIC_0053460", "40.0", "posterior torso", "BCN_0000077", "male"])
     # Bad input: a GT row (with the _downsampled spelling) whose image is absent.
     b.row(gt, "ISIC_0000099_downsampled", None)
-    gt_rows.append(["ISIC_0000099_downsampled"] + _one_hot(cols, "NV"))
+    gt_rows.append(["ISIC_0000099_downsampled"] + one_hot(cols, "NV"))
     meta_rows.append(["ISIC_0000099_downsampled", "", "", "", ""])
     # DATA.md headers; one-hot floats.
     _write_csv(gt, ["image"] + cols, gt_rows)

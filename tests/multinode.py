@@ -17,7 +17,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cnd_ray import config as C
-from cnd_ray import train, tune
+from cnd_ray import identity, train, tune
 from tests.helpers import wait_for
 
 
@@ -37,7 +37,7 @@ def _cfg(folder: Path, overrides: dict):
     return C.load("debug", [f"{k}={v}" for k, v in base.items()])
 
 
-def _client(folder: Path):
+def mlflow_client(folder: Path):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(f"sqlite:///{folder}/mlflow.db")
@@ -66,8 +66,8 @@ def train_losing_a_node(folder: Path) -> dict:
     # checkpoint folder on disk alone is not enough, since under load the controller registered
     # it later, and a node lost in between restarted the group from step 0.
     run_dir = str(folder / "runs" / "lose-a-node")
-    assert wait_for(lambda: train.latest_checkpoint(run_dir) or not th.is_alive(), timeout=600), "no checkpoint"
-    client = _client(folder)
+    assert wait_for(lambda: identity.latest_checkpoint(run_dir) or not th.is_alive(), timeout=600), "no checkpoint"
+    client = mlflow_client(folder)
     run = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])[0]
     before = run.data.tags["worker_nodes"].split(",")
     victim = next(n for n in nodes if n.node_id == before[0])
@@ -94,7 +94,7 @@ def tune_on_two_nodes(folder: Path) -> dict:
                      "resources: {scale.num_workers: 1, scale.cpus_per_worker: 1.5}\n"
                      "settings:\n  '1': {method.lambda_cls: 0.1}\n  '2': {method.lambda_cls: 0.3}\n")
     res = tune.run(str(space), _cfg(folder, {"train.steps": 20}))
-    client = _client(folder)
+    client = mlflow_client(folder)
     exp = client.get_experiment_by_name("cnd_ray").experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")
     result = {"status": [r["status"] for r in res["rows"]],

@@ -150,7 +150,7 @@ def test_cli_overrides_may_follow_flags():
                       "eval.actors=2", "--steps", "5", "diffusion.eta=0.5"])
     assert args.overrides == ["eval.seed=1", "eval.actors=2", "diffusion.eta=0.5"]
     assert args.out == "D" and args.steps == 5
-    assert cli._sampling_overrides(args)[0] == "diffusion.sample_steps=5"
+    assert cli.sampling_overrides(args)[0] == "diffusion.sample_steps=5"
     with pytest.raises(SystemExit):  # a stray word, or an unknown flag, is still an error
         cli.parse(["train", "train.steps=3", "--config", "debug", "oops"])
     with pytest.raises(SystemExit):

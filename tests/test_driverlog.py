@@ -35,7 +35,7 @@ def test_capture_tees_to_the_terminal_and_the_file(capfd):
     assert "\x1b[36m(worker pid=1)" in err  # the terminal keeps Ray's colours
     assert text.splitlines() == ["from the driver", "(worker pid=1) from a worker", "from Ray's log thread"]
     assert not os.path.exists(cap.path)  # nothing asked to save it: the temporary copy is gone
-    assert sys.stdout.__class__ is not driverlog._Tee
+    assert sys.stdout.__class__ is not driverlog.Tee
 
 
 def test_save_at_exit_keeps_the_error_in_storage_and_mlflow(tmp_path, capfd):

@@ -1,10 +1,11 @@
-"""House rule 1: the core is plain PyTorch - no ray, no mlflow."""
+"""House rule 1: the core is plain PyTorch - no ray, no mlflow; and modules meet through public names."""
 import ast
 from pathlib import Path
 
 import cnd_ray
 
 CORE = ["config.py", "diffusion.py", "objective.py", "engine.py", "checkpoint.py", "models", "generate.py",
+        "distributed.py",
         "monitor.py", "vae.py", "storage.py", "evaluate/metrics.py", "evaluate/features.py", "evaluate/fidelity.py"]
 FORBIDDEN = {"ray", "mlflow"}
 
@@ -104,3 +105,31 @@ def test_no_import_loops_among_the_modules():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [mod])
+
+
+def _private_uses(path: Path) -> list[str]:
+    """`from cnd_ray.x import _name` and `x._name` where x is an imported cnd_ray module or name."""
+    tree = ast.parse(path.read_text())
+    bound, out = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cnd_ray"):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    out.append(f"{path.name}:{node.lineno} from {node.module} import {a.name}")
+                bound.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            bound |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("cnd_ray")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            out.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+    return out
+
+
+def test_no_module_bench_or_test_uses_anothers_private_names():
+    """What another module (or a test, or a bench script) needs is public; a private name may change
+    without a look outside its file."""
+    top = Path(cnd_ray.__file__).parent.parent
+    files = [f for d in ("cnd_ray", "bench", "tests") for f in sorted((top / d).rglob("*.py"))]
+    assert len(files) > 50
+    assert [u for f in files for u in _private_uses(f)] == []

@@ -130,8 +130,8 @@ def test_interrupted_ingest_leaves_nothing_that_looks_complete(ray_local, isic_t
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    real = ingest._record
-    monkeypatch.setattr(ingest, "_record", boom)
+    real = ingest.shard_record
+    monkeypatch.setattr(ingest, "shard_record", boom)
     out = tmp_path / "shards"
     with pytest.raises(KeyboardInterrupt):
         ingest.run([str(root)], str(out), image_size=32, progress=False)

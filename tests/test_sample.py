@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnd_ray import checkpoint, config as C, generate, sample
+from cnd_ray import checkpoint, config as C, generate, identity, sample
 from cnd_ray.errors import UserError
 from tests.helpers import random_checkpoint
 
@@ -91,7 +91,7 @@ def test_model_keys_are_fixed_by_the_checkpoint(ckpt):
     with pytest.raises(UserError, match="not trained with a skin-tone"):
         sample.run(ckpt, "unused", num_per_class=1, tone=1)
     with pytest.raises(UserError, match="not a cnd_ray checkpoint"):
-        sample.resolve_checkpoint(os.path.dirname(ckpt) + "/missing")
+        identity.resolve_checkpoint(os.path.dirname(ckpt) + "/missing")
 
 
 def test_tone_conditioned_model_samples_a_requested_group(ray_local, tmp_path):

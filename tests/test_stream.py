@@ -228,7 +228,7 @@ def test_an_image_that_no_longer_decodes_is_named_by_its_id(ingested, tmp_path):
                                     pa.array(images, pa.binary())), bad)
     want = table.column("image_id")[3].as_py()
     with pytest.raises(stream.DamagedShard, match=rf"^damaged shard {bad}, row group 0, image {want}: "):
-        stream._GroupCache(2 ** 20).get(str(bad), 0, ["row_id", "label", "fitzpatrick", "image"], "pixel")
+        stream.GroupCache(2 ** 20).get(str(bad), 0, ["row_id", "label", "fitzpatrick", "image"], "pixel")
     # As Ray hands it to a worker: the line is found inside the wrapped traceback.
     wrapped = RuntimeError(f'Traceback...\n    raise DamagedShard(f"damaged shard {{path}}")\n'
                            f"cnd_ray.data.stream.DamagedShard: damaged shard {bad}, row group 0: x\n")
@@ -302,7 +302,7 @@ def test_the_scheduler_waits_instead_of_spinning_when_nothing_is_in_flight(monke
 
     installed = se.process_completed_tasks
     assert installed.calm
-    stream._calm_idle_scheduler()  # importing twice wraps once
+    stream.calm_idle_scheduler()  # importing twice wraps once
     assert se.process_completed_tasks is installed
 
     class Op:
@@ -314,7 +314,7 @@ def test_the_scheduler_waits_instead_of_spinning_when_nothing_is_in_flight(monke
 
     slept, calls = [], []
     monkeypatch.setattr(stream.time, "sleep", slept.append)
-    step = stream._calm(lambda topology, *a, **k: calls.append(topology) or 7)
+    step = stream.calm(lambda topology, *a, **k: calls.append(topology) or 7)
     idle, busy = {Op([]): None}, {Op([]): None, Op(["task"]): None}
     assert step(idle) == 7 and slept == [0.01]
     assert step(busy) == 7 and slept == [0.01]

@@ -143,7 +143,7 @@ def test_refuses_non_empty_out(tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    make, calls = synth._image, []
+    make, calls = synth.draw_image, []
 
     def failing(*args):
         calls.append(1)
@@ -151,7 +151,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return make(*args)
 
-    monkeypatch.setattr(synth, "_image", failing)
+    monkeypatch.setattr(synth, "draw_image", failing)
     with pytest.raises(KeyboardInterrupt):
         synth.run(tmp_path / "out", num_images=5, image_size=16, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither `out` nor the temporary folder

@@ -27,7 +27,7 @@ def test_a_spool_records_its_server_and_uploads_each_value_once(tmp_path):
     tracking.finish_run(spool, run_id, "FINISHED", {"final_checkpoint": "c"})
     assert tracking.sync(spool, server, "cnd_ray", "r1") == first
     assert tracking.sync(spool, server, "cnd_ray", "r1") == first
-    client = tracking._client(server)
+    client = tracking.mlflow_client(server)
     run = client.get_run(first)
     assert run.data.params == {"optim.lr": "0.001"} and run.info.status == "FINISHED"
     assert run.data.tags["data.shards"] == "S" and run.data.tags["final_checkpoint"] == "c"
@@ -93,10 +93,10 @@ def test_a_spool_at_a_uri_is_a_working_copy_pushed_to_its_storage(tmp_path):
     tracking.push_spool(run_dir, rank0)
     later, server = tracking.spooled(run_dir)
     assert server == "http://127.0.0.1:9"
-    assert sorted(m.step for m in tracking._client(later).get_metric_history(run_id, "loss_diff")) == [5, 10]
+    assert sorted(m.step for m in tracking.mlflow_client(later).get_metric_history(run_id, "loss_diff")) == [5, 10]
     dest = f"sqlite:///{tmp_path}/server.db"
     assert tracking.upload(run_dir, to=dest)[1].keys() == {"r1"}
-    client = tracking._client(dest)
+    client = tracking.mlflow_client(dest)
     (run,) = client.search_runs([client.get_experiment_by_name("cnd_ray").experiment_id])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_diff")) == [5, 10]
     assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
@@ -131,7 +131,7 @@ def test_the_uploader_of_a_search_uploads_its_trials_as_they_go_keeping_the_spoo
         uploader.close()
     top = tracking.find_run(dest, "cnd_ray", "s")
     for trial in ("s-a", "s-b"):
-        got = tracking._client(dest).get_run(tracking.find_run(dest, "cnd_ray", trial))
+        got = tracking.mlflow_client(dest).get_run(tracking.find_run(dest, "cnd_ray", trial))
         assert got.data.tags[tracking.PARENT_TAG] == top
-        assert [m.step for m in tracking._client(dest).get_metric_history(got.info.run_id, "loss_diff")] == [5]
+        assert [m.step for m in tracking.mlflow_client(dest).get_metric_history(got.info.run_id, "loss_diff")] == [5]
     assert tracking.spooled(search) and tracking.spooled(f"{trials}/s-a")  # kept: the runs go on

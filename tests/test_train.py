@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnd_ray import checkpoint, tracking, train
+from cnd_ray import checkpoint, identity, tracking, train, worker
 from cnd_ray import config as C
 from tests.helpers import MlflowServer, assert_row_accounting, free_port, wait_for
 
@@ -124,13 +124,6 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, 
         runs[0].info.run_id).data.tags["stopped"].startswith(f"damaged shard {shard}")
 
 
-def test_run_name_follows_what_is_trained():
-    a = C.load("debug")
-    assert train.run_name(a) == train.run_name(C.override(a, {"train.steps": 999, "scale.num_workers": 2}))
-    assert train.run_name(a) != train.run_name(C.override(a, {"method.lambda_cls": 0.3}))
-    assert train.run_name(C.override(a, {"train.name": "mine"})) == "mine"
-
-
 @pytest.mark.slow
 def test_two_workers_keep_identical_weights(ray_local, tmp_path):
     out = train.run(_cfg(tmp_path, **{"scale.num_workers": 2, "train.steps": 6,
@@ -176,7 +169,7 @@ def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_
     from cnd_ray import checkpoint, monitor, sample
     from cnd_ray.evaluate.run import read_samples
 
-    kept = np.load(os.path.join(out["checkpoint"], train.JUDGED))
+    kept = np.load(os.path.join(out["checkpoint"], worker.JUDGED))
     cfg, ema, step = checkpoint.load_ema(out["checkpoint"])
     cfg = monitor.search_config(cfg)
     plan = monitor.sample_plan(cfg)
@@ -195,7 +188,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step(ray_local, tmp_path, wher
     with pytest.raises(train.TrainingStopped, match=r"non-finite loss at step \d+"):
         train.run(_cfg(tmp_path, **{"optim.lr": 1e12, "classifier.lr": 1e12, "train.steps": 40,
                                     "train.storage": storage}))
-    assert not list((tmp_path / "runs").rglob(train.STOP_FILE))  # a relaunch starts clean
+    assert not list((tmp_path / "runs").rglob(identity.STOP_FILE))  # a relaunch starts clean
 
 
 def test_preflight_names_the_setting_instead_of_hanging(ray_local, tmp_path):
@@ -338,7 +331,7 @@ def test_a_server_away_at_start_gets_the_run_when_it_answers(ray_local, tmp_path
 
         def training_logs_to_the_spool():
             runs = tracking.spool_runs(spool) if (run_dir / tracking.SPOOL / "mlflow.db").exists() else []
-            return bool(runs) and bool(tracking._client(spool).get_metric_history(
+            return bool(runs) and bool(tracking.mlflow_client(spool).get_metric_history(
                 tracking.find_run(spool, "cnd_ray", "away"), "loss_diff"))
 
         assert wait_for(training_logs_to_the_spool, 300), out
@@ -426,6 +419,8 @@ def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards
     # judged in pixel space too: the sample metrics of a latent run
     assert {"fd_ratio", "fidelity_auroc"} <= set(client.get_run(out["mlflow_run_id"]).data.metrics)
     assert [m.step for m in client.get_metric_history(out["mlflow_run_id"], "fd_ratio")] == [4]
+    # the checkpoint names its run: evaluate and sample find the run from the config it holds
+    assert identity.run_name(checkpoint.load_config(out["checkpoint"])) == out["run_name"]
     assert set(glob.glob(f"{tempfile.gettempdir()}/cnd_ray_artifact_*")) <= spool_before
 
 

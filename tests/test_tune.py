@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from cnd_ray import config as C
-from cnd_ray import train, tune
+from cnd_ray import identity, tune
 
 SHIPPED = sorted(p.stem for p in tune.SPACE_DIR.glob("*.yaml"))
 
@@ -77,16 +77,6 @@ def test_cli_bad_space_is_one_line_and_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("cnd-ray tune: error:") and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_search_name_follows_space_and_config_not_where_it_logs():
-    cfg = C.load("debug")
-    s = tune.load_space("smoke", cfg)
-    a = tune.search_name(s, cfg)
-    assert a == tune.search_name(s, C.override(cfg, {"train.storage": "/elsewhere",
-                                                     "track.tracking_uri": "http://x"}))
-    assert a != tune.search_name(s, C.override(cfg, {"train.steps": 21}))
-    assert a.startswith("smoke-")
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -209,7 +199,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
         if len(done) != 1 or not started:
             return False
         # Ray Train has recorded the checkpoint (what a relaunch resumes from) ...
-        latest = train.latest_checkpoint(f"{tmp_path}/runs/{glob.glob(f'{tmp_path}/runs/*-trials')[0].split('/')[-1]}/{started.pop()}")
+        latest = identity.latest_checkpoint(f"{tmp_path}/runs/{glob.glob(f'{tmp_path}/runs/*-trials')[0].split('/')[-1]}/{started.pop()}")
         # ... and Tune has saved the first trial as finished (it saves its state every few seconds)
         saved = "".join(open(f).read() for f in glob.glob(f"{tmp_path}/runs/one_at_a_time-*/experiment_state*.json"))
         return latest is not None and "TERMINATED" in saved
@@ -311,21 +301,21 @@ def test_model_based_search_needs_its_package_or_says_so(tmp_path):
 
 def test_asha_rungs_are_training_steps_capped_at_the_run():
     s = tune.load_space("gamma_lambda", C.load("quickstart"))
-    asha = tune._scheduler(s, steps=300)
+    asha = tune.scheduler(s, steps=300)
     assert asha._time_attr == "step" and asha._max_t == 300  # grace 500 in the file, capped
-    assert tune._scheduler(s, steps=5000)._brackets[0]._rungs[-1][0] == 500  # first rung = grace
-    assert tune._scheduler(tune.load_space("smoke", C.load("debug")), 20) is None
+    assert tune.scheduler(s, steps=5000)._brackets[0]._rungs[-1][0] == 500  # first rung = grace
+    assert tune.scheduler(tune.load_space("smoke", C.load("debug")), 20) is None
 
 
 def test_concurrency_follows_resources_and_cpu_trials_share_cores():
     cfg = C.load("quickstart")  # 1 worker x 0.5 CPU + 2 decode tasks x 0.5 CPU per trial
     s = tune.load_space("paper_settings", cfg)
-    assert tune._concurrency(s, cfg, {"CPU": 4}, 5) == 2
-    assert tune._concurrency(s, cfg, {"CPU": 64}, 5) == 5  # never more than there are trials
+    assert tune.concurrency(s, cfg, {"CPU": 4}, 5) == 2
+    assert tune.concurrency(s, cfg, {"CPU": 64}, 5) == 5  # never more than there are trials
     with pytest.raises(tune.UserError, match="one trial needs 1.51 CPUs"):
-        tune._concurrency(s, cfg, {"CPU": 1}, 5)
+        tune.concurrency(s, cfg, {"CPU": 1}, 5)
     gpu = C.override(cfg, {"scale.use_gpu": True, "scale.num_workers": 2, "train.global_batch": 32})
-    assert tune._concurrency(s, gpu, {"CPU": 64, "GPU": 4}, 5) == 2
+    assert tune.concurrency(s, gpu, {"CPU": 64, "GPU": 4}, 5) == 2
 
     class FakeRay:
         @staticmethod
@@ -334,10 +324,10 @@ def test_concurrency_follows_resources_and_cpu_trials_share_cores():
 
     import os
 
-    shared = tune._share_cores(cfg, 2, FakeRay)
+    shared = tune.share_cores(cfg, 2, FakeRay)
     assert shared.scale.threads_per_worker == max(1, (os.cpu_count() or 1) // 2)
     pinned = C.override(cfg, {"scale.threads_per_worker": 3})
-    assert tune._share_cores(pinned, 2, FakeRay).scale.threads_per_worker == 3
+    assert tune.share_cores(pinned, 2, FakeRay).scale.threads_per_worker == 3
 
 
 def test_a_failed_trial_row_says_what_failed_in_one_clean_line():

@@ -350,7 +350,7 @@ def _isic2018(root: str, labels: str, ak_malignant: bool, out: _Out) -> None:
             ref = rec["image"]
             file = files.find(ref)
             key = file or f"{gt}#{ref}"
-            dx, problem = layouts._one_hot(rec, ISIC2018_COLUMNS)
+            dx, problem = layouts.one_hot(rec, ISIC2018_COLUMNS)
             if dx is None:
                 out.reject(key, f"{UNKNOWN_LABEL}: {problem.split(': ', 1)[1]}")
             elif file is None:

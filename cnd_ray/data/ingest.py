@@ -379,7 +379,9 @@ def _resolve(copies: list[Candidate], results: list[dict], ledger: Ledger) -> tu
     return kept, result, [c for c, _ in good]
 
 
-def _record(kept: Candidate, result: dict, copies: list[Candidate], row_id: int) -> dict:
+def shard_record(kept: Candidate, result: dict, copies: list[Candidate], row_id: int) -> dict:
+    """The shard row of the kept copy of an image: its pixels (or latents) in `result`, the labels
+    and metadata merged over all its `copies`."""
     meta = _merged_meta(copies)
     ita = float(result["ita"])
     out = {
@@ -506,7 +508,7 @@ def _run_pipeline(ordered, groups, image_size, vae, writer, ledger, progress) ->
             if resolved is None:
                 continue
             kept, result, good = resolved
-            rec = _record(kept, result, good, row_id)
+            rec = shard_record(kept, result, good, row_id)
             row_id += 1
             writer.add(rec)
             stats["num_images"] += 1

@@ -150,7 +150,7 @@ def _float_flag(value: str) -> bool | None:
     return v == 1.0 if v in (0.0, 1.0) else None
 
 
-def _one_hot(rec: dict, columns: tuple[str, ...]) -> tuple[str | None, str]:
+def one_hot(rec: dict, columns: tuple[str, ...]) -> tuple[str | None, str]:
     """The one column set to 1.0; ISIC 2018 spells actinic keratosis AKIEC."""
     flags = {c: _float_flag(rec.get(c, "")) for c in columns}
     hot = [c for c, v in flags.items() if v]
@@ -211,7 +211,7 @@ def _read_2017(path: str):
 def _one_hot_reader(columns: tuple[str, ...]):
     def read(path: str):
         for rec in _dict_rows(path):
-            dx, problem = _one_hot(rec, columns)
+            dx, problem = one_hot(rec, columns)
             yield rec["image"], dx, problem, _meta()
     return read
 

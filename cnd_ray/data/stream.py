@@ -32,7 +32,7 @@ DATA_TASK_CPUS = 0.5
 MAX_BLOCKS = 2000
 
 
-def _calm_idle_scheduler() -> None:
+def calm_idle_scheduler() -> None:
     """Make Ray Data's streaming executor wait 10 ms, not spin, while it has no task in flight.
 
     Ray Data 2.60's scheduling loop calls ray.wait only when some task is running; once every block
@@ -47,10 +47,10 @@ def _calm_idle_scheduler() -> None:
         return
     inner = getattr(se, "process_completed_tasks", None)
     if inner is not None and not getattr(inner, "calm", False):
-        se.process_completed_tasks = _calm(inner)
+        se.process_completed_tasks = calm(inner)
 
 
-def _calm(inner):
+def calm(inner):
     """`inner` (Ray Data's process_completed_tasks), preceded by a 10 ms sleep when no operator of
     the topology has a task in flight (with one in flight, Ray's own ray.wait paces the loop)."""
 
@@ -63,7 +63,7 @@ def _calm(inner):
     return process_completed_tasks
 
 
-_calm_idle_scheduler()
+calm_idle_scheduler()
 
 def verify(shards: str, say=print) -> tuple[int, list[str]]:
     """`cnd-ray verify`: read every shard back in full. Each file's sha256 against the manifest
@@ -142,7 +142,7 @@ def _decode(batch: dict, space: str, path: str, group: int) -> dict:
     return out
 
 
-class _GroupCache:
+class GroupCache:
     """Decoded row groups kept by a decode worker process, least recently used dropped beyond
     CACHE_BYTES: later epochs of a set that fits are served without re-reading or re-decoding (a
     decode worker serves many epochs: the task pool is bounded)."""
@@ -171,7 +171,7 @@ class _GroupCache:
 
 
 CACHE_BYTES = 256 * 2 ** 20  # per decode worker process
-_CACHE = _GroupCache(CACHE_BYTES)
+_CACHE = GroupCache(CACHE_BYTES)
 
 
 def _read_groups(batch: dict, columns: list[str], space: str, repeat: int) -> Iterator[dict]:

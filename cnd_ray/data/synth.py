@@ -141,7 +141,7 @@ def _hairs(rng: np.random.Generator, size: int) -> np.ndarray | None:
     return np.asarray(canvas, np.float32) / 255
 
 
-def _image(rng: np.random.Generator, skin: np.ndarray, malignant: bool,
+def draw_image(rng: np.random.Generator, skin: np.ndarray, malignant: bool,
            xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     """One (size, size, 3) uint8 image; xx, yy are pixel centres in [-1, 1]."""
     size = xx.shape[0]
@@ -254,7 +254,7 @@ def run(out, num_images: int = 2000, image_size: int = 256, malignant_fraction: 
             pat = patients[patient_of[i]]
             malignant = bool(labels[i])
             rng = np.random.default_rng((seed, _IMAGE, i))
-            Image.fromarray(_image(rng, pat["lab"], malignant, xx, yy)).save(
+            Image.fromarray(draw_image(rng, pat["lab"], malignant, xx, yy)).save(
                 tmp / "train" / f"{name}.jpg", quality=JPEG_QUALITY)
             site = _pick(rng, SITES)
             diagnosis = "melanoma" if malignant else _pick(rng, BENIGN_DIAGNOSES)

@@ -86,16 +86,16 @@ def table(judge, models: dict[str, tuple[torch.Tensor, np.ndarray]], counts: lis
             point = _stats(judge, feats, scores, pairs[n], shows, labels, base_pos, held_all)
             boot = [_stats(judge, feats, scores, pairs[n], shows, labels, g, h) for g, h in draws]
             per_model[name] = (point, boot)
-            out["models"][name][f"n{n}"] = {k: _interval(point[k], [b[k] for b in boot]) for k in Z}
+            out["models"][name][f"n{n}"] = {k: interval(point[k], [b[k] for b in boot]) for k in Z}
         bp, bb = per_model[baseline]
         for name, (point, boot) in per_model.items():
             if name != baseline:
                 out["models"][name][f"delta_n{n}"] = {
-                    k: _interval(point[k] - bp[k], [b[k] - c[k] for b, c in zip(boot, bb)]) for k in Z}
+                    k: interval(point[k] - bp[k], [b[k] - c[k] for b, c in zip(boot, bb)]) for k in Z}
     return out
 
 
-def _interval(value: float, boot: list[float]) -> dict:
+def interval(value: float, boot: list[float]) -> dict:
     """95% interval: the resamples' 2.5 and 97.5 percentiles, less their mean's bias from `value`
     (about 0 for a mean or an AUROC; FD's and KD's resamples run high)."""
     boot = np.asarray(boot, np.float64)

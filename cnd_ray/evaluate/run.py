@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, generate, sample, storage
+from cnd_ray import checkpoint, generate, identity, sample, storage
 from cnd_ray.config import ConfigError
 from cnd_ray.data import shardset, tone
 from cnd_ray.data.shards import READ_BATCH, iter_split, read_rows, split_labels
@@ -141,9 +141,8 @@ def _judge(cfg, ckpt: str, shards: str, out: Path, device, show: bool):
     """(classifier, meta): the judge of these shards with cfg's eval.fidelity_* settings, found in
     the run storage that holds the checkpoint (where its training or search made it) or trained and
     put there; for a checkpoint outside its run's storage, in the output folder."""
-    from cnd_ray.train import storage_path
 
-    root = storage_path(cfg)
+    root = identity.storage_path(cfg)
     inside = not storage.is_uri(root) and Path(ckpt).resolve().is_relative_to(Path(root).resolve())
     root = judge_lib.cache_dir(root if inside else str(out))
     path = judge_lib.path_for(cfg, root, str(shards))
@@ -342,10 +341,8 @@ def report(res: dict) -> str:
 def _log(cfg, res: dict, out: Path) -> str | None:
     """Log to the checkpoint's MLflow run, or to a new evaluate-<run> run; returns the run id."""
     from cnd_ray import tracking
-    from cnd_ray.train import run_name
-
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    name = run_name(cfg)
+    name = identity.run_name(cfg)
     run_id = tracking.find_run(uri, cfg.track.experiment, name)
     new = run_id is None
     if new:
@@ -371,7 +368,7 @@ def _step(i: int, text: str) -> None:
 def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool = True) -> dict:
     """Evaluate `ckpt` against the real images of the `reference` shards (at each of eval.num_samples);
     returns metrics.json's dict."""
-    path = sample.resolve_checkpoint(ckpt)
+    path = identity.resolve_checkpoint(ckpt)
     cfg, ema, step = checkpoint.load_ema(path)
     cfg = sample.sampling_config(cfg, overrides)
     e, sizes = cfg.eval, sample_counts(cfg)
@@ -389,9 +386,7 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
     if min(ref_counts.values()) == 0:
         raise UserError(f"--reference {reference}: split '{e.reference_split}' lacks a class "
                         f"({ref_counts}); per-class metrics need every class")
-    from cnd_ray.train import run_name
-
-    out_dir = Path(out or f"evaluation/{run_name(cfg)}-step{step}").absolute()
+    out_dir = Path(out or f"evaluation/{identity.run_name(cfg)}-step{step}").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

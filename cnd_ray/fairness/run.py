@@ -155,11 +155,11 @@ class Joint:
     directly in pixel space, through the run's VAE encoder in latent space."""
 
     def __init__(self, ckpt: str, device):
-        from cnd_ray import checkpoint, sample
+        from cnd_ray import checkpoint, identity
         from cnd_ray import vae as vae_lib
         from cnd_ray.models.classifier import build_classifier
 
-        self.path = sample.resolve_checkpoint(ckpt)
+        self.path = identity.resolve_checkpoint(ckpt)
         self.cfg = cfg = checkpoint.load_config(self.path)
         if cfg.method.gamma_schedule == "off":
             raise UserError(f"--ckpt {ckpt}: has no classifier (method.gamma_schedule off)")

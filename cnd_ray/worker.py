@@ -1,0 +1,407 @@
+"""The Ray Train worker of `cnd-ray train`: one per rank, started by train.py's TorchTrainer.
+
+`main` rebuilds the typed config and the train state (from the checkpoint Ray hands over, if any:
+resume and worker-group restart share the fresh start's path), then `loop` streams the rank's Ray
+Data shard through `engine.train_step` on a `distributed.runtime`. Every rank reports at the same
+steps (house rule 8); rank 0 writes the checkpoint, and its tracker and console are the only ones
+that do anything.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from cnd_ray import checkpoint, distributed, engine, identity, monitor, storage, tracking
+from cnd_ray import config as config_lib
+from cnd_ray import vae as vae_lib
+from cnd_ray.data import augment, stream
+from cnd_ray.errors import UserError
+
+GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation
+JUDGED = "judged.npz"  # in the final checkpoint: the plan (index, seed) and the images judged there
+# Shown on the console line of an evaluation (all of them go to Tune and MLflow).
+CONSOLE_METRICS = ("val_loss_diff", "val_auroc", "fidelity_auroc", "fd_judge", "fd_judge_floor",
+                   "fd_ratio", "kd_judge", "ms_ssim", "lesion_share", "fid", "eval_seconds")
+
+
+def say(msg: str) -> None:
+    """A worker's progress line, once: Ray Train's patched print() would emit it twice."""
+    sys.__stdout__.write(f"[cnd-ray] {msg}\n")
+    sys.__stdout__.flush()
+
+
+class Console:
+    """Rank 0's voice: its progress lines and the run's stop signal. On other ranks every call does
+    nothing, as their tracker does, so the loop has no `if rank == 0` for output."""
+
+    def __init__(self, rank: int, run_dir: str):
+        self.on, self.run_dir = rank == 0, run_dir
+
+    def say(self, msg: str) -> None:
+        if self.on:
+            say(msg)
+
+    def stop(self, line: str) -> None:
+        """The run stops itself with `line`: the driver reads STOP_FILE and fails the run."""
+        if self.on:
+            storage.write_text(storage.join(self.run_dir, identity.STOP_FILE), line)
+            say(f"stopped: {line}")
+
+
+def main(config: dict) -> None:
+    """TorchTrainer's train_loop_per_worker; `config` is what train.run puts in train_loop_config."""
+    import ray
+    import ray.train
+    from accelerate import Accelerator
+
+    cfg = config_lib.from_dict(config["config"])
+    # Ray Data's per-execution and Ray Train's per-report INFO lines would bury rank 0's progress.
+    for name in ("ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray sets OMP threads from the worker's (fractional, scheduling-only) CPU share, i.e. 1; the
+    # node's cores shared among its workers is what the step should use (bench/ray_overhead.py).
+    torch.set_num_threads(cfg.scale.threads_per_worker
+                          or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    # accelerate gives the autocast context and the loss scaler, nothing else: gradients are averaged
+    # by distributed.runtime, never through accelerate's prepare(). cpu=True keeps a CPU run on the
+    # CPU of a node that also has a GPU.
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cfg.scale.use_gpu)
+    state, consumed = _restore(cfg, ray.train.get_checkpoint(), acc.device, rank, world)
+    rt = distributed.runtime(acc.autocast, acc.scaler, acc.device, world)
+    tracker = tracking.open_tracker(config["tracking"], rank)
+    console = Console(rank, config["run_dir"])
+    # Which Ray nodes hold the ranks (rank order), so a multi-node run says where it ran and a
+    # restart after losing a node shows where it went.
+    nodes = distributed.gather(ray.get_runtime_context().get_node_id(), world)
+    console.say(f"rank 0/{world}: {acc.device}, autocast {acc.mixed_precision}, "
+                f"distributed {acc.distributed_type}, start step {state.step}, {len(set(nodes))} node(s)")
+    tracker.tag("autocast_dtype", acc.mixed_precision)
+    tracker.tag("worker_nodes", ",".join(nodes))
+    try:
+        evaluator = Evaluator(cfg, state, tracker, console, rank, world, config["judge"])
+        loop(cfg, state, rt, tracker, console, rank, world, consumed, tuple(config["stream_start"]),
+             evaluator, config.get("interrupt", ""))
+    finally:
+        tracker.close()
+
+
+def _restore(cfg, ckpt, device, rank: int, world: int):
+    """(train state, stream.Consumed): from `ckpt` (a ray.train.Checkpoint; the driver checked its
+    config) with this rank's RNG, or fresh, seeded by train.seed identically on every rank."""
+    if not ckpt:
+        state = engine.build_state(cfg, device)  # seeded by train.seed: identical on every rank
+        torch.manual_seed(distributed.rank_seed(cfg.train.seed, rank, 0))
+        return state, stream.Consumed(cfg.data.shuffle_buffer)
+    with ckpt.as_directory() as d:
+        state, extra = checkpoint.load_with_extra(d, device, restore_rng=False, cfg=cfg)
+    done = extra.get("trained")
+    consumed = stream.Consumed(cfg.data.shuffle_buffer, (extra.get("epoch", 0), extra.get("pos", 0)),
+                               None if done is None else done.numpy())
+    rngs = extra.get("rng", [])
+    if len(rngs) == world:
+        checkpoint.set_rng_state(rngs[rank])
+    else:  # the world size changed: reseed per rank
+        torch.manual_seed(distributed.rank_seed(cfg.train.seed, rank, state.step))
+    return state, consumed
+
+
+def agreed_batches(batches: Iterator[dict], rt, console: Console, world: int) -> Iterator[dict]:
+    """The batches, one agreed step at a time: before each step every rank says whether it has a
+    batch, so a damaged shard (or a stream that ended) on any rank stops them all at the same step,
+    where one rank stopping alone left the others waiting in the next all-reduce. A damaged shard
+    ends the run as a non-finite loss does: rank 0 writes the line naming it to STOP_FILE and the
+    workers return, so Ray Train does not retry what would fail again."""
+    it = iter(batches)
+    while True:
+        batch = line = None
+        try:
+            batch = next(it, None)  # None: this rank's stream ended
+        except Exception as e:
+            line = stream.damaged(e)
+            if line is None:
+                raise
+        if rt.all_finite(batch is not None):  # a logical AND across ranks (no-op with one)
+            yield batch
+            continue
+        lines = [x for x in distributed.gather(line, world) if x]
+        if lines:
+            console.stop(lines[0])
+        return
+
+
+def _row_log(run_dir: str, rank: int):
+    """This rank's train.log_rows file, opened to append (a restart adds to it)."""
+    os.makedirs(os.path.join(run_dir, identity.ROWS_DIR), exist_ok=True)
+    path = os.path.join(run_dir, identity.ROWS_DIR, f"rank{rank}.csv")
+    new = not os.path.exists(path)
+    f = open(path, "a", buffering=1 << 16)
+    if new:
+        f.write("step,epoch,pos,copy,row_id\n")
+    return f
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def loop(cfg, state, rt, tracker, console: Console, rank: int, world: int, consumed, stream_start,
+         evaluator, interrupt: str = "") -> None:
+    """Train until train.steps. `consumed` (stream.Consumed) names the rows the state has trained
+    on; the stream starts at `stream_start`, which is earlier after a worker-group restart inside
+    one launch: then rows before `consumed.start` are read and dropped. When the file `interrupt`
+    appears (the driver's Ctrl-C), every rank saves a checkpoint at the same step and stops."""
+    import ray.train
+
+    tr = cfg.train
+    if state.step >= tr.steps:
+        return
+    if tuple(stream_start) > consumed.start:  # would skip rows never trained: say so, loudly
+        raise RuntimeError(f"the data stream starts at (epoch, row) {tuple(stream_start)} but the "
+                           f"restored checkpoint (step {state.step}) is at {consumed.start}")
+    wait = stream.DataWait()
+    progress = _Progress(cfg, state, tracker, console, wait)
+    report = _Reporter(state, consumed, tracker, evaluator, rank, world, tr.steps)
+    rows = _row_log(console.run_dir, rank) if tr.log_rows else None
+    shard = ray.train.get_dataset_shard("train")
+    device = next(state.dit.parameters()).device
+    for batch in agreed_batches(stream.batches(shard, cfg, wait, consumed), rt, console, world):
+        try:
+            m = engine.train_step(state, engine.split_batch(_to(augment.model_batch(batch, cfg), device),
+                                                            cfg.optim.grad_accum), rt)
+        except engine.NonFiniteLoss as e:  # every rank raises together (all_finite agreed)
+            console.stop(str(e))
+            return
+        consumed.add(batch)
+        step = state.step
+        if rows is not None:
+            rows.writelines(f"{step},{e},{p},{c},{i}\n" for e, p, c, i in zip(
+                *(batch[k].tolist() for k in ("epoch", "pos", "copy", "row_id"))))
+            rows.flush()
+        progress.add(step, m)
+        evaluate = (tr.eval_every and step % tr.eval_every == 0) or step == tr.steps
+        save = step % tr.checkpoint_every == 0 or step == tr.steps
+        # One rank seeing the request is enough; all stop at this step (all_finite is a logical AND).
+        stopping = bool(interrupt) and not rt.all_finite(not os.path.exists(interrupt))
+        if evaluate or save or stopping:
+            report(evaluator(state, step, progress.elapsed()) if evaluate else {}, save or stopping)
+        if stopping:
+            console.say(f"interrupted: checkpoint saved at step {step}")
+            return
+        if step >= tr.steps:
+            break
+    if rows is not None:
+        rows.close()
+    progress.plot()
+    if state.step < tr.steps and not storage.is_file(storage.join(console.run_dir, identity.STOP_FILE)):
+        raise RuntimeError(f"the data stream ended at step {state.step} of {tr.steps}")
+
+
+class _Progress:
+    """A step's metrics averaged over train.log_every steps: logged (with throughput, data wait and
+    learning rates), rank 0's progress line, and the loss curve plotted at the end."""
+
+    def __init__(self, cfg, state, tracker, console: Console, wait):
+        self.tr, self.state, self.tracker, self.console, self.wait = cfg.train, state, tracker, console, wait
+        self.start, self.step0 = time.perf_counter(), state.step
+        self.history: list[tuple[int, float]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.window, self.n, self.t, self.w = {}, 0, time.perf_counter(), self.wait.seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def add(self, step: int, m: dict) -> None:
+        for k, v in m.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+        self.n += 1
+        if step % self.tr.log_every and step != self.tr.steps:
+            return
+        dt = time.perf_counter() - self.t
+        opt = self.state
+        logged = {k: v / self.n for k, v in self.window.items()}
+        logged.update({"images_per_s": self.n * self.tr.global_batch / dt,
+                       "data_wait_share": (self.wait.seconds - self.w) / dt,
+                       "lr_dit": opt.opt_dit.param_groups[0]["lr"]})
+        if opt.opt_cls is not None:
+            logged["lr_cls"] = opt.opt_cls.param_groups[0]["lr"]
+            logged["denoised_share"] = logged.pop("denoised", 0.0)
+        self.tracker.log(step, logged)
+        self.history.append((step, logged.get("loss_diff", float("nan"))))
+        eta = self.elapsed() / max(1, step - self.step0) * (self.tr.steps - step)
+        self.console.say(f"step {step}/{self.tr.steps} loss_diff {logged.get('loss_diff', 0):.4f} "
+                         f"loss_cls {logged.get('loss_cls', 0):.4f} gamma {logged.get('gamma', 0):.2f} "
+                         f"{logged['images_per_s']:.1f} img/s data-wait "
+                         f"{100 * logged['data_wait_share']:.1f}% ETA {eta:.0f}s")
+        self._reset()
+
+    def plot(self) -> None:
+        """The diffusion loss curve as a run artifact (rank 0: the others' trackers drop it)."""
+        if not self.history or not self.console.on:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([s for s, _ in self.history], [v for _, v in self.history])
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss_diff")
+        ax.set_title("diffusion loss")
+        fig.tight_layout()
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "loss_curve.png")
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            self.tracker.artifact(path)
+
+
+class _Reporter:
+    """Every rank, at the same steps: metrics to Ray Train (rank 0's evaluation included: Ray Tune
+    reads rank 0's) and, when saving, the checkpoint rank 0 writes with every rank's RNG and the
+    rows trained since the stream's restart point."""
+
+    def __init__(self, state, consumed, tracker, evaluator, rank: int, world: int, steps: int):
+        self.state, self.consumed, self.tracker, self.evaluator = state, consumed, tracker, evaluator
+        self.rank, self.world, self.steps = rank, world, steps
+
+    def __call__(self, evaluated: dict, save: bool) -> None:
+        import ray.train
+
+        state, world = self.state, self.world
+        metrics = {"step": state.step, **evaluated}
+        if not save:
+            ray.train.report(metrics)
+            return
+        rngs = distributed.gather(checkpoint.rng_state(), world)
+        # The stream restarts at the earliest shuffle window a rank is in, less what was trained.
+        start = min(distributed.gather(self.consumed.window_start(), world))
+        trained = np.concatenate(distributed.gather(self.consumed.since(start, restored=self.rank == 0), world))
+        # Ranks must hold the same weights; a cheap checksum per rank says whether they do.
+        sums = distributed.gather(sum(float(p.detach().double().sum())
+                                      for p in state.objective.parameters()), world)
+        metrics.update(epoch=start[0], ranks_in_sync=float(len(set(sums)) == 1))
+        # Metrics up to this checkpoint reach MLflow before it is stored: a restart resumes after
+        # it, so whatever rank 0 still held would never be logged if its node died now.
+        self.tracker.flush()
+        with tempfile.TemporaryDirectory() as d:
+            ck, t0 = None, time.perf_counter()
+            if self.rank == 0:  # one writer; the others report the same metrics without it
+                path = checkpoint.save(state, os.path.join(d, "ckpt"),
+                                       extra={"epoch": start[0], "pos": start[1], "rng": rngs, "world": world,
+                                              "trained": torch.from_numpy(trained)})
+                if state.step >= self.steps:
+                    self.evaluator.keep_judged(path, state.step)
+                ck = ray.train.Checkpoint.from_directory(str(path))
+            t1 = time.perf_counter()
+            ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        # What a checkpoint costs: writing it locally, then Ray copying it to train.storage (S3 on a
+        # cluster) while every rank waits (bench/cluster_scaling.py).
+        self.tracker.log(state.step, {"checkpoint_write_s": t1 - t0,
+                                      "checkpoint_upload_s": time.perf_counter() - t1})
+
+
+class Evaluator:
+    """One evaluation, on every rank at the same steps: rank 0's held-out losses, the sample metrics
+    (each rank draws its share of the fixed sample plan; rank 0's judge scores the whole), a sample
+    grid, and the same numbers returned on every rank, so every rank reports them (house rule 8)."""
+
+    def __init__(self, cfg, state, tracker, console: Console, rank: int, world: int,
+                 judge_file: str | None):
+        import ray.train
+
+        self.cfg, self.tracker, self.console, self.rank, self.world = cfg, tracker, console, rank, world
+        self.device = next(state.ema.parameters()).device
+        self.val = ray.train.get_dataset_shard("val") if rank == 0 else None
+        self.plan = monitor.sample_plan(cfg) if judge_file else None
+        self.judge = self.inception = None
+        if judge_file and rank == 0:
+            from cnd_ray.evaluate import judge as judge_lib
+
+            self.judge = judge_lib.load(judge_file, self.device)
+            self.inception = judge_lib.inception_reference(cfg, self.device)
+        self.seconds = 0.0  # spent evaluating in this launch: the share is logged
+        self.judged = None  # rank 0: (step, plan-ordered uint8 images) of the last evaluation
+
+    def __call__(self, state, step: int, elapsed: float) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cfg, metrics = self.cfg, {}
+        was = state.objective.training
+        if self.val is not None:
+            metrics.update(self._held_out(state))
+        decoder = _decoder(cfg, str(self.device))
+        grid = None
+        if self.plan is not None:  # decoder is there: check_data made sure before the run
+            index, images = monitor.sample_images(state, self.plan, decoder, self.rank, self.world)
+            parts = distributed.gather((index, images), self.world)
+            if self.judge is not None:  # rank 0
+                order = np.argsort(np.concatenate([p[0] for p in parts]))
+                images = torch.cat([p[1] for p in parts])[order]
+                labels = self.plan["label"]
+                metrics.update(self.judge.measure(images, labels, cfg.eval.kid_subsets,
+                                                  inception=self.inception))
+                self.judged = (step, images)
+                grid = monitor.tile(images, labels, min(GRID_PER_CLASS, cfg.eval.search_samples))
+        elif self.console.on and (cfg.data.space == "pixel" or decoder is not None):
+            grid = monitor.sample_grid(state, per_class=GRID_PER_CLASS, vae=decoder)
+        state.objective.train(was)
+        if grid is not None:
+            self._log_grid(step, grid)
+        self.seconds += time.perf_counter() - t0
+        metrics.update(eval_seconds=time.perf_counter() - t0,
+                       eval_share=self.seconds / max(elapsed + time.perf_counter() - t0, 1e-9))
+        self.tracker.log(step, metrics)
+        self.console.say(f"eval step {step}: " + " ".join(f"{k} {metrics[k]:.4g}" for k in CONSOLE_METRICS
+                                                          if k in metrics))
+        return distributed.gather(metrics, self.world)[0]  # rank 0's numbers, reported by every rank
+
+    def _held_out(self, state) -> dict[str, float]:
+        """Held-out losses (and the critic's AUROC) on train.eval_batches fixed val batches."""
+        batches = []
+        for batch in self.val.iter_torch_batches(batch_size=self.cfg.per_worker_batch, device="cpu"):
+            gen = torch.Generator().manual_seed(0)
+            batches.append(_to(augment.model_batch(batch, self.cfg, gen), self.device))
+            if len(batches) >= self.cfg.train.eval_batches:
+                break
+        return monitor.evaluate(state, batches) if batches else {}
+
+    def _log_grid(self, step: int, grid) -> None:
+        """MLflow's image view (a step slider), and a file whose name sorts."""
+        self.tracker.image(step, "samples", grid)
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, f"samples_step{step:08d}.png")
+            Image.fromarray(grid).save(path)
+            self.tracker.artifact(path, "samples")
+
+    def keep_judged(self, ckpt_dir, step: int) -> None:
+        """Store the images the evaluation at `step` judged in that step's checkpoint (`JUDGED`):
+        `cnd-ray quickstart` writes them out instead of drawing the same plan again (~13 s a trial
+        here)."""
+        if self.judged is not None and self.judged[0] == step:
+            np.savez_compressed(os.path.join(ckpt_dir, JUDGED), index=self.plan["index"],
+                                seed=self.plan["seed"], images=self.judged[1].numpy())
+
+
+@functools.cache
+def _decoder(cfg, device: str):
+    """The VAE that turns latent sample grids into images, loaded once per worker; None in pixel
+    space, and None (said once) when it is not on this machine: training goes on without grids."""
+    try:
+        return vae_lib.for_run(cfg, device)
+    except UserError as e:
+        say(f"no sample grids: {e}")
+        return None
