@@ -41,9 +41,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default(func, name: str):
-    """The default of func's keyword `name`: run() signatures are where verb defaults live."""
-    return inspect.signature(func).parameters[name].default
+def _default(where, name: str):
+    """The default of `name`: a field of a config section (IngestConfig, SynthConfig), else a keyword
+    of a verb's run() (quickstart's folder and space)."""
+    if isinstance(where, type):
+        return getattr(where, name)
+    return inspect.signature(where).parameters[name].default
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:
@@ -271,9 +274,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _add_ingest(verbs) -> None:
-    from cnd_ray.data import ingest, layouts  # numpy/pyarrow only: --help stays free of torch/ray
+    from cnd_ray.data import layouts  # numpy/pyarrow only: --help stays free of torch/ray
 
-    run = ingest.run
+    run = config_lib.IngestConfig
     p = verbs.add_parser(
         "ingest", help="ISIC archives (2016-2020, HAM10000, Archive exports) -> Parquet shards",
         description="Find every ISIC layout under the roots (recursively), label, de-duplicate, split "
@@ -306,9 +309,7 @@ def _add_ingest(verbs) -> None:
 
 
 def _add_synth(verbs) -> None:
-    from cnd_ray.data import synth
-
-    run = synth.run
+    run = config_lib.SynthConfig
     p = verbs.add_parser(
         "synth", help="write a synthetic dermoscopy data set in the ISIC 2020 layout",
         description="Dermoscopy-like images across the full range of skin tones (vignette, hairs, a "

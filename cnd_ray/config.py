@@ -322,6 +322,31 @@ class TrackConfig:
     experiment: str = "cnd_ray"
 
 
+# `cnd-ray ingest` and `cnd-ray synth` make data before any run: their defaults live here (house
+# rule 3), their sections are not part of a run's Config, and their run() signatures and --help
+# read them.
+@dataclass(frozen=True)
+class IngestConfig:
+    """`cnd-ray ingest`: ISIC archives -> Parquet shards."""
+
+    labels: str = "melanoma"  # melanoma vs rest (the paper's); "malignant": MEL, BCC, SCC vs rest
+    ak_malignant: bool = False  # with labels "malignant": actinic keratosis counts as malignant
+    image_size: int = DataConfig.image_size  # short side resize + centre crop; the run's default size
+    val_fraction: float = 0.1  # share of patient / lesion groups held out
+    seed: int = 0  # of the split and the shard order
+    shard_mb: float = 256.0  # payload per Parquet shard
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """`cnd-ray synth`: a synthetic dermoscopy set in the ISIC 2020 layout."""
+
+    num_images: int = 2000
+    image_size: int = 256
+    malignant_fraction: float = 0.1
+    seed: int = 0
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole, resolved configuration of a run."""
@@ -579,6 +604,6 @@ def load(source: str | Path | None = None,
 
 # Keep the module's public surface obvious to readers.
 __all__ = ["Config", "ModelConfig", "DiffusionConfig", "ClassifierConfig", "MethodConfig", "OptimConfig",
-           "DataConfig", "TrainConfig", "ScaleConfig", "EvalConfig", "FairnessConfig", "TrackConfig",
+           "DataConfig", "TrainConfig", "IngestConfig", "SynthConfig", "ScaleConfig", "EvalConfig", "FairnessConfig", "TrackConfig",
            "ConfigError", "load", "load_yaml", "override", "from_dict", "validate", "to_nested",
            "yaml_mapping", "packaged_names", "keys", "ROLES", "TRAINS", "JUDGES", "OPERATES", "DIT_SIZES", "SAMPLERS", "CONFIG_DIR", "SPACE_DIR"]

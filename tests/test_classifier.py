@@ -7,7 +7,7 @@ from cnd_ray.models.classifier import Classifier, build_classifier
 
 
 def test_latent_adapter_and_head_shapes():
-    m = Classifier("test_resnet", in_channels=4, hidden=64)
+    m = Classifier("test_resnet", 4, 64, 0.5)
     assert isinstance(m.adapter, torch.nn.Conv2d)
     assert (m.adapter.in_channels, m.adapter.out_channels, m.adapter.kernel_size,
             m.adapter.padding) == (4, 3, (2, 2), (1, 1))
@@ -18,13 +18,13 @@ def test_latent_adapter_and_head_shapes():
 
 
 def test_rgb_input_has_no_adapter():
-    m = Classifier("test_resnet", in_channels=3)
+    m = Classifier("test_resnet", 3, 64, 0.5)
     assert isinstance(m.adapter, torch.nn.Identity)
 
 
 def test_resnet101_head_is_2048_to_64_to_1():
     with torch.device("meta"):
-        m = Classifier("resnet101", in_channels=4)
+        m = Classifier("resnet101", 4, 64, 0.5)
     assert m.head[1].in_features == 2048
 
 

@@ -7,8 +7,10 @@ from cnd_ray.models.dit import SIZES, AdaLNZeroBlock, DiT, build_dit
 
 def _dit(size, patch, **kw):
     depth, hidden, heads = SIZES[size]
+    args = dict(num_classes=2, class_dropout=0.1, learn_sigma=True, block="adaln_zero", tone_groups=0,
+                tone_dropout=0.1)
     return DiT(input_size=32, patch_size=patch, in_channels=4, depth=depth, hidden=hidden,
-               heads=heads, **kw)
+               heads=heads, **{**args, **kw})
 
 
 @pytest.mark.parametrize("size", list(SIZES))

@@ -147,7 +147,7 @@ def test_timm_extractor_random_and_from_file(tmp_path):
 
 def test_classifier_features_are_the_pooled_backbone_on_signed_pixels():
     torch.manual_seed(0)
-    model = Classifier("test_resnet", in_channels=3)
+    model = Classifier("test_resnet", 3, 64, 0.5)
     images = _images(3, size=16)
     ex = features.classifier_features(model, "fidelity-test_resnet")
     assert (ex.name, ex.dim, ex.weights, ex.is_inception) == ("fidelity-test_resnet", 96,

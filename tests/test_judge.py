@@ -13,6 +13,8 @@ from cnd_ray.errors import UserError
 from cnd_ray.evaluate import compare, judge, metrics
 from tests.helpers import random_checkpoint
 
+KID_SUBSETS = C.EvalConfig.kid_subsets  # as a training evaluation uses it
+
 
 def _cfg(shards, *over):
     return C.load("debug", [f"data.shards={shards}", "eval.fidelity_steps=30", *over])
@@ -75,11 +77,11 @@ def test_real_images_score_near_the_floor_and_noise_far_above_it(judged, small_s
     labels = shards_lib.split_labels(small_shards, m, "train")
     pos = np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c in (0, 1)]))
     real = shards_lib.read_rows(small_shards, m, "train", pos)
-    got = j.measure(real, labels[pos])
+    got = j.measure(real, labels[pos], KID_SUBSETS)
     assert 0.4 < got["fd_ratio"] < 2.5, got  # real images are as far as the floor says
     assert got["fd_judge_floor"] == pytest.approx(j.floor(n)["fd"])
     noise = (torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    bad = j.measure(noise, labels[pos])
+    bad = j.measure(noise, labels[pos], KID_SUBSETS)
     assert bad["fd_ratio"] > 3 * got["fd_ratio"]
     assert {"fidelity_auroc", "fidelity_accuracy_benign", "fidelity_accuracy_malignant", "kd_judge",
             "kd_judge_std", "ms_ssim", "fd_judge_benign", "fd_judge_malignant"} <= set(got)
@@ -87,7 +89,7 @@ def test_real_images_score_near_the_floor_and_noise_far_above_it(judged, small_s
     # Real images show their lesion; the flat skin-coloured squares do not.
     assert got["lesion_share"] >= 0.8 and 0.5 < j.meta["lesion_share_real"] <= 1.0
     flat = real.float().mean((2, 3), keepdim=True).expand_as(real).round().to(torch.uint8)
-    assert j.measure(flat, labels[pos])["lesion_share"] == 0.0
+    assert j.measure(flat, labels[pos], KID_SUBSETS)["lesion_share"] == 0.0
 
 
 @pytest.mark.parametrize("size", [16, 32, 256])
@@ -170,8 +172,8 @@ def test_inception_fid_comes_with_the_sample_metrics_when_its_weights_are_config
     labels = shards_lib.split_labels(small_shards, m, "train")
     pos = np.sort(np.concatenate([np.flatnonzero(labels == c)[:6] for c in (0, 1)]))
     images = shards_lib.read_rows(small_shards, m, "train", pos)
-    got = j.measure(images, labels[pos], inception=inception)
-    assert got["fid"] > 0 and "fid" not in j.measure(images, labels[pos])
+    got = j.measure(images, labels[pos], KID_SUBSETS, inception=inception)
+    assert got["fid"] > 0 and "fid" not in j.measure(images, labels[pos], KID_SUBSETS)
 
 
 def test_loading_the_judge_leaves_the_callers_rng_alone(judged):

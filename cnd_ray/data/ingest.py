@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cnd_ray import config as config_lib
+from cnd_ray.config import IngestConfig
 from cnd_ray.data import image as image_lib
 from cnd_ray.data import layouts, shardset, tone
 from cnd_ray.errors import UserError
@@ -401,10 +401,11 @@ def shard_record(kept: Candidate, result: dict, copies: list[Candidate], row_id:
 
 # --- the verb ------------------------------------------------------------------------------------
 
-def run(roots: list[str], out: str, labels: str = "melanoma",
-        image_size: int = config_lib.DataConfig.image_size,
-        latent: str | None = None, ak_malignant: bool = False, val_fraction: float = 0.1,
-        seed: int = 0, shard_mb: float = 256.0, overwrite: bool = False, progress: bool = True) -> dict:
+def run(roots: list[str], out: str, labels: str = IngestConfig.labels,
+        image_size: int = IngestConfig.image_size, latent: str | None = None,
+        ak_malignant: bool = IngestConfig.ak_malignant, val_fraction: float = IngestConfig.val_fraction,
+        seed: int = IngestConfig.seed, shard_mb: float = IngestConfig.shard_mb, overwrite: bool = False,
+        progress: bool = True) -> dict:
     """Ingest ISIC archives under `roots` into Parquet shards in `out`; returns the manifest."""
     roots = [os.path.abspath(r) for r in roots]
     out = os.path.abspath(out)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cnd_ray.config import SynthConfig
 from cnd_ray.data import tone
 from cnd_ray.errors import UserError
 
@@ -221,8 +222,9 @@ def _check_args(num_images, image_size, malignant_fraction, seed) -> None:
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
 
 
-def run(out, num_images: int = 2000, image_size: int = 256, malignant_fraction: float = 0.1,
-        seed: int = 0, progress: bool = True) -> dict:
+def run(out, num_images: int = SynthConfig.num_images, image_size: int = SynthConfig.image_size,
+        malignant_fraction: float = SynthConfig.malignant_fraction, seed: int = SynthConfig.seed,
+        progress: bool = True) -> dict:
     """Write a synthetic ISIC 2020 set into the new folder `out`; return a summary dict."""
     _check_args(num_images, image_size, malignant_fraction, seed)
     out = Path(out).absolute()

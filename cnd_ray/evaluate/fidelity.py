@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnd_ray import weights
+from cnd_ray import config as config_lib, weights
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate.features import signed
 from cnd_ray.models.classifier import Classifier, load_backbone
@@ -36,7 +36,7 @@ def train(images: torch.Tensor, labels: np.ndarray, backbone: str, steps: int, b
     # Seeded init and dropout without disturbing the caller's RNG; batches and flips use `g`.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = Classifier(backbone, in_channels=3)
+        model = _classifier(backbone)
         if backbone_weights:
             load_backbone(model, backbone_weights)
         model = model.to(device).train()
@@ -79,7 +79,14 @@ def empty(backbone: str) -> Classifier:
     """A Classifier to load weights into. Its random init draws from a forked RNG: a training worker
     loads the judge after restoring its RNG from a checkpoint, and must continue exactly from it."""
     with torch.random.fork_rng(devices=[]):
-        return Classifier(backbone, in_channels=3)
+        return _classifier(backbone)
+
+
+def _classifier(backbone: str) -> Classifier:
+    """The judge's network on RGB: the critic's head at its default shape (ClassifierConfig), fixed
+    so that every judge file holds the same architecture for its backbone."""
+    c = config_lib.ClassifierConfig
+    return Classifier(backbone, 3, c.hidden, c.dropout)
 
 
 def load(path) -> tuple[Classifier, dict]:

@@ -151,7 +151,7 @@ class Judge:
     def classes(self) -> list[int]:
         return sorted(np.unique(self.held_labels).tolist())
 
-    def measure(self, images: torch.Tensor, labels: np.ndarray, kid_subsets: int = 100,
+    def measure(self, images: torch.Tensor, labels: np.ndarray, kid_subsets: int,
                 msssim_pairs: int = 0, inception: tuple | None = None) -> dict[str, float]:
         """The sample metrics of uint8 images (N, 3, S, S) generated for `labels` (N,), n per class;
         flat {name: value} for Tune, MLflow and the console (see the module docstring). With

@@ -43,7 +43,7 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(mean + np.sum(ca * ca) / na + np.sum(cb * cb) / nb - 2 * cross)
 
 
-def kid(a, b, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid(a, b, subsets: int, subset_size: int, seed: int = 0) -> tuple[float, float]:
     """KID as cleanfid.fid.kernel_distance (cubic kernel, unbiased MMD^2), seeded; (mean, std over subsets)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     d = a.shape[1]
@@ -146,7 +146,7 @@ def lesion_contrast(images: torch.Tensor) -> np.ndarray:
     return ((ring - spot[:, r < 0.4].min(dim=1).values) / ring.clamp(min=1.0)).numpy()
 
 
-def diversity(images: torch.Tensor, labels: np.ndarray, pairs: int = 1000, seed: int = 0,
+def diversity(images: torch.Tensor, labels: np.ndarray, pairs: int, seed: int = 0,
               batch: int = 64) -> dict:
     """Mean MS-SSIM over `pairs` random same-class pairs (i != j) per class; lower = more diverse."""
     labels = np.asarray(labels)
@@ -191,7 +191,7 @@ def _nearest(q: np.ndarray, ref: np.ndarray, batch: int, skip_self: bool = False
     return dist, index
 
 
-def memorisation(gen: np.ndarray, train: np.ndarray, heldout: np.ndarray, quantile: float = 0.01,
+def memorisation(gen: np.ndarray, train: np.ndarray, heldout: np.ndarray, quantile: float,
                  batch: int = 1024) -> dict:
     """Samples' nearest-training-row distances (unit rows), share under a calibrated threshold, duplicates."""
     gen, train, heldout = _unit(gen), _unit(train), _unit(heldout)

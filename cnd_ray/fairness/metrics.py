@@ -332,7 +332,7 @@ def _rates(m: tuple, p: int, q: int) -> dict:
 
 # ---------------------------------------------------------------- report
 
-def report(y, score, groups, threshold, *, n_boot: int = 1000, seed: int = 0, light=None, dark=None,
+def report(y, score, groups, threshold, *, n_boot: int, seed: int = 0, light=None, dark=None,
            order=None) -> dict:
     """JSON-able fairness report at a validation-chosen threshold, with stratified bootstrap 95% CIs.
 
@@ -469,7 +469,7 @@ def compare(a: dict, b: dict) -> dict:
     return out
 
 
-def paired_delta(y, score_a, score_b, groups, *, n_boot: int = 1000, seed: int = 0, order=None,
+def paired_delta(y, score_a, score_b, groups, *, n_boot: int, seed: int = 0, order=None,
                  light=None, dark=None) -> dict:
     """AUROC differences b - a on the same items, with 95% CIs from one paired stratified bootstrap.
 

@@ -19,8 +19,7 @@ class Classifier(nn.Module):
     two head layers, as released.
     """
 
-    def __init__(self, backbone: str = "resnet101", in_channels: int = 4, hidden: int = 64,
-                 dropout: float = 0.5):
+    def __init__(self, backbone: str, in_channels: int, hidden: int, dropout: float):
         super().__init__()
         self.adapter = (nn.Conv2d(in_channels, 3, kernel_size=2, stride=1, padding=1)
                         if in_channels != 3 else nn.Identity())

@@ -176,10 +176,10 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Class-conditional DiT on (N, C, H, W) inputs; predicts epsilon (and the variance range)."""
 
-    def __init__(self, input_size: int = 32, patch_size: int = 4, in_channels: int = 4,
-                 depth: int = 24, hidden: int = 1024, heads: int = 16, mlp_ratio: float = 4.0,
-                 num_classes: int = 2, class_dropout: float = 0.1, learn_sigma: bool = True,
-                 block: str = "adaln_zero", tone_groups: int = 0, tone_dropout: float = 0.1):
+    # Every setting comes from the config (build_dit; house rule 3); mlp_ratio is DiT's constant.
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, depth: int, hidden: int,
+                 heads: int, num_classes: int, class_dropout: float, learn_sigma: bool, block: str,
+                 tone_groups: int, tone_dropout: float, mlp_ratio: float = 4.0):
         super().__init__()
         assert hidden % heads == 0 and input_size % patch_size == 0
         self.in_channels = in_channels
