@@ -84,12 +84,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_track_sync(args: argparse.Namespace) -> int:
     from cnd_ray import tracking
 
-    left = tracking.spooled(args.run_dir)
+    left = tracking.spool_server(args.run_dir)
     if left is None:
         raise UserError(f"{args.run_dir}: no MLflow spool here ({tracking.SPOOL}/): nothing waits for upload")
     done = tracking.upload(args.run_dir, to=args.to)
     if done is None:
-        raise UserError(f"MLflow at {args.to or left[1]} does not answer: start it and run this again "
+        raise UserError(f"MLflow at {args.to or left} does not answer: start it and run this again "
                         "(or --to URI)")
     for name, run_id in done[1].items():
         print(f"uploaded run {name} to {done[0]} (run {run_id})")

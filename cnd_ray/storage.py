@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import uuid
 
 
 def is_uri(path: str) -> bool:
@@ -63,16 +64,27 @@ def download(path: str, local: str) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def upload(local: str, path: str) -> None:
-    """Copy the local file `local` to `path`, whole or not at all where the store allows: written
-    beside and renamed on a filesystem (an object store's put is whole by itself), so that a reader
-    never sees half a file."""
+def _whole(path: str, write) -> None:
+    """`write(stream)` into `path`, whole or not at all where the store allows: written beside under
+    a name of its own (two writers never share one) and renamed on a filesystem (an object store's
+    put is whole by itself), so that a reader never sees half a file."""
     fs, inner = resolve(path)
     fs.create_dir(posixpath.dirname(inner), recursive=True)
-    part = f"{inner}.part"
-    with open(local, "rb") as src, fs.open_output_stream(part) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    part = f"{inner}.part-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(part) as dst:
+        write(dst)
     fs.move(part, inner)
+
+
+def upload(local: str, path: str) -> None:
+    """Copy the local file `local` to `path`, whole or not at all (`_whole`)."""
+    with open(local, "rb") as src:
+        _whole(path, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """`data` into the file at `path`, whole or not at all (`_whole`)."""
+    _whole(path, lambda dst: dst.write(data))
 
 
 def remove_file(path: str) -> None:

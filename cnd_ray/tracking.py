@@ -165,12 +165,19 @@ def push_spool(run_dir: str, uri: str) -> None:
     os.remove(snap)
 
 
+def spool_server(run_dir: str) -> str | None:
+    """The server the spool in `run_dir` waits for, or None without a spool: one small read, where
+    `spooled` also fetches the store (a download at a URI)."""
+    if not storage.is_file(_spool(run_dir, "mlflow.db")):
+        return None
+    return storage.read_text(_spool(run_dir, "server.txt")).strip()
+
+
 def spooled(run_dir: str, who: str = "") -> tuple[str, str] | None:
     """(spool store URI, the server it waits for) when `run_dir` holds a spool, else None (`who`:
     which of this process's working copies, for a spool at a URI)."""
-    if not storage.is_file(_spool(run_dir, "mlflow.db")):
-        return None
-    return pull_spool(run_dir, who), storage.read_text(_spool(run_dir, "server.txt")).strip()
+    server = spool_server(run_dir)
+    return None if server is None else (pull_spool(run_dir, who), server)
 
 
 def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | None = None) -> str:
@@ -243,11 +250,10 @@ def upload(run_dir: str, parent: str | None = None, to: str | None = None, keep:
     `parent`: the server's id of the run that the runs of this spool are children of; `to`: a
     server other than the one the spool waits for; `keep`: upload what is there so far and keep
     the spool (the runs go on: `sync` stores each value once however often it runs)."""
-    spool, server = spooled(run_dir, who)
-    server = to or server
-    if not reachable(server):
+    server = to or spool_server(run_dir)
+    if not reachable(server):  # asked before the store is fetched: no download while it is away
         return None
-    return server, _upload(run_dir, spool, server, parent, keep, who)
+    return server, _upload(run_dir, pull_spool(run_dir, who), server, parent, keep, who)
 
 
 def _upload(run_dir: str, spool: str, server: str, parent: str | None, keep: bool, who: str) -> dict:

@@ -324,13 +324,13 @@ def tracking_store(cfg, folder: str, name: str, what: str = "run", children: str
     launch is uploaded first once its server answers. `spool_for`: spool for that server without
     asking it (a trial of a search that spools: the search uploads its trials)."""
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    left = tracking.spooled(folder)
+    left = tracking.spool_server(folder)
     if not spool_for and tracking.reachable(uri):
-        if left and left[1] == uri:
+        if left == uri:
             upload_spool(folder, name)
         return uri, None
     server = spool_for or uri
-    spool = left[0] if left and left[1] == server else tracking.spool_uri(folder, server, children)
+    spool = tracking.pull_spool(folder) if left == server else tracking.spool_uri(folder, server, children)
     if not spool_for:
         print(f"MLflow at {uri} does not answer: the {what} starts anyway, logging to a spool in "
               f"{folder}; it is uploaded when the server answers (or run `cnd-ray track-sync {folder}`)",
@@ -342,8 +342,7 @@ def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str |
     """Upload the spool in `run_dir` and remove it, or say where it stays and how to upload it;
     the driver's log goes wherever the run is. Returns the id of run `name` on the server (or,
     kept, in the spool)."""
-    spool, server = tracking.spooled(run_dir)
-    where = storage.join(run_dir, tracking.SPOOL) if storage.is_uri(run_dir) else spool
+    server = tracking.spool_server(run_dir)
     why = "does not answer"
     try:
         done = tracking.upload(run_dir)
@@ -355,6 +354,8 @@ def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str |
             return run_id
     except Exception as e:  # the run's outcome matters more: keep the spool
         why = f"failed the upload ({str(e).splitlines()[0][:200]})"
+    spool = tracking.pull_spool(run_dir)  # the store itself in a folder; a copy from a URI
+    where = storage.join(run_dir, tracking.SPOOL) if storage.is_uri(run_dir) else spool
     print(f"MLflow at {server} {why}: the run stays logged in {where}; upload it with "
           f"`cnd-ray track-sync {run_dir}`", flush=True)
     if spool_run:

@@ -135,3 +135,21 @@ def test_the_uploader_of_a_search_uploads_its_trials_as_they_go_keeping_the_spoo
         assert got.data.tags[tracking.PARENT_TAG] == top
         assert [m.step for m in tracking.mlflow_client(dest).get_metric_history(got.info.run_id, "loss_diff")] == [5]
     assert tracking.spooled(search) and tracking.spooled(f"{trials}/s-a")  # kept: the runs go on
+
+
+def test_a_uri_spool_is_fetched_only_when_it_is_read(tmp_path, monkeypatch):
+    """Asking which server a spool waits for, and probing that server while it is away (every 30 s
+    from the uploader), read one small file: the store itself is downloaded only to be uploaded."""
+    from cnd_ray import storage
+
+    run_dir = f"file://{tmp_path}/run"
+    spool = tracking.spool_uri(run_dir, "http://127.0.0.1:9")
+    tracking.start_run(spool, "cnd_ray", "r1", {}, {}, tracking.spool_artifacts(run_dir))
+    tracking.push_spool(run_dir, spool)
+    fetched, real = [], storage.download
+    monkeypatch.setattr(storage, "download", lambda *a: fetched.append(a[0]) or real(*a))
+    assert tracking.spool_server(run_dir) == "http://127.0.0.1:9"
+    assert tracking.upload(run_dir) is None  # the server is away
+    assert fetched == []
+    assert tracking.upload(run_dir, to=f"sqlite:///{tmp_path}/server.db")[1].keys() == {"r1"}
+    assert len(fetched) == 1 and tracking.spool_server(run_dir) is None

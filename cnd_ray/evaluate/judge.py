@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,15 +80,10 @@ def exists(path: str) -> bool:
 
 
 def _write(path: str, blob: dict) -> None:
-    """Whole or not at all: written beside, then renamed (trials may look for it meanwhile)."""
+    """Whole or not at all (trials may look for it meanwhile)."""
     buf = io.BytesIO()
     torch.save(blob, buf)
-    fs, inner = storage.resolve(path)
-    fs.create_dir(posixpath.dirname(inner), recursive=True)
-    tmp = f"{inner}.partial-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(buf.getvalue())
-    fs.move(tmp, inner)
+    storage.write_bytes(path, buf.getvalue())
 
 
 @dataclass
