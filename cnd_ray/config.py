@@ -1,7 +1,7 @@
 """Typed configuration: frozen nested dataclasses, YAML in and out, dotted overrides, one validation.
 
 Every default lives in a dataclass field below (house rule 3). YAML files, `key=value` overrides and
-Tune trial values all go through `override()`, so a setting has one name everywhere (rule 4).
+Tune trial values all go through `override()`, so a setting has one name everywhere (house rule 4).
 Stdlib + PyYAML only: `cnd-ray config` and `--help` never import torch.
 """
 from __future__ import annotations
@@ -322,9 +322,8 @@ class TrackConfig:
     experiment: str = "cnd_ray"
 
 
-# `cnd-ray ingest` and `cnd-ray synth` make data before any run: their defaults live here (house
-# rule 3), their sections are not part of a run's Config, and their run() signatures and --help
-# read them.
+# `cnd-ray ingest` and `cnd-ray synth` make data before any run. Their defaults live here (house rule 3);
+# their sections are not part of a run's Config; their run() signatures and --help read them.
 @dataclass(frozen=True)
 class IngestConfig:
     """`cnd-ray ingest`: ISIC archives -> Parquet shards."""

@@ -1,4 +1,4 @@
-"""Miniature copies of the external evaluation sets of shared/DATA.md ("Evaluation sets").
+"""Miniature copies of the external evaluation sets of docs/DATA.md ("Evaluation sets").
 
 ``build(root)`` writes each published layout with its quirks under ``root`` and returns, per case, an
 ``Expected`` (what ``external.load`` must give). Cases: ``ddi`` (unnamed index column, True/False,

@@ -1,4 +1,4 @@
-"""Miniature copies of the ISIC training-set layouts described in shared/DATA.md.
+"""Miniature copies of the ISIC training-set layouts described in docs/DATA.md.
 
 ``build(root)`` writes one small copy of every layout of DATA.md's section
 "Training sets: ISIC challenge archives" (ISIC 2016, 2017, 2018 Task 3, the
