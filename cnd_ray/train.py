@@ -193,8 +193,6 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     the MLflow run (Tune passes the parent run id and the trial's setting); `spool_for`: the
     tracking server a search spools for (its trials spool too, and the search uploads them)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from cnd_ray import __version__, session
 
@@ -221,13 +219,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     if latest:
         _check_resume(cfg, name, latest)
     meta = checkpoint.read_meta(latest) if latest else {}
-    start_step, start_epoch, start_pos = meta.get("step", 0), meta.get("epoch", 0), meta.get("pos", 0)
-    rows = sum(manifest["splits"]["train"].values())
-    if cfg.data.balance == "oversample":
-        c = manifest["splits"]["train"]
-        rows = c["benign"] + c["malignant"] * shardset.oversample_factor(manifest, "train")
-    steps_per_epoch = max(1, rows // cfg.train.global_batch)
-    epochs = math.ceil(max(0, cfg.train.steps - start_step) / steps_per_epoch) + 2  # + a margin
+    start_step, start = meta.get("step", 0), (meta.get("epoch", 0), meta.get("pos", 0))
 
     uri, server = tracking_store(cfg, run_dir, name, spool_for=spool_for)
     tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
@@ -244,32 +236,13 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
           f"storage {run_dir}; MLflow run {run_id} at {uri}", flush=True)
 
-    # Rank 0 prints one progress line per log_every steps; Ray Data's per-operator bars (redrawn
-    # by every worker and trial) would bury it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": stream.dataset(cfg, "train", epochs=(start_epoch, start_epoch + epochs),
-                                        skip_rows=start_pos)}
-    if manifest["splits"].get("val"):
-        datasets["val"] = stream.dataset(cfg, "val", shuffle=False)
     # Ctrl-C: every rank looks for the request at every step, a file check that is free only locally
     request = None if storage.is_uri(run_dir) else os.path.join(run_dir, identity.INTERRUPT_FILE)
-    s = cfg.scale
-    trainer = TorchTrainer(
-        worker.main,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file,
-                           "interrupt": request or "",
-                           "stream_start": [start_epoch, start_pos],
-                           "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged,
-                                        "mirror": run_dir if server and storage.is_uri(run_dir) else None}},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker,
-                                                           **({"GPU": 1} if s.use_gpu else {})},
-                                     placement_strategy=s.placement_strategy),
-        datasets=datasets,
-        dataset_config=stream.data_config(),
-        run_config=RunConfig(name=name, storage_path=root, callbacks=list(callbacks),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+    trainer = _trainer(cfg, manifest, (start_step, *start), callbacks, {
+        "config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file, "interrupt": request or "",
+        "stream_start": list(start),
+        "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged,
+                     "mirror": run_dir if server and storage.is_uri(run_dir) else None}})
     if request:
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
         # losing the steps since the last checkpoint; ours, installed here, keeps them.
@@ -312,6 +285,42 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
                                   "again to resume from it")
     run_id = finish("FINISHED", {"final_checkpoint": ckpt}, f"{ckpt}\n")
     return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id}
+
+
+def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, loop_config: dict):
+    """The one TorchTrainer: workers run worker.main(loop_config) on the train stream from `start`
+    (step, epoch, row) and the val split; checkpoints go to the run's folder (train.name, pinned by
+    run) in train.storage."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    step, epoch, pos = start
+    rows = sum(manifest["splits"]["train"].values())
+    if cfg.data.balance == "oversample":
+        c = manifest["splits"]["train"]
+        rows = c["benign"] + c["malignant"] * shardset.oversample_factor(manifest, "train")
+    epochs = math.ceil(max(0, cfg.train.steps - step) / max(1, rows // cfg.train.global_batch)) + 2  # + a margin
+    # Rank 0 prints one progress line per log_every steps; Ray Data's per-operator bars (redrawn
+    # by every worker and trial) would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = {"train": stream.dataset(cfg, "train", epochs=(epoch, epoch + epochs), skip_rows=pos)}
+    if manifest["splits"].get("val"):
+        datasets["val"] = stream.dataset(cfg, "val", shuffle=False)
+    s = cfg.scale
+    return TorchTrainer(
+        worker.main,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker,
+                                                           **({"GPU": 1} if s.use_gpu else {})},
+                                     placement_strategy=s.placement_strategy),
+        datasets=datasets,
+        dataset_config=stream.data_config(),
+        run_config=RunConfig(name=cfg.train.name, storage_path=identity.storage_path(cfg),
+                             callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
 
 
 def tracking_store(cfg, folder: str, name: str, what: str = "run", children: str | None = None,
