@@ -88,11 +88,18 @@ class ModelConfig:
     size: Literal[DIT_SIZES] = "L"  # T, XS: CPU sizes; S/B/L/XL: the DiT paper's
     patch_size: Literal[2, 4, 8] = 4
     block: Literal["adaln_zero", "xattn_pool"] = "adaln_zero"  # xattn_pool = the released code
+    # xattn_pool only. ours: affine LayerNorms and separately initialised q and kv projections in the
+    # pooled cross-attention; released: non-affine LayerNorms (147,456 fewer parameters at L/4) and
+    # one qkv matrix, initialised as one, as the released block.
+    xattn_variant: Literal["ours", "released"] = "ours"
     num_classes: int = field(default=2, metadata=_range(1))
     class_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # enables CFG
     learn_sigma: bool = True
     tone_groups: int = field(default=0, metadata=_range(0))  # skin-tone condition; 0 = off
     tone_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    # Recompute each block's activations in backward instead of keeping them: memory for DiT-L/XL at
+    # large batches on a GPU, for ~30% more compute. Same numbers.
+    grad_checkpoint: bool = field(default=False, metadata=_role(OPERATES))
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,9 @@ class DiffusionConfig:
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0, **_role(OPERATES, sampling=True)))  # DDIM noise; 1 = DDPM's posterior
     # 1.0 = no guidance; the in-training evaluations sample with it (so it judges)
     guidance_scale: float = field(default=1.0, metadata=_range(0.0, **_role(JUDGES, sampling=True)))
+    # Which output channels guidance moves: all of them, or the first three as DiT's sampler does in
+    # latent space ("for reproducibility"; the fourth keeps the conditional prediction).
+    guidance_channels: Literal["all", "three"] = field(default="all", metadata=_role(JUDGES, sampling=True))
     # Weight of each timestep's epsilon MSE in the training loss. uniform: DiT's (and the paper's).
     # min_snr: min(SNR_t, min_snr_gamma) / SNR_t (Hang et al. 2023, "Min-SNR-gamma"): the many
     # low-noise steps, whose eps targets are hard and say little about the image's layout, no
@@ -130,6 +140,8 @@ class ClassifierConfig:
     lr: float = field(default=3e-4, metadata=_range(0.0, lo_open=True))
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
     step_every: int = field(default=1, metadata=_range(1))  # "optimizer step once in k steps"
+    # channels_last on a GPU (faster convolutions with tensor cores); nothing changes on a CPU.
+    channels_last: bool = field(default=True, metadata=_role(OPERATES))
     ema: bool = False  # keep an EMA of the classifier (BatchNorm buffers included)
     # Its own decay: the classifier steps only on clean branches, far fewer times than the DiT.
     ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0))
@@ -153,9 +165,16 @@ class MethodConfig:
     # swamps L_diff and the DiT stops learning (tests/test_objective.py). "sqrt_alpha_bar" scales
     # the gradient (not the value) of x0_pred by sqrt(alpha_bar_t), bounding that factor by 1.
     denoised_grad: Literal["sqrt_alpha_bar", "raw"] = "sqrt_alpha_bar"
-    # Clamp the x0 estimate the critic sees to [-c, c] (0 = off), as DDPM's clip_denoised;
-    # 1 is the data range in pixel space.
-    denoised_clip: float = field(default=1.0, metadata=_range(0.0))
+    # Clamp the x0 estimate the critic sees to [-c, c]; 0 = off. -1 (default) follows the data
+    # space: 1 (the data range, as DDPM's clip_denoised) in pixel space, off in latent space, as DiT's
+    # sampler - latents of unit variance lie outside [-1, 1] about a third of the time, and a clamped
+    # element passes the critic no gradient. The released code clamps to 1 in latent space too.
+    denoised_clip: float = field(default=-1.0, metadata=_range(-1.0))
+    # The frozen critic's mode in the denoised branch. eval (ours): running BatchNorm statistics and
+    # no dropout, so the DiT is judged by the classifier the clean branch trains. train (the released
+    # code): batch statistics of the denoised latents, which also update the running ones, and
+    # dropout on.
+    critic_mode: Literal["eval", "train"] = "eval"
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,7 @@ class OptimConfig:
     grad_clip: float = field(default=0.0, metadata=_range(0.0))  # 0 = off
     warmup_steps: int = field(default=0, metadata=_range(0))  # linear lr warm-up from 0; 0 = off
     ema_decay: float = field(default=0.9999, metadata=_range(0.0, 1.0))
+    fused: bool = field(default=True, metadata=_role(OPERATES))  # fused AdamW kernel on a GPU; no CPU effect
     # EMA warm-up: decay min(ema_decay, (1 + step) / (10 + step)), as diffusers' EMAModel. A short
     # run's EMA then forgets its random start quickly yet averages over ever more steps later.
     ema_warmup: bool = False
@@ -203,7 +223,12 @@ class TrainConfig:
     seed: int = 0
     steps: int = field(default=100_000, metadata=_range(1, **_role(JUDGES)))
     global_batch: int = field(default=8, metadata=_range(1))
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 autocast on a GPU that has it, else fp16 with loss scaling (fp32 where the
+    # classifier's steps span several, see validate), none on a CPU.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    tf32: bool = field(default=True, metadata=_role(OPERATES))  # TF32 for fp32 matmuls on a GPU
+    # torch.compile the DiT (in place: checkpoints keep their keys); the first steps compile.
+    compile: bool = field(default=False, metadata=_role(OPERATES))
     on_nonfinite: Literal["stop", "skip"] = "stop"
     # Ray Train run name; "" = derived from the config, so the same config resumes
     name: str = field(default="", metadata=_role(OPERATES))
@@ -376,6 +401,24 @@ class Config:
         return self.train.global_batch // self.scale.num_workers
 
     @property
+    def critic_clip(self) -> float:
+        """method.denoised_clip resolved: -1 follows the data space (1 in pixels, off in latents)."""
+        c = self.method.denoised_clip
+        return (1.0 if self.data.space == "pixel" else 0.0) if c == -1 else c
+
+    def precision(self, cuda: bool, bf16: bool) -> str:
+        """train.mixed_precision on a device ("no", "bf16" or "fp16"): auto is bf16 where the GPU
+        has it, else fp16, else (classifier steps spanning several, which fp16 cannot carry) none."""
+        mp = self.train.mixed_precision
+        if mp != "auto":
+            return mp
+        if not cuda:
+            return "no"
+        if bf16:
+            return "bf16"
+        return "no" if self.use_classifier and self.classifier.step_every > 1 else "fp16"
+
+    @property
     def use_classifier(self) -> bool:
         return self.method.gamma_schedule != "off"
 
@@ -530,6 +573,9 @@ def validate(cfg: Config) -> None:
                           ">= 2 (e.g. 5000,10000,20000)")
     if not cfg.classifier.backbone:
         raise ConfigError("classifier.backbone: must name a timm model")
+    if not (m.denoised_clip == -1 or m.denoised_clip >= 0):
+        raise ConfigError(f"method.denoised_clip: {m.denoised_clip!r} is neither -1 (follow the data "
+                          "space) nor a clamp >= 0 (0 = off)")
     if tr.mixed_precision == "fp16" and cfg.use_classifier and cfg.classifier.step_every > 1:
         raise ConfigError("train.mixed_precision: fp16 loss scaling cannot carry the classifier's "
                           "gradients across classifier.step_every > 1 steps; use bf16")

@@ -304,8 +304,10 @@ def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, noise: torch.Tensor,
 
 
 def guided(model: Callable, y: torch.Tensor, null_label: int, scale: float,
-           tone: torch.Tensor | None = None) -> ModelFn:
+           tone: torch.Tensor | None = None, channels: str = "all") -> ModelFn:
     """Classifier-free guidance: eps = eps_null + scale * (eps_y - eps_null); variance from eps_y.
+    `channels` "three": only eps's first three channels are guided, the rest keep eps_y, as DiT's
+    sampler does (diffusion.guidance_channels).
 
     scale == 1 is plain conditional sampling (one forward per step, no null batch).
     """
@@ -317,7 +319,7 @@ def guided(model: Callable, y: torch.Tensor, null_label: int, scale: float,
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), y_in, tone_in)  # (2N, C', H, W)
         cond, uncond = out.chunk(2)
-        c = x.shape[1]
+        c = x.shape[1] if channels == "all" else 3
         eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([eps, cond[:, c:]], dim=1)
 

@@ -75,7 +75,8 @@ class Generator:
             self.dit.to(self.device).eval().requires_grad_(False)
         self.diffusion = GaussianDiffusion.from_config(cfg).to(self.device)
         # bf16 where the run trained in it and a GPU runs it; the sampler's maths stays float32.
-        bf16 = self.device.type == "cuda" and cfg.train.mixed_precision == "bf16"
+        cuda = self.device.type == "cuda"
+        bf16 = cuda and cfg.precision(cuda, torch.cuda.is_bf16_supported()) == "bf16"
         self.autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     @torch.no_grad()
@@ -89,7 +90,8 @@ class Generator:
         if cfg.model.tone_groups:
             t = torch.tensor(np.array(tones), dtype=torch.long, device=dev)
             tone = torch.where(t == NO_TONE, cfg.model.tone_groups, t)  # null group when not asked
-        fn = guided(self.dit, y, cfg.model.num_classes, cfg.diffusion.guidance_scale, tone)
+        fn = guided(self.dit, y, cfg.model.num_classes, cfg.diffusion.guidance_scale, tone,
+                    cfg.diffusion.guidance_channels)
         d = cfg.diffusion
         with self.autocast():
             x = sample(self.diffusion, fn, noise, d.sampler, d.sample_steps, d.eta,

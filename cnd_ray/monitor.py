@@ -39,10 +39,12 @@ def evaluate(state, batches: list[dict], seed: int = 0) -> dict[str, float]:
 def sample_grid(state, per_class: int = 8, seed: int = 0, vae=None) -> np.ndarray:
     """(rows = classes, cols = per_class) grid of EMA samples as one uint8 (H, W, 3) image, decoded
     by `vae` in latent space, drawn by the one generation path (`generate.Generator`, as `cnd-ray
-    sample`); image i from seed (seed, i) at every call, so grids over training are comparable."""
+    sample`) with the in-training sampler (`search_config`: the run's own, DDPM-250 at the paper's
+    setting, would take over an hour for DiT-L on a CPU); image i from seed (seed, i) at every
+    call, so grids over training are comparable."""
     k = state.cfg.model.num_classes
     rows = generate.plan(per_class * k, [1.0] * k, seed, per_class * k)
-    gen = generate.Generator(state.cfg, state.ema, vae, next(state.ema.parameters()).device)
+    gen = generate.Generator(search_config(state.cfg), state.ema, vae, next(state.ema.parameters()).device)
     return tile(gen(rows["seed"], rows["label"], rows["tone"]).cpu(), rows["label"], per_class)
 
 

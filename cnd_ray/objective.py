@@ -55,12 +55,13 @@ def coin(seed: int, step: int) -> float:
 
 
 @contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Use `module` as a fixed critic: eval mode (no BatchNorm stat updates, no dropout) and no
-    parameter gradients, while gradients still flow to its input."""
+def frozen(module: nn.Module, mode: str = "eval"):
+    """Use `module` as a fixed critic: no parameter gradients, while gradients still flow to its
+    input. mode "eval": no BatchNorm statistic updates, no dropout; "train" (the released code's
+    method.critic_mode): batch statistics, which update the running ones, and dropout."""
     was_training = module.training
     flags = [p.requires_grad for p in module.parameters()]
-    module.eval().requires_grad_(False)
+    module.train(mode == "train").requires_grad_(False)
     try:
         yield module
     finally:
@@ -116,7 +117,7 @@ class ClassNDiff(nn.Module):
         target = y.float()
         if coin(self.cfg.train.seed, step) < g:
             z_d = self.denoised(out, x0, xt, t, y, tone)
-            with frozen(self.classifier) as critic:  # no optimizer step, no parameter grads
+            with frozen(self.classifier, self.cfg.method.critic_mode) as critic:  # no step, no param grads
                 logits = critic(z_d)
             loss_cls = F.binary_cross_entropy_with_logits(logits.float(), target)
             loss, branch = loss_diff + self.cfg.method.lambda_cls * loss_cls, DENOISED
@@ -141,14 +142,14 @@ class ClassNDiff(nn.Module):
             # Paper: "a denoised latent from the diffusion process" - the predicted clean latent
             # of the same forward pass. No extra DiT forward.
             eps, _ = diffusion.split(out.float(), xt.shape[1])
-            x0_hat = diffusion.predict_x0(xt, t, eps, clip=m.denoised_clip)
+            x0_hat = diffusion.predict_x0(xt, t, eps, clip=self.cfg.critic_clip)
             if m.denoised_grad == "raw":
                 return x0_hat
             # Same value, gradient scaled by sqrt(alpha_bar_t) (see MethodConfig.denoised_grad).
             w = diffusion.at(diffusion.sqrt_alphas_cumprod, t, x0_hat.ndim)
             return x0_hat.detach() + w * (x0_hat - x0_hat.detach())
         if m.denoised_input == "posterior":
-            pmv = diffusion.p_mean_variance(out, xt, t, clip=m.denoised_clip)
+            pmv = diffusion.p_mean_variance(out, xt, t, clip=self.cfg.critic_clip)
             return diffusion.ancestral_step(pmv, t, torch.randn_like(xt))
         # "reference": parity with the released code - a second DiT forward that treats the clean
         # z0 as if it were x_t at step t, one ancestral step, x0 estimate clamped to [-1, 1].

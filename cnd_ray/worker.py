@@ -26,6 +26,7 @@ from cnd_ray.data import augment, stream
 from cnd_ray.errors import UserError
 
 GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation
+CPU_GRID_PER_CLASS = 2  # on a CPU, where a DiT-L draws one image in about a minute
 JUDGED = "judged.npz"  # in the final checkpoint: the plan (index, seed) and the images judged there
 # Shown on the console line of an evaluation (all of them go to Tune and MLflow).
 CONSOLE_METRICS = ("val_loss_diff", "val_auroc", "fidelity_auroc", "fd_judge", "fd_judge_floor",
@@ -75,8 +76,14 @@ def main(config: dict) -> None:
     # accelerate gives the autocast context and the loss scaler, nothing else: gradients are averaged
     # by distributed.runtime, never through accelerate's prepare(). cpu=True keeps a CPU run on the
     # CPU of a node that also has a GPU.
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cfg.scale.use_gpu)
+    cuda = cfg.scale.use_gpu and torch.cuda.is_available()
+    if cuda and cfg.train.tf32:  # fp32 matmuls and convolutions on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    acc = Accelerator(mixed_precision=cfg.precision(cuda, cuda and torch.cuda.is_bf16_supported()),
+                      cpu=not cfg.scale.use_gpu)
     state, consumed = _restore(cfg, ray.train.get_checkpoint(), acc.device, rank, world)
+    if cfg.train.compile:  # in place: the state dict keeps its keys, checkpoints stay loadable
+        state.dit.compile()
     rt = distributed.runtime(acc.autocast, acc.scaler, acc.device, world)
     tracker = tracking.open_tracker(config["tracking"], rank)
     console = Console(rank, config["run_dir"])
@@ -355,7 +362,8 @@ class Evaluator:
                 self.judged = (step, images)
                 grid = monitor.tile(images, labels, min(GRID_PER_CLASS, cfg.eval.search_samples))
         elif self.console.on and (cfg.data.space == "pixel" or decoder is not None):
-            grid = monitor.sample_grid(state, per_class=GRID_PER_CLASS, vae=decoder)
+            per_class = GRID_PER_CLASS if self.device.type == "cuda" else CPU_GRID_PER_CLASS
+            grid = monitor.sample_grid(state, per_class=per_class, vae=decoder)
         state.objective.train(was)
         if grid is not None:
             self._log_grid(step, grid)

@@ -11,16 +11,20 @@ from cnd_ray.errors import UserError
 
 # The derived sets, pinned: a key that moves between roles must move here too, on purpose.
 JUDGES = {"train.steps", "train.eval_every", "train.eval_batches", "diffusion.guidance_scale",
+          "diffusion.guidance_channels",
           "eval.sample_metrics", "eval.search_samples", "eval.search_sampler",
           "eval.search_sample_steps", "eval.seed", "eval.kid_subsets"}
 OPERATES_OUTSIDE_SECTIONS = {
     "train.name", "train.storage", "train.checkpoint_every", "train.keep_checkpoints",
     "train.max_failures", "train.log_every", "train.log_rows", "train.resume_with_changes",
     "data.shuffle_buffer", "data.decode_tasks", "data.vae",
-    "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta"}
+    "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
+    # speed and memory, the same model: GPU-only switches and recomputation
+    "model.grad_checkpoint", "classifier.channels_last", "optim.fused", "train.tf32", "train.compile"}
 OPERATES_SECTIONS = ("scale.", "track.", "fairness.", "eval.")
 SAMPLING_OUTSIDE_SECTIONS = {"diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
-                             "diffusion.guidance_scale", "data.vae", "data.shards"}
+                             "diffusion.guidance_scale", "diffusion.guidance_channels", "data.vae",
+                             "data.shards"}
 
 
 def test_key_roles_are_pinned():

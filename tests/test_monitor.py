@@ -34,6 +34,6 @@ def test_a_training_grid_is_drawn_by_the_generation_path():
     assert grid.shape == (2 * s, 3 * s, 3) and grid.dtype == np.uint8
     assert np.array_equal(grid, monitor.sample_grid(state, per_class=3, seed=7))
     rows = generate.plan(6, [1.0, 1.0], 7, 6)
-    images = generate.Generator(state.cfg, state.ema)(rows["seed"], rows["label"], rows["tone"])
+    images = generate.Generator(monitor.search_config(state.cfg), state.ema)(rows["seed"], rows["label"], rows["tone"])
     first = np.flatnonzero(rows["label"] == 1)[0]  # the first malignant image: row 1, column 0
     assert torch.equal(torch.from_numpy(grid[s:2 * s, :s]).permute(2, 0, 1), images[first])

@@ -5,12 +5,14 @@ the released Class-N-Diff code trains. Optional skin-tone conditioning adds a se
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # name -> (depth, hidden, heads). S/B/L/XL are the DiT paper's; T and XS train on a laptop CPU.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -92,20 +94,33 @@ class Attention(nn.Module):
 
 
 class PoolCrossAttention(nn.Module):
-    """One query (the conditioning vector) attends over the image tokens."""
+    """One query (the conditioning vector) attends over the image tokens. `one_qkv`: q, k and v are
+    the rows of one (3D, D) matrix, initialised as one, as the released block's; else q and kv are
+    two layers (the same parameter count, initialised apart)."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, one_qkv: bool = False):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(hidden, hidden)
-        self.kv = nn.Linear(hidden, 2 * hidden)
+        if one_qkv:
+            self.qkv = nn.Linear(hidden, 3 * hidden)
+        else:
+            self.q = nn.Linear(hidden, hidden)
+            self.kv = nn.Linear(hidden, 2 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+
+    def _q_kv(self, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "qkv"):
+            return self.q(c), self.kv(x)
+        d = c.shape[-1]
+        w, b = self.qkv.weight, self.qkv.bias
+        return F.linear(c, w[:d], b[:d]), F.linear(x, w[d:], b[d:])
 
     def forward(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         h = self.heads
-        q = self.q(c).view(n, 1, h, d // h).transpose(1, 2)  # (N, H, 1, d/H)
-        k, v = self.kv(x).view(n, t, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (N, H, T, d/H) each
+        q, kv = self._q_kv(c, x)
+        q = q.view(n, 1, h, d // h).transpose(1, 2)  # (N, H, 1, d/H)
+        k, v = kv.view(n, t, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (N, H, T, d/H) each
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, 1, d/H)
         return self.proj(out.transpose(1, 2).reshape(n, 1, d))  # (N, 1, D)
 
@@ -138,15 +153,17 @@ class AdaLNZeroBlock(nn.Module):
 
 
 class XAttnPoolBlock(nn.Module):
-    """The released code's block: self-attention, a pooled cross-attention from c, an MLP."""
+    """The released code's block: self-attention, a pooled cross-attention from c, an MLP.
+    `released`: its non-affine LayerNorms and one qkv matrix (model.xattn_variant)."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, released: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
+        affine = not released
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=affine)
         self.attn = Attention(hidden, heads)
-        self.norm_kv = nn.LayerNorm(hidden, eps=1e-6)
-        self.cross = PoolCrossAttention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.norm_kv = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=affine)
+        self.cross = PoolCrossAttention(hidden, heads, one_qkv=released)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=affine)
         self.mlp = mlp(hidden, mlp_ratio)
 
     def init_zero(self) -> None:
@@ -158,7 +175,8 @@ class XAttnPoolBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-BLOCKS = {"adaln_zero": AdaLNZeroBlock, "xattn_pool": XAttnPoolBlock}
+BLOCKS = {"adaln_zero": AdaLNZeroBlock, "xattn_pool": XAttnPoolBlock,
+          "xattn_pool_released": functools.partial(XAttnPoolBlock, released=True)}
 
 
 class FinalLayer(nn.Module):
@@ -179,13 +197,14 @@ class DiT(nn.Module):
     # Every setting comes from the config (build_dit; house rule 3); mlp_ratio is DiT's constant.
     def __init__(self, input_size: int, patch_size: int, in_channels: int, depth: int, hidden: int,
                  heads: int, num_classes: int, class_dropout: float, learn_sigma: bool, block: str,
-                 tone_groups: int, tone_dropout: float, mlp_ratio: float = 4.0):
+                 tone_groups: int, tone_dropout: float, grad_checkpoint: bool = False,
+                 mlp_ratio: float = 4.0):
         super().__init__()
         assert hidden % heads == 0 and input_size % patch_size == 0
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size, self.input_size, self.num_classes = patch_size, input_size, num_classes
-        self.tone_groups = tone_groups
+        self.tone_groups, self.grad_checkpoint = tone_groups, grad_checkpoint
         self.x_embedder = nn.Conv2d(in_channels, hidden, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = LabelEmbedder(num_classes, hidden, class_dropout)
@@ -242,7 +261,10 @@ class DiT(nn.Module):
                 tone = torch.full_like(y, self.tone_groups)
             c = c + self.tone_embedder(tone)
         for blk in self.blocks:
-            h = blk(h, c)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                h = checkpoint(blk, h, c, use_reentrant=False)  # activations recomputed in backward
+            else:
+                h = blk(h, c)
         return self.unpatchify(self.final_layer(h, c))
 
 
@@ -252,5 +274,6 @@ def build_dit(cfg) -> DiT:
     m = cfg.model
     return DiT(input_size=cfg.input_size, patch_size=m.patch_size, in_channels=cfg.in_channels,
                depth=depth, hidden=hidden, heads=heads, num_classes=m.num_classes,
-               class_dropout=m.class_dropout, learn_sigma=m.learn_sigma, block=m.block,
-               tone_groups=m.tone_groups, tone_dropout=m.tone_dropout)
+               class_dropout=m.class_dropout, learn_sigma=m.learn_sigma,
+               block=f"{m.block}_released" if m.block == "xattn_pool" and m.xattn_variant == "released" else m.block,
+               tone_groups=m.tone_groups, tone_dropout=m.tone_dropout, grad_checkpoint=m.grad_checkpoint)
