@@ -266,6 +266,9 @@ class ScaleConfig:
     # Where Ray puts the workers: PACK fills a node first (fast all-reduce); SPREAD / STRICT_SPREAD
     # put them on different nodes (one GPU per node, or surviving the loss of one node's workers).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Average the DiT's gradients while backward runs (bucketed, asynchronous) rather than after it:
+    # communication hides behind compute on several GPUs (bench/grad_overlap.py). Same numbers.
+    grad_overlap: bool = True
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,17 @@ class Runtime:
     The Ray layer fills these in from accelerate and torch.distributed. Gradients are averaged
     explicitly rather than through DDP wrappers, because a step may run the DiT twice (`reference`)
     or use the classifier frozen (denoised branch), which DDP's hooks do not allow; every rank takes
-    the same branch (the shared coin), so every rank averages the same tensors.
+    the same branch (the shared coin), so every rank averages the same tensors. `overlap` starts
+    the DiT's averaging while its backward runs (post-accumulate-grad hooks, bucketed, in order).
     """
 
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     average: Callable[[list[torch.Tensor]], None] | None = None  # in-place mean over ranks
     all_finite: Callable[[bool], bool] = lambda ok: ok  # True only if finite on every rank
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    # The DiT's gradients averaged while backward runs (distributed.OverlappedAverage: arm() before
+    # the step's last backward, finish() after it), in place of `average` for them.
+    overlap: object | None = None
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -122,7 +126,7 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
     # A non-finite batch would poison BatchNorm running stats in its forward: keep a copy to
     # restore when the step is skipped (buffers are small next to the weights).
     saved = [b.clone() for b in objective.buffers()] if skip else []
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         with rt.autocast():
             out = objective(batch["x"], batch["y"], state.step, tone=batch.get("tone"))
         if not rt.all_finite(bool(torch.isfinite(out.loss))):  # every rank decides alike
@@ -130,13 +134,17 @@ def train_step(state: TrainState, micro_batches: list[dict], rt: Runtime | None 
                 raise NonFiniteLoss(_nonfinite_message(state, out, batch))
             return _skip_step(state, saved)
         loss = out.loss.float() / accum
+        if rt.overlap is not None and i == accum - 1:
+            rt.overlap.arm()
         (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
         if out.branch == CLEAN:
             pending += 1.0 / accum
         for k, v in out.metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) / accum
 
-    if rt.average is not None:
+    if rt.overlap is not None:
+        rt.overlap.finish()
+    elif rt.average is not None:
         rt.average(_grads_of(state.dit))
     for group in state.opt_dit.param_groups:  # a pure function of the step: nothing to checkpoint
         group["lr"] = dit_lr(cfg.optim, state.step)

@@ -84,7 +84,8 @@ def main(config: dict) -> None:
     state, consumed = _restore(cfg, ray.train.get_checkpoint(), acc.device, rank, world)
     if cfg.train.compile:  # in place: the state dict keeps its keys, checkpoints stay loadable
         state.dit.compile()
-    rt = distributed.runtime(acc.autocast, acc.scaler, acc.device, world)
+    rt = distributed.runtime(acc.autocast, acc.scaler, acc.device, world,
+                             overlap=state.dit if cfg.scale.grad_overlap else None)
     tracker = tracking.open_tracker(config["tracking"], rank)
     console = Console(rank, config["run_dir"])
     # Which Ray nodes hold the ranks (rank order), so a multi-node run says where it ran and a

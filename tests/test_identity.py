@@ -20,7 +20,8 @@ OPERATES_OUTSIDE_SECTIONS = {
     "data.shuffle_buffer", "data.decode_tasks", "data.vae",
     "diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
     # speed and memory, the same model: GPU-only switches and recomputation
-    "model.grad_checkpoint", "classifier.channels_last", "optim.fused", "train.tf32", "train.compile"}
+    "model.grad_checkpoint", "classifier.channels_last", "optim.fused", "train.tf32", "train.compile",
+    "scale.grad_overlap"}
 OPERATES_SECTIONS = ("scale.", "track.", "fairness.", "eval.")
 SAMPLING_OUTSIDE_SECTIONS = {"diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
                              "diffusion.guidance_scale", "diffusion.guidance_channels", "data.vae",
