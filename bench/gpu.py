@@ -227,6 +227,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -118,6 +119,7 @@ def main() -> None:
           f"compute at {ASSUMED_MFU:.0%} MFU of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s (assumed)")
     print("| GPUs | images per GPU | bandwidth | compute ms | all-reduce ms | waiting, after | waiting, overlapped |")
     print("|---|---|---|---|---|---|---|")
+    projected = []
     for gpus in (8, 32):
         for per_gpu in (1, 32):
             compute = flops * per_gpu / (H100_BF16_FLOPS * ASSUMED_MFU)
@@ -128,7 +130,13 @@ def main() -> None:
                 exposed_overlap = left / (compute + left)
                 print(f"| {gpus} | {per_gpu} | {name} | {1e3 * compute:.2f} | {1e3 * comm:.1f} | "
                       f"{exposed_after:.0%} | {exposed_overlap:.0%} |")
+                projected.append({"gpus": gpus, "per_gpu": per_gpu, "bandwidth": bw, "compute_s": compute,
+                                  "allreduce_s": comm, "exposed_after": exposed_after,
+                                  "exposed_overlapped": exposed_overlap})
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    print(json.dumps({"measured": {"size": args.size, "after_s": m["after"], "overlapped_s": m["overlapped"],
+                                   "ratio": m["overlapped"] / m["after"]},
+                      "dit_l4": {"grad_bytes": grad_bytes, "flops_per_image": flops}, "projected": projected}))
 
 
 if __name__ == "__main__":

@@ -94,3 +94,16 @@ def test_build_dit_from_config():
     m = build_dit(cfg)
     assert 1.2e6 < sum(p.numel() for p in m.parameters()) < 1.4e6  # the brief's 1.3M DiT
     assert m.in_channels == 3 and m.input_size == 32
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """model.grad_checkpoint trades compute for memory, nothing else: the same loss and gradients."""
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = _dit("T", 4, grad_checkpoint=on).train()
+        x, t, y = torch.randn(3, 4, 32, 32), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 2])
+        m(x, t, y).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 10
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
