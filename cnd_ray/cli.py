@@ -257,7 +257,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     proc = tracking.ui(uri, port)
-    print(f"MLflow UI for {uri}: http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    urls = tracking.ui_urls(uri, f"http://127.0.0.1:{port}", cfg.track.experiment)
+    print(f"MLflow UI for {uri}: {urls['runs']} (Ctrl-C stops it)", flush=True)
+    if "search" in urls:
+        print(f"latest search: {urls['search']}", flush=True)
 
     def _stop(signum, frame):
         raise KeyboardInterrupt

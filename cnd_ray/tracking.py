@@ -318,7 +318,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=artifacts or _artifact_location(uri))
+        experiment, artifact_location=artifacts or _artifact_location(uri), tags=EXPERIMENT_TAGS)
     run_id = find_run(uri, experiment, run_name)
     if run_id:
         client.update_run(run_id, status="RUNNING")
@@ -519,6 +519,38 @@ def open_tracker(info: dict | None, rank: int) -> Tracker:
     mirror = info.get("mirror")  # a spool at a URI: log to a copy of it on this node
     return MlflowTracker(pull_spool(mirror) if mirror else info["uri"], info["run_id"],
                          info.get("after_step", -1), mirror=mirror)
+
+
+# What a user reads at the top of the experiment in the UI, and its kind: MLflow 3 otherwise opens it
+# in the GenAI view (traces, token usage) instead of the runs table.
+EXPERIMENT_TAGS = {
+    "mlflow.note.content": (
+        "cnd_ray: Class-N-Diff, a DiT trained jointly with a benign/malignant classifier. One run per "
+        "training run (params: the whole config; metrics: losses every train.log_every steps and, at "
+        "each evaluation, the sample metrics judged by an independent classifier; artifacts: the "
+        "config, sample grids, the loss curve). A search (`cnd-ray tune`) is a parent run with one "
+        "child run per trial, ranked by its space's metric - fd_ratio for the shipped spaces: the "
+        "samples' Frechet distance in the judge's feature space over the real-vs-real floor, lower "
+        "is better; the parent holds the trial table and the best trial."),
+    "mlflow.experimentKind": "custom_model_development",
+}
+RUNS_VIEW = "?workflowType=machine_learning"  # the runs table, not the GenAI landing view
+
+
+def ui_urls(uri: str, base: str, experiment: str) -> dict[str, str]:
+    """The UI pages a user opens for `experiment` in the store `uri`, served at `base`: "runs" (its
+    runs table in the model-training view) and, after a search, "search" (the latest search's
+    parent run); just the front page ("runs": base) while the experiment does not exist."""
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {"runs": f"{base}/"}
+    urls = {"runs": f"{base}/#/experiments/{exp.experiment_id}/runs{RUNS_VIEW}"}
+    latest = client.search_runs([exp.experiment_id], filter_string="tags.`cnd_ray.kind` = 'search'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    if latest:
+        urls["search"] = f"{base}/#/experiments/{exp.experiment_id}/runs/{latest[0].info.run_id}{RUNS_VIEW}"
+    return urls
 
 
 def ui_command(uri: str) -> str:

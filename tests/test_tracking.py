@@ -153,3 +153,19 @@ def test_a_uri_spool_is_fetched_only_when_it_is_read(tmp_path, monkeypatch):
     assert fetched == []
     assert tracking.upload(run_dir, to=f"sqlite:///{tmp_path}/server.db")[1].keys() == {"r1"}
     assert len(fetched) == 1 and tracking.spool_server(run_dir) is None
+
+
+def test_the_experiment_describes_itself_and_the_ui_urls_land_on_its_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert tracking.ui_urls(uri, "http://h:1", "cnd_ray") == {"runs": "http://h:1/"}  # nothing yet
+    tracking.start_run(uri, "cnd_ray", "r", {}, {})
+    exp = tracking.mlflow_client(uri).get_experiment_by_name("cnd_ray")
+    assert "fd_ratio" in exp.tags["mlflow.note.content"]  # which metric ranks trials
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = f"http://h:1/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    assert tracking.ui_urls(uri, "http://h:1", "cnd_ray") == {"runs": runs}
+    first, _ = tracking.start_run(uri, "cnd_ray", "s1", {}, {"cnd_ray.kind": "search"})
+    time.sleep(0.01)
+    latest, _ = tracking.start_run(uri, "cnd_ray", "s2", {}, {"cnd_ray.kind": "search"})
+    assert tracking.ui_urls(uri, "http://h:1", "cnd_ray")["search"] == \
+        f"http://h:1/#/experiments/{exp.experiment_id}/runs/{latest}?workflowType=machine_learning"

@@ -207,7 +207,8 @@ def test_ui_serves_the_runs_over_rest(tmp_path):
                              "--port", str(port)], stdout=subprocess.PIPE, text=True)
     server = None
     try:
-        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        # it lands on the runs table of the experiment, in the model-training view
+        assert f"http://127.0.0.1:{port}/#/experiments/1/runs?workflowType=machine_learning" in proc.stdout.readline()
         for _ in range(120):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
