@@ -586,6 +586,35 @@ def format_table(rows: list[dict], s: Space) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _log_curves(uri: str, parent: str, s: Space, rows: list[dict]) -> None:
+    """The ranking metric over training steps, one line per trial, as the parent's curves.png."""
+    curves = [(r, r["curves"].get(s.metric) or []) for r in rows]
+    if not any(c for _, c in curves):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnd_ray import tracking
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r, c in curves:
+        if c:
+            ax.plot(*zip(*c), marker="o", label=f"{r['trial']}" + (f" (setting {r['setting']})" if r["setting"] else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{s.metric} ({'lower' if s.mode == 'min' else 'higher'} is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "curves.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        tracking.log_file(uri, parent, path)
+
+
 def _log_parent(uri: str, parent: str, s: Space, rows: list[dict], table: str, best: dict | None,
                 seconds: float) -> None:
     """The parent run holds the answer: the table, every row as JSON, the best trial as tags."""
@@ -593,7 +622,11 @@ def _log_parent(uri: str, parent: str, s: Space, rows: list[dict], table: str, b
 
     tracking.log_text(uri, parent, table, "summary.md")
     tracking.log_text(uri, parent, json.dumps(rows, indent=1, default=str), "trials.json")
-    tags: dict[str, Any] = {"search_seconds": round(seconds, 1),
+    _log_curves(uri, parent, s, rows)
+    # What the children differ in and what ranks them: the columns to compare them by.
+    tags: dict[str, Any] = {"cnd_ray.metric": s.metric, "cnd_ray.mode": s.mode,
+                            "cnd_ray.varying": ",".join(varying(rows)),
+                            "search_seconds": round(seconds, 1),
                             "trials_finished": sum(r["status"] == "finished" for r in rows),
                             "trials_stopped_early": sum(r["status"] == "stopped" for r in rows),
                             "trials_failed": sum(r["status"] == "error" for r in rows)}

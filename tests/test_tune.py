@@ -136,8 +136,11 @@ def test_smoke_search_is_one_parent_with_a_child_per_trial_over_rest(smoke_searc
     assert "judge_heldout_auroc" in {m["key"] for m in parents[0]["data"]["metrics"]}
     assert ptags["best_trial"] == out["best"]["trial"] and ptags["trials_finished"] == "2"
     assert "best_setting" in ptags and "best.method.gamma_schedule" in ptags
-    assert {"summary.md", "trials.json", "base_config.yaml", "space"} <= {
+    assert {"summary.md", "trials.json", "base_config.yaml", "space", "curves.png"} <= {
         f["path"] for f in artifacts[parent]["files"]}
+    # what the children differ in and what ranks them, for MLflow's compare view
+    assert ptags["cnd_ray.metric"] == "fd_ratio" and ptags["cnd_ray.mode"] == "min"
+    assert ptags["cnd_ray.varying"] == ",".join(tune.varying(out["rows"]))
     assert all(r["status"] == "finished" and r["step"] == 400 for r in out["rows"])
     m = [r["fd_ratio"] for r in out["rows"]]
     assert m == sorted(m)  # ranked best first, by the sample metric
