@@ -8,6 +8,8 @@ and retried. Other ranks get the do-nothing `Tracker` (house rule 8).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -68,7 +70,6 @@ def reachable(uri: str) -> bool:
     if not uri.startswith(("http://", "https://")):
         return True
     import base64
-    import json
     import urllib.error
     import urllib.request
 
@@ -181,8 +182,8 @@ def spooled(run_dir: str, who: str = "") -> tuple[str, str] | None:
 
 
 def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | None = None) -> str:
-    """Copy the run `run_name` from the spool store into `server`: params, tags, every metric value
-    the server does not hold yet (by key and step), artifacts it does not have, and the status;
+    """Copy the run `run_name` from the spool store into `server`: params, tags, dataset inputs, every
+    metric value the server does not hold yet (by key and step), artifacts it does not have, and the status;
     `parent`: the server's id of its parent run (a search's trial). Idempotent, so an upload cut
     short and repeated stores each value exactly once. Returns the server's run id."""
     src = mlflow_client(spool)
@@ -205,6 +206,10 @@ def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | 
         for i in range(0, len(new), 1000):
             dst.log_batch(dest_id, metrics=new[i:i + 1000])
     set_tags(server, dest_id, tags)
+    held = {i.dataset.digest for i in dst.get_run(dest_id).inputs.dataset_inputs}
+    datasets = [i for i in run.inputs.dataset_inputs if i.dataset.digest not in held]
+    if datasets:
+        dst.log_inputs(dest_id, datasets=datasets)
     have = set(_artifact_paths(dst, dest_id))
     with tempfile.TemporaryDirectory() as d:
         for path in _artifact_paths(src, run_id):
@@ -331,6 +336,37 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id, -1
+
+
+def shards_digest(manifest: dict, split: str) -> str:
+    """A digest of a split's contents (each shard file's sha256, the labelling and the size): two
+    runs on the same shards show the same one, wherever the folder lives."""
+    keep = {k: manifest.get(k) for k in ("label_mode", "ak_malignant", "image_size", "latent")}
+    keep["files"] = sorted((s["file"], s["sha256"]) for s in manifest.get("shards", [])
+                           if s.get("split", split) == split)
+    keep["split"] = split
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def log_dataset(uri: str, run_id: str, shards: str, manifest: dict) -> None:
+    """The run's shards as MLflow dataset inputs, one per split (its context): named by the folder,
+    the source its path or URI, the digest its contents, the profile its counts per class and per
+    skin-tone band. MLflow's Dataset column and the run's Inputs show them."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client = mlflow_client(uri)
+    have = {i.dataset.digest for i in client.get_run(run_id).inputs.dataset_inputs}
+    profile = {"image_size": manifest.get("image_size"), "space": "latent" if manifest.get("latent") else "pixel",
+               "label_mode": manifest.get("label_mode"), "skin_tones": manifest.get("skin_tones", {})}
+    # One dataset per split (MLflow keeps one input per dataset and run, whatever its context).
+    inputs = [DatasetInput(Dataset(name=os.path.basename(str(shards).rstrip("/")), digest=shards_digest(manifest, split),
+                                   source_type=str(shards).split("://")[0] if storage.is_uri(shards) else "local",
+                                   source=json.dumps({"uri": str(shards)}),
+                                   profile=json.dumps({"split": split, "counts": counts, **profile})),
+                           [InputTag("mlflow.data.context", split)])
+              for split, counts in manifest.get("splits", {}).items() if shards_digest(manifest, split) not in have]
+    if inputs:  # a resumed run has them already
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:

@@ -230,6 +230,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     if server is None:  # however the run ends (a no-op in Tune's trials); a spool saves it at the end
         driverlog.save_at_exit(run_dir, uri, run_id)
     tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+    tracking.log_dataset(uri, run_id, cfg.data.shards, manifest)
     log_judge(uri, run_id, judge_file)
     if server:  # rank 0, on any node, logs to a copy of what the storage holds now
         tracking.push_spool(run_dir, uri)

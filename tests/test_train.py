@@ -420,6 +420,9 @@ def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards
     # judged in pixel space too: the sample metrics of a latent run
     assert {"fd_ratio", "fidelity_auroc"} <= set(client.get_run(out["mlflow_run_id"]).data.metrics)
     assert [m.step for m in client.get_metric_history(out["mlflow_run_id"], "fd_ratio")] == [4]
+    # its shards are the run's dataset inputs (MLflow's Dataset column), train and val
+    inputs = client.get_run(out["mlflow_run_id"]).inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {os.path.basename(str(shards))} and len(inputs) == 2
     # the checkpoint names its run: evaluate and sample find the run from the config it holds
     assert identity.run_name(checkpoint.load_config(out["checkpoint"])) == out["run_name"]
     assert set(glob.glob(f"{tempfile.gettempdir()}/cnd_ray_artifact_*")) <= spool_before
