@@ -225,7 +225,9 @@ def cmd_fairness(args: argparse.Namespace) -> int:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="CKPT",
-                   help="checkpoint folder, or a training run folder (its latest checkpoint)")
+                   help="checkpoint folder, a training run folder (its latest checkpoint), or a model "
+                        "in MLflow: models:/<search>@best (a search's registered best), "
+                        "models:/<name>/<version>, models:/<logged model id>")
     p.add_argument("--sampler", choices=config_lib.SAMPLERS, default=None,
                    help="ddpm: ancestral, the paper's (250 steps); ddim; dpm++: DPM-Solver++(2M), an "
                         "ODE solver for 20-50 steps; dpm++-sde: its stochastic form, clean in 25 steps "

@@ -96,8 +96,15 @@ def latest_checkpoint(folder: str) -> str | None:
     return result.checkpoint.path if result.checkpoint else None
 
 
-def resolve_checkpoint(ckpt: str) -> str:
-    """A checkpoint folder, or a Ray Train run folder (its latest recorded checkpoint)."""
+def resolve_checkpoint(ckpt: str, overrides=()) -> str:
+    """A checkpoint folder, a Ray Train run folder (its latest recorded checkpoint), or a model in
+    MLflow (`models:/<search>@best`, `models:/<name>/<version>`, `models:/<logged model id>`) in
+    the store of `overrides`' track.tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    if ckpt.startswith("models:/"):
+        from cnd_ray import tracking
+
+        uri = config_lib.to_nested(overrides).get("track", {}).get("tracking_uri", "")
+        ckpt = tracking.resolve_model(tracking.resolve_uri(uri), ckpt)
     path = os.path.abspath(os.path.expanduser(ckpt))
     if os.path.isfile(os.path.join(path, "meta.json")):
         return path

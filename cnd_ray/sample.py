@@ -218,7 +218,7 @@ def tone_check(out: Path, files: list[str], requested: int, groups: int) -> dict
 def run(ckpt: str, out: str, num_per_class: int = 16, overrides=(), tone: int | None = None,
         progress: bool = True) -> dict:
     """Sample `num_per_class` images of every class from `ckpt` into `out`."""
-    path = identity.resolve_checkpoint(ckpt)
+    path = identity.resolve_checkpoint(ckpt, overrides)
     cfg, ema, step = checkpoint.load_ema(path)
     cfg = sampling_config(cfg, overrides)
     if tone is not None and not 0 <= tone < cfg.model.tone_groups:

@@ -434,10 +434,11 @@ class MlflowTracker(Tracker):
     """Batched, retrying MLflow logging from a background thread."""
 
     def __init__(self, uri: str, run_id: str, after_step: int = -1, flush_every: float = 2.0,
-                 mirror: str | None = None):
+                 mirror: str | None = None, model_id: str | None = None):
         """`mirror`: the URI folder whose spool `uri` is a working copy of, pushed there every
-        PUSH_EVERY_S and at the end (a restarted rank 0, on any node, pulls it again)."""
-        self.mirror, self.pushed = mirror, time.monotonic()
+        PUSH_EVERY_S and at the end (a restarted rank 0, on any node, pulls it again). `model_id`:
+        the run's logged model, which every metric is linked to."""
+        self.mirror, self.pushed, self.model_id = mirror, time.monotonic(), model_id
         # Fail fast and retry ourselves: MLflow's own retries would block the flush thread minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -470,7 +471,7 @@ class MlflowTracker(Tracker):
 
         now = int(time.time() * 1000)
         with self.lock:
-            self.metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.metrics += [Metric(k, float(v), now, step, model_id=self.model_id) for k, v in metrics.items()]
 
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
         """Queue a copy of the file (the caller may delete it before the upload happens)."""
@@ -554,7 +555,81 @@ def open_tracker(info: dict | None, rank: int) -> Tracker:
         return Tracker()
     mirror = info.get("mirror")  # a spool at a URI: log to a copy of it on this node
     return MlflowTracker(pull_spool(mirror) if mirror else info["uri"], info["run_id"],
-                         info.get("after_step", -1), mirror=mirror)
+                         info.get("after_step", -1), mirror=mirror, model_id=info.get("model_id"))
+
+
+# --- logged models and the registry ---------------------------------------------------------------
+
+MODEL_TAG = "cnd_ray.model_id"  # on a run: the id of its logged model
+CHECKPOINT_TAG = "cnd_ray.checkpoint"  # on a logged model and a model version: the checkpoint folder
+
+
+def start_model(uri: str, experiment: str, run_id: str, name: str, params: dict) -> str:
+    """The id of run `run_id`'s logged model (MLflow 3), PENDING until the run finishes; the same
+    one again on a resume. Metrics rank 0 logs are linked to it; `params`: what it is."""
+    client = mlflow_client(uri)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'", max_results=1)
+    if found:
+        return found[0].model_id
+    model = client.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type="cnd_ray",
+                                       params={k: str(v) for k, v in params.items()})
+    set_tags(uri, run_id, {MODEL_TAG: model.model_id})
+    return model.model_id
+
+
+def finish_model(uri: str, model_id: str, checkpoint: str | None, step: int, config_yaml: str) -> None:
+    """READY, naming its checkpoint and step, with the config and the checkpoint's path as its
+    artifacts (the weights stay in train.storage); FAILED when the run ended without one."""
+    client = mlflow_client(uri)
+    if not checkpoint:
+        client.finalize_logged_model(model_id, "FAILED")
+        return
+    client.set_logged_model_tags(model_id, {CHECKPOINT_TAG: checkpoint, "cnd_ray.step": str(step)})
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "config.yaml").write_text(config_yaml)
+        Path(d, "checkpoint.txt").write_text(checkpoint + "\n")
+        client.log_model_artifacts(model_id, d)
+    client.finalize_logged_model(model_id, "READY")
+
+
+def register_model(uri: str, name: str, model_id: str, run_id: str, tags: dict, description: str) -> str:
+    """Register the logged model `model_id` as a new version of `name` (made when missing) and point
+    the alias "best" at it; returns the version. The version's tags name the model and checkpoint."""
+    client = mlflow_client(uri)
+    model = client.get_logged_model(model_id)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # not registered yet
+        client.create_registered_model(name, description="cnd_ray: the best trial of the search of this name")
+    # The source is the model's artifact folder: a models:/<id> source makes the registry look the
+    # model up through the process-wide tracking URI, which need not be this store.
+    version = client.create_model_version(
+        name, source=model.artifact_location, run_id=run_id, description=description,
+        tags={MODEL_TAG: model_id, CHECKPOINT_TAG: model.tags.get(CHECKPOINT_TAG, ""),
+              **{k: str(v) for k, v in tags.items()}}).version
+    client.set_registered_model_alias(name, "best", version)
+    return str(version)
+
+
+def resolve_model(uri: str, ref: str) -> str:
+    """The checkpoint folder behind `models:/<name>/<version>`, `models:/<name>@<alias>` or
+    `models:/<logged model id>` in the store at `uri`; UserError naming the reference otherwise."""
+    client = mlflow_client(uri)
+    body = ref[len("models:/"):]
+    try:
+        if "@" in body:
+            tags = client.get_model_version_by_alias(*body.split("@", 1)).tags
+        elif "/" in body:
+            tags = client.get_model_version(*body.rsplit("/", 1)).tags
+        else:
+            tags = client.get_logged_model(body).tags
+    except Exception as e:
+        raise UserError(f"--ckpt {ref}: not found in the MLflow store {uri} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    if not tags.get(CHECKPOINT_TAG):
+        raise UserError(f"--ckpt {ref}: names no checkpoint (its run did not finish)")
+    return tags[CHECKPOINT_TAG]
 
 
 # What a user reads at the top of the experiment in the UI, and its kind: MLflow 3 otherwise opens it

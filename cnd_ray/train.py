@@ -187,7 +187,7 @@ def _git_commit() -> str:
 
 
 def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | None = None) -> dict:
-    """Train `cfg` on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id"}.
+    """Train `cfg` on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id", "model_id"}.
 
     `callbacks` go to Ray Train's RunConfig (Tune passes its report callback); `tags` are added to
     the MLflow run (Tune passes the parent run id and the trial's setting); `spool_for`: the
@@ -231,6 +231,10 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         driverlog.save_at_exit(run_dir, uri, run_id)
     tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
     tracking.log_dataset(uri, run_id, cfg.data.shards, manifest)
+    # The run's logged model, which its metrics link to (MLflow 3's Models); a spooled run gets none:
+    # the upload copies runs, not models.
+    model_id = None if server else tracking.start_model(
+        uri, cfg.track.experiment, run_id, name, {k: v for k, v in cfg.flat().items() if identity.trains(k)})
     log_judge(uri, run_id, judge_file)
     if server:  # rank 0, on any node, logs to a copy of what the storage holds now
         tracking.push_spool(run_dir, uri)
@@ -242,7 +246,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     trainer = _trainer(cfg, manifest, (start_step, *start), callbacks, {
         "config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file, "interrupt": request or "",
         "stream_start": list(start),
-        "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged,
+        "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged, "model_id": model_id,
                      "mirror": run_dir if server and storage.is_uri(run_dir) else None}})
     if request:
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
@@ -250,12 +254,14 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         trainer._register_sigint_handler = lambda controller: None
     uploader = server and not spool_for and tracking.SpoolUploader(run_dir, server)
 
-    def finish(status: str, tags: dict, text: str | None = None) -> str:
-        """End the MLflow run (with a spool: upload it, or say how; a search's trial: leave it to
-        the search); the run id it ends up under."""
+    def finish(status: str, tags: dict, text: str | None = None, ckpt: str | None = None, step: int = 0) -> str:
+        """End the MLflow run and its logged model (with a spool: upload it, or say how; a search's
+        trial: leave it to the search); the run id it ends up under."""
         if uploader:
             uploader.close()
         now = tracking.pull_spool(run_dir) if server else uri  # with what rank 0 logged
+        if model_id and status != "KILLED":  # interrupted: it goes on at the relaunch
+            tracking.finish_model(now, model_id, ckpt, step, cfg.to_yaml())
         tracking.finish_run(now, run_id, status, tags)
         if text:
             tracking.log_text(now, run_id, text, "final_checkpoint.txt")
@@ -284,8 +290,10 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         finish("KILLED", {"interrupted_at_step": step, "checkpoint": ckpt})
         raise TrainingInterrupted(f"interrupted at step {step}; checkpoint {ckpt}; run the same command "
                                   "again to resume from it")
-    run_id = finish("FINISHED", {"final_checkpoint": ckpt}, f"{ckpt}\n")
-    return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id}
+    run_id = finish("FINISHED", {"final_checkpoint": ckpt}, f"{ckpt}\n", ckpt,
+                    (result.metrics or {}).get("step", cfg.train.steps))
+    return {"checkpoint": ckpt, "metrics": result.metrics, "run_name": name, "mlflow_run_id": run_id,
+            "model_id": model_id}
 
 
 def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, loop_config: dict):

@@ -498,13 +498,33 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     table = format_table(rows, s)
     best = rows[0] if rows and rows[0]["status"] != "error" else None
     _log_parent(uri, parent, s, rows, table, best, time.time() - t0)
+    registered = None if server or not best else _register_best(uri, cfg, s, search, best, parent)
     if server:  # the parent and every trial's run, or where they stay
         uploader.close()
         tracking.push_spool(exp_path, uri)
         uploaded = train.upload_spool(exp_path, search, parent)
         uri, parent = (server, uploaded) if uploaded != parent else (uri, parent)
     return {"name": search, "rows": rows, "best": best, "path": exp_path, "parent_run_id": parent,
-            "table": table, "space": s, "tracking_uri": uri, "judge": judge_file}
+            "table": table, "space": s, "tracking_uri": uri, "judge": judge_file, "registered": registered}
+
+
+def _register_best(uri: str, cfg, s: Space, search: str, best: dict, parent: str) -> str | None:
+    """The best trial's logged model, registered under the search's name (alias "best") with its
+    metric and config; the reference `cnd-ray sample --ckpt` takes (models:/<search>@best)."""
+    from cnd_ray import checkpoint, tracking
+
+    run_id = tracking.find_run(uri, cfg.track.experiment, identity.trial_run(search, best["trial"]))
+    model_id = run_id and tracking.mlflow_client(uri).get_run(run_id).data.tags.get(tracking.MODEL_TAG)
+    if not model_id or not best["checkpoint"]:
+        return None
+    version = tracking.register_model(
+        uri, search, model_id, run_id, description=checkpoint.read_config(best["checkpoint"]).to_yaml(),
+        tags={"cnd_ray.metric": s.metric, s.metric: best.get(s.metric), "cnd_ray.trial": best["trial"],
+              "cnd_ray.search_run": parent})
+    ref = f"models:/{search}@best"
+    tracking.set_tags(uri, parent, {"cnd_ray.registered": f"{ref} (version {version})"})
+    print(f"best trial registered as {ref} (version {version}): `cnd-ray sample --ckpt {ref}`", flush=True)
+    return ref
 
 
 # --- results -------------------------------------------------------------------------------------

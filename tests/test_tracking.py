@@ -3,6 +3,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 
 from cnd_ray import tracking
 
@@ -200,3 +201,33 @@ def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):
     assert len(tracking.mlflow_client(server).get_run(up).inputs.dataset_inputs) == 2
     tracking.sync(uri, server, "cnd_ray", "r")
     assert len(tracking.mlflow_client(server).get_run(up).inputs.dataset_inputs) == 2
+
+
+def test_a_finished_run_is_a_logged_model_and_a_registered_one_resolves_to_its_checkpoint(tmp_path):
+    from cnd_ray import identity
+    from cnd_ray.errors import UserError
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    ckpt = tmp_path / "run" / "checkpoint_00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    run_id, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
+    model_id = tracking.start_model(uri, "cnd_ray", run_id, "r", {"model.size": "T"})
+    assert tracking.start_model(uri, "cnd_ray", run_id, "r", {}) == model_id  # a resume: the same one
+    tracker = tracking.MlflowTracker(uri, run_id, model_id=model_id)
+    tracker.log(10, {"fd_ratio": 2.5})
+    tracker.close()
+    tracking.finish_model(uri, model_id, str(ckpt), 10, "model: {}\n")
+    client = tracking.mlflow_client(uri)
+    model = client.get_logged_model(model_id)
+    assert str(model.status).endswith("READY") and model.source_run_id == run_id
+    assert [(m.key, m.step, m.value) for m in model.metrics] == [("fd_ratio", 10, 2.5)]
+    assert model.tags[tracking.CHECKPOINT_TAG] == str(ckpt) and model.params == {"model.size": "T"}
+    assert client.get_run(run_id).data.tags[tracking.MODEL_TAG] == model_id
+    assert tracking.register_model(uri, "search-1", model_id, run_id, {"fd_ratio": 2.5}, "cfg") == "1"
+    assert tracking.register_model(uri, "search-1", model_id, run_id, {}, "cfg") == "2"
+    over = [f"track.tracking_uri={uri}"]
+    for ref in ("models:/search-1@best", "models:/search-1/1", f"models:/{model_id}"):
+        assert identity.resolve_checkpoint(ref, over) == str(ckpt), ref
+    with pytest.raises(UserError, match="models:/search-1/9: not found"):
+        identity.resolve_checkpoint("models:/search-1/9", over)

@@ -420,6 +420,10 @@ def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards
     # judged in pixel space too: the sample metrics of a latent run
     assert {"fd_ratio", "fidelity_auroc"} <= set(client.get_run(out["mlflow_run_id"]).data.metrics)
     assert [m.step for m in client.get_metric_history(out["mlflow_run_id"], "fd_ratio")] == [4]
+    # its final checkpoint is the run's logged model, READY, with the evaluation's metrics linked
+    model = client.get_logged_model(out["model_id"])
+    assert str(model.status).endswith("READY") and model.tags["cnd_ray.checkpoint"] == out["checkpoint"]
+    assert {"fd_ratio", "loss_diff"} <= {m.key for m in model.metrics}
     # its shards are the run's dataset inputs (MLflow's Dataset column), train and val
     inputs = client.get_run(out["mlflow_run_id"]).inputs.dataset_inputs
     assert {i.dataset.name for i in inputs} == {os.path.basename(str(shards))} and len(inputs) == 2

@@ -103,6 +103,8 @@ def smoke_search(ray_local, tmp_path_factory):
         history = {r["info"]["run_id"]: server.rest(
             f"metrics/get-history?run_id={r['info']['run_id']}&metric_key=fd_ratio")
             for r in runs}
+        # the best trial, registered under the search's name, resolves to its checkpoint
+        out["resolved"] = identity.resolve_checkpoint(out["registered"], [f"track.tracking_uri={server.uri}"])
     return out, runs, artifacts, history
 
 
@@ -146,6 +148,9 @@ def test_smoke_search_is_one_parent_with_a_child_per_trial_over_rest(smoke_searc
     assert m == sorted(m)  # ranked best first, by the sample metric
     assert all("val_loss_diff" in r for r in out["rows"])  # still reported beside it
     assert out["best"]["checkpoint"].endswith("checkpoint_00000400")
+    assert out["registered"] == f"models:/{out['name']}@best" and out["resolved"] == out["best"]["checkpoint"]
+    assert ptags["cnd_ray.registered"].startswith(out["registered"])
+    assert all(_tags(c)["cnd_ray.model_id"].startswith("m-") for c in children)  # each trial: a logged model
 
 
 @pytest.mark.slow

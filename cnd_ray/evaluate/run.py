@@ -368,7 +368,7 @@ def _step(i: int, text: str) -> None:
 def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool = True) -> dict:
     """Evaluate `ckpt` against the real images of the `reference` shards (at each of eval.num_samples);
     returns metrics.json's dict."""
-    path = identity.resolve_checkpoint(ckpt)
+    path = identity.resolve_checkpoint(ckpt, overrides)
     cfg, ema, step = checkpoint.load_ema(path)
     cfg = sample.sampling_config(cfg, overrides)
     e, sizes = cfg.eval, sample_counts(cfg)
