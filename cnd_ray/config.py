@@ -348,6 +348,9 @@ class TrackConfig:
 
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db
     experiment: str = "cnd_ray"
+    # CPU, memory, and GPU use and memory of every training node, as system/node<k>/... metrics of
+    # the run (MLflow's system metrics), sampled every this many seconds; 0 = off.
+    system_metrics_every: float = field(default=10.0, metadata=_range(0.0))
 
 
 # `cnd-ray ingest` and `cnd-ray synth` make data before any run. Their defaults live here (house rule 3);

@@ -558,6 +558,23 @@ def open_tracker(info: dict | None, rank: int) -> Tracker:
                          info.get("after_step", -1), mirror=mirror, model_id=info.get("model_id"))
 
 
+def system_monitor(info: dict | None, node: int, every: float):
+    """MLflow's system metrics (CPU, memory; GPU use and memory where NVML finds GPUs) of this node,
+    logged under the run as system/node<node>/..., or None: off (every 0), no run, or a spool (its
+    store is a per-node copy that only rank 0's pushes). Call on one rank per node; `.finish()`."""
+    if not info or not every or info.get("spooled"):
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # "no GPU" on CPU nodes
+    monitor = SystemMetricsMonitor(info["run_id"], sampling_interval=every, resume_logging=True,
+                                   node_id=f"node{node}", tracking_uri=info["uri"])
+    monitor.start()
+    return monitor
+
+
 # --- logged models and the registry ---------------------------------------------------------------
 
 MODEL_TAG = "cnd_ray.model_id"  # on a run: the id of its logged model

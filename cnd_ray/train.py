@@ -247,6 +247,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         "config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file, "interrupt": request or "",
         "stream_start": list(start),
         "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged, "model_id": model_id,
+                     "spooled": bool(server),
                      "mirror": run_dir if server and storage.is_uri(run_dir) else None}})
     if request:
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,

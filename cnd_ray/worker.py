@@ -87,6 +87,9 @@ def main(config: dict) -> None:
     rt = distributed.runtime(acc.autocast, acc.scaler, acc.device, world,
                              overlap=state.dit if cfg.scale.grad_overlap else None)
     tracker = tracking.open_tracker(config["tracking"], rank)
+    # One per node: its first worker samples the node's CPU, memory and GPUs into the run.
+    system = ctx.get_local_rank() == 0 and tracking.system_monitor(
+        config["tracking"], ctx.get_node_rank(), cfg.track.system_metrics_every)
     console = Console(rank, config["run_dir"])
     # Which Ray nodes hold the ranks (rank order), so a multi-node run says where it ran and a
     # restart after losing a node shows where it went.
@@ -101,6 +104,8 @@ def main(config: dict) -> None:
              evaluator, config.get("interrupt", ""))
     finally:
         tracker.close()
+        if system:
+            system.finish()
 
 
 def _restore(cfg, ckpt, device, rank: int, world: int):

@@ -231,3 +231,16 @@ def test_a_finished_run_is_a_logged_model_and_a_registered_one_resolves_to_its_c
         assert identity.resolve_checkpoint(ref, over) == str(ckpt), ref
     with pytest.raises(UserError, match="models:/search-1/9: not found"):
         identity.resolve_checkpoint("models:/search-1/9", over)
+
+
+def test_system_metrics_are_sampled_per_node_and_never_into_a_spool(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
+    info = {"uri": uri, "run_id": run_id}
+    assert tracking.system_monitor({**info, "spooled": True}, 0, 1.0) is None
+    assert tracking.system_monitor(info, 0, 0.0) is None  # off
+    monitor = tracking.system_monitor(info, 3, 0.3)
+    time.sleep(1.5)
+    monitor.finish()
+    metrics = tracking.mlflow_client(uri).get_run(run_id).data.metrics
+    assert {"system/node3/cpu_utilization_percentage", "system/node3/system_memory_usage_megabytes"} <= set(metrics)

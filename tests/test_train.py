@@ -409,7 +409,8 @@ def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards
     shards, manifest, _ = latent_shards
     spool_before = set(glob.glob(f"{tempfile.gettempdir()}/cnd_ray_artifact_*"))
     cfg = _cfg(tmp_path, **{"data.shards": shards, "data.space": "latent", "data.image_size": 64,
-                            "train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4})
+                            "train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4,
+                            "track.system_metrics_every": 1})
     out = train.run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     grids = [f.path for f in client.list_artifacts(out["mlflow_run_id"], "samples")]
@@ -420,6 +421,8 @@ def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards
     # judged in pixel space too: the sample metrics of a latent run
     assert {"fd_ratio", "fidelity_auroc"} <= set(client.get_run(out["mlflow_run_id"]).data.metrics)
     assert [m.step for m in client.get_metric_history(out["mlflow_run_id"], "fd_ratio")] == [4]
+    # the training node's CPU and memory, sampled by its worker (MLflow's system metrics)
+    assert "system/node0/cpu_utilization_percentage" in client.get_run(out["mlflow_run_id"]).data.metrics
     # its final checkpoint is the run's logged model, READY, with the evaluation's metrics linked
     model = client.get_logged_model(out["model_id"])
     assert str(model.status).endswith("READY") and model.tags["cnd_ray.checkpoint"] == out["checkpoint"]
