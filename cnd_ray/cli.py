@@ -262,7 +262,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     urls = tracking.ui_urls(uri, f"http://127.0.0.1:{port}", cfg.track.experiment)
     print(f"MLflow UI for {uri}: {urls['runs']} (Ctrl-C stops it)", flush=True)
     if "search" in urls:
-        print(f"latest search: {urls['search']}", flush=True)
+        print(f"latest search, its trials side by side: {urls['search']}", flush=True)
+    if "parent" in urls:
+        print(f"latest search's parent run: {urls['parent']}", flush=True)
 
     def _stop(signum, frame):
         raise KeyboardInterrupt

@@ -665,19 +665,43 @@ EXPERIMENT_TAGS = {
 RUNS_VIEW = "?workflowType=machine_learning"  # the runs table, not the GenAI landing view
 
 
+VIEW_TAG = "cnd_ray.view"  # on a search's parent run: the key of its saved runs-table view
+SHARED_VIEW = "mlflow.sharedViewState."  # + key: an experiment tag the UI restores a view from
+
+
+def save_search_view(uri: str, experiment: str, parent: str, key: str, metric: str, ascending: bool,
+                     varying: list[str]) -> None:
+    """A runs-table view of a search, as MLflow's UI shares views (an experiment tag its URL names):
+    sorted by the ranking metric, with it and the keys the trials vary in as columns beside the
+    dataset and model, so the trials compare at a glance without picking columns."""
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    columns = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", f"metrics.`{metric}`",
+               *[f"params.`{k}`" for k in varying]]
+    state = {"orderByKey": f"metrics.`{metric}`", "orderByAsc": ascending, "searchFilter": "",
+             "selectedColumns": columns}
+    client.set_experiment_tag(exp.experiment_id, SHARED_VIEW + key, json.dumps(state))
+    set_tags(uri, parent, {VIEW_TAG: key})
+
+
 def ui_urls(uri: str, base: str, experiment: str) -> dict[str, str]:
     """The UI pages a user opens for `experiment` in the store `uri`, served at `base`: "runs" (its
-    runs table in the model-training view) and, after a search, "search" (the latest search's
-    parent run); just the front page ("runs": base) while the experiment does not exist."""
+    runs table in the model-training view) and, after a search, "search" (that table in the latest
+    search's saved view: its metric and varying keys as columns) and "parent" (the search's parent
+    run); just the front page ("runs": base) while the experiment does not exist."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {"runs": f"{base}/"}
-    urls = {"runs": f"{base}/#/experiments/{exp.experiment_id}/runs{RUNS_VIEW}"}
+    runs = f"{base}/#/experiments/{exp.experiment_id}/runs"
+    urls = {"runs": runs + RUNS_VIEW}
     latest = client.search_runs([exp.experiment_id], filter_string="tags.`cnd_ray.kind` = 'search'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
     if latest:
-        urls["search"] = f"{base}/#/experiments/{exp.experiment_id}/runs/{latest[0].info.run_id}{RUNS_VIEW}"
+        key = latest[0].data.tags.get(VIEW_TAG)
+        if key:
+            urls["search"] = f"{runs}{RUNS_VIEW}&viewStateShareKey={key}"
+        urls["parent"] = f"{runs}/{latest[0].info.run_id}{RUNS_VIEW}"
     return urls
 
 

@@ -11,6 +11,7 @@ is documented in tune_spaces/README.md.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -497,7 +498,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     rows = _rows(grid, s, cfg, search, trials_storage)
     table = format_table(rows, s)
     best = rows[0] if rows and rows[0]["status"] != "error" else None
-    _log_parent(uri, parent, s, rows, table, best, time.time() - t0)
+    _log_parent(uri, parent, s, rows, table, best, time.time() - t0, cfg)
     registered = None if server or not best else _register_best(uri, cfg, s, search, best, parent)
     if server:  # the parent and every trial's run, or where they stay
         uploader.close()
@@ -636,13 +637,15 @@ def _log_curves(uri: str, parent: str, s: Space, rows: list[dict]) -> None:
 
 
 def _log_parent(uri: str, parent: str, s: Space, rows: list[dict], table: str, best: dict | None,
-                seconds: float) -> None:
+                seconds: float, cfg) -> None:
     """The parent run holds the answer: the table, every row as JSON, the best trial as tags."""
     from cnd_ray import tracking
 
     tracking.log_text(uri, parent, table, "summary.md")
     tracking.log_text(uri, parent, json.dumps(rows, indent=1, default=str), "trials.json")
     _log_curves(uri, parent, s, rows)
+    tracking.save_search_view(uri, cfg.track.experiment, parent, hashlib.sha256(parent.encode()).hexdigest()[:16],
+                              s.metric, s.mode == "min", varying(rows))
     # What the children differ in and what ranks them: the columns to compare them by.
     tags: dict[str, Any] = {"cnd_ray.metric": s.metric, "cnd_ray.mode": s.mode,
                             "cnd_ray.varying": ",".join(varying(rows)),

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from cnd_ray import config as C
-from cnd_ray import identity, tune
+from cnd_ray import identity, tracking, tune
 
 SHIPPED = sorted(p.stem for p in tune.SPACE_DIR.glob("*.yaml"))
 
@@ -105,7 +106,77 @@ def smoke_search(ray_local, tmp_path_factory):
             for r in runs}
         # the best trial, registered under the search's name, resolves to its checkpoint
         out["resolved"] = identity.resolve_checkpoint(out["registered"], [f"track.tracking_uri={server.uri}"])
+    out["store"] = f"sqlite:///{tmp}/server.db"  # what the server served, for the UI test
     return out, runs, artifacts, history
+
+
+def _chromium():
+    """Debian's chromium (`.ci/run` installs it), driven by Playwright; a skip naming what is missing."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.skip("no chromium on this machine (apt-get install -y chromium): the UI is checked in a real browser")
+    pytest.importorskip("playwright.sync_api", reason="playwright (a dev dependency) drives the browser")
+    return path
+
+
+@pytest.mark.slow
+def test_the_ui_shows_the_search_as_users_open_it_in_a_real_browser(smoke_search):
+    """`cnd-ray ui` on the finished smoke search's store, its printed pages loaded in headless
+    Chromium: the model-training runs table (not the GenAI view) with the experiment's description,
+    and the search's view - its trials beside the parent, sorted by the ranking metric, with their
+    dataset, logged model and varying key as columns. Screenshots: test-artifacts/ui/."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import free_port, healthy, wait_for
+
+    chromium = _chromium()
+    out = smoke_search[0]
+    shots = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cnd_ray", "ui", f"track.tracking_uri={out['store']}",
+                             "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        said = {}
+        while len(said) < 2:  # its own lines, among the server's
+            line = proc.stdout.readline()
+            assert line, "cnd-ray ui ended"
+            for start in ("MLflow UI for ", "latest search, its trials side by side: "):
+                if line.startswith(start):
+                    said[start] = next(w for w in line.split() if w.startswith("http"))
+        runs_url, search_url = said.values()
+        assert runs_url.endswith("/runs?workflowType=machine_learning") and "viewStateShareKey=" in search_url
+        assert wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), timeout=240)
+        trials = sorted(r["trial"] for r in out["rows"])
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 2400, "height": 1000})
+            page.goto(runs_url)
+            page.wait_for_selector(f"text={out['name']}", timeout=120_000)
+            page.screenshot(path=str(shots / "runs.png"))
+            text = page.inner_text("body")
+            assert "Model training" in text and "Traces 0" not in text  # the runs table, not the GenAI view
+            assert "cnd_ray: Class-N-Diff" in text  # the experiment's description
+            page.goto(search_url)
+            page.wait_for_selector(f"text={identity.trial_run(out['name'], trials[0])}", timeout=120_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots / "search.png"))
+            headers = page.locator("[role='columnheader']").all_inner_texts()
+            named = page.locator("[col-id='attributes.`Run Name`'] a").all_inner_texts()  # shown order
+            rows = page.locator("[role='row']").all_inner_texts()
+            browser.close()
+        assert {"Dataset", "Models", "fd_ratio", *tune.varying(out["rows"])} <= set(headers)
+        by_metric = [identity.trial_run(out["name"], r["trial"]) for r in out["rows"]]  # best first
+        assert [n.strip() for n in named] == by_metric + [out["name"]]  # children by fd_ratio, then the parent
+        child = tracking.find_run(out["store"], "cnd_ray", by_metric[0])
+        shards = tracking.mlflow_client(out["store"]).get_run(child).data.tags["data.shards"]
+        for n in by_metric:  # each child's dataset (its train split) and logged model, in its row
+            assert any(os.path.basename(shards) in r and "Train" in r and n in r for r in rows), n
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def _tags(run):
