@@ -57,7 +57,7 @@ def test_the_paper_config_trains_samples_and_evaluates_on_latents(ray_local, tmp
     assert len(pngs) == 2 and all(Image.open(p).size == (256, 256) for p in pngs), got
 
     res = evaluate.run(out["checkpoint"], shards, out=str(tmp_path / "eval"), progress=False, overrides=fast + [
-        "eval.num_samples=2", "eval.extractors=timm:test_resnet", "eval.timm_weights=random",
+        "eval.num_samples=2", "eval.search_samples=2", "eval.extractors=timm:test_resnet", "eval.timm_weights=random",
         "eval.fidelity_backbone=test_resnet", "eval.fidelity_steps=5", "eval.msssim_pairs=1",
         "eval.kid_subsets=1", "eval.kid_subset_size=2", "eval.force_fid=true"])
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
