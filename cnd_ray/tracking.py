@@ -619,10 +619,13 @@ def register_model(uri: str, name: str, model_id: str, run_id: str, tags: dict, 
         client.get_registered_model(name)
     except Exception:  # not registered yet
         client.create_registered_model(name, description="cnd_ray: the best trial of the search of this name")
-    # The source is the model's artifact folder: a models:/<id> source makes the registry look the
-    # model up through the process-wide tracking URI, which need not be this store.
+    # A server resolves a models:/<id> source in its own store. A local store's registry resolves it
+    # through the process-wide tracking URI, which need not be this store: there the source is the
+    # model's artifact folder (a server refuses that: not inside the run's artifacts).
+    served = uri.startswith(("http://", "https://"))
     version = client.create_model_version(
-        name, source=model.artifact_location, run_id=run_id, description=description,
+        name, source=f"models:/{model_id}" if served else model.artifact_location, run_id=run_id,
+        model_id=model_id if served else None, description=description,
         tags={MODEL_TAG: model_id, CHECKPOINT_TAG: model.tags.get(CHECKPOINT_TAG, ""),
               **{k: str(v) for k, v in tags.items()}}).version
     client.set_registered_model_alias(name, "best", version)

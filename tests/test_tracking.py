@@ -168,8 +168,16 @@ def test_the_experiment_describes_itself_and_the_ui_urls_land_on_its_runs(tmp_pa
     first, _ = tracking.start_run(uri, "cnd_ray", "s1", {}, {"cnd_ray.kind": "search"})
     time.sleep(0.01)
     latest, _ = tracking.start_run(uri, "cnd_ray", "s2", {}, {"cnd_ray.kind": "search"})
-    assert tracking.ui_urls(uri, "http://h:1", "cnd_ray")["search"] == \
-        f"http://h:1/#/experiments/{exp.experiment_id}/runs/{latest}?workflowType=machine_learning"
+    urls = tracking.ui_urls(uri, "http://h:1", "cnd_ray")
+    assert urls["parent"] == f"http://h:1/#/experiments/{exp.experiment_id}/runs/{latest}?workflowType=machine_learning"
+    assert "search" not in urls  # no saved view yet: the search saves it when it ends
+    tracking.save_search_view(uri, "cnd_ray", latest, "k1", "fd_ratio", True, ["method.lambda_cls"])
+    assert tracking.ui_urls(uri, "http://h:1", "cnd_ray")["search"] == f"{runs}&viewStateShareKey=k1"
+    import json
+
+    view = json.loads(tracking.mlflow_client(uri).get_experiment(exp.experiment_id).tags[tracking.SHARED_VIEW + "k1"])
+    assert view["orderByKey"] == "metrics.`fd_ratio`" and view["orderByAsc"] is True
+    assert {"metrics.`fd_ratio`", "params.`method.lambda_cls`", "attributes.`Dataset`"} <= set(view["selectedColumns"])
 
 
 def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):

@@ -164,16 +164,25 @@ def test_the_ui_shows_the_search_as_users_open_it_in_a_real_browser(smoke_search
             page.wait_for_timeout(1000)
             page.screenshot(path=str(shots / "search.png"))
             headers = page.locator("[role='columnheader']").all_inner_texts()
-            named = page.locator("[col-id='attributes.`Run Name`'] a").all_inner_texts()  # shown order
-            rows = page.locator("[role='row']").all_inner_texts()
+            # the names in the order shown: ag-grid places rows by their row-index, not DOM order
+            named = [n for _, n in sorted(page.eval_on_selector_all("[role='row'][row-index]", """rows =>
+                rows.map(r => [Number(r.getAttribute('row-index')),
+                               (r.querySelector("[col-id='attributes.`Run Name`'] a") || {}).textContent])
+                    .filter(x => x[1])"""))]
+            rows = {}  # row-index -> the text of that row across ag-grid's pinned and centre parts
+            for i, t in page.eval_on_selector_all("[role='row'][row-index]", """rows =>
+                    rows.map(r => [Number(r.getAttribute('row-index')), r.innerText])"""):
+                rows[i] = rows.get(i, "") + "\n" + t
             browser.close()
         assert {"Dataset", "Models", "fd_ratio", *tune.varying(out["rows"])} <= set(headers)
         by_metric = [identity.trial_run(out["name"], r["trial"]) for r in out["rows"]]  # best first
         assert [n.strip() for n in named] == by_metric + [out["name"]]  # children by fd_ratio, then the parent
         child = tracking.find_run(out["store"], "cnd_ray", by_metric[0])
         shards = tracking.mlflow_client(out["store"]).get_run(child).data.tags["data.shards"]
-        for n in by_metric:  # each child's dataset (its train split) and logged model, in its row
-            assert any(os.path.basename(shards) in r and "Train" in r and n in r for r in rows), n
+        for i, n in enumerate(by_metric):  # each child's row: its dataset and its model (the best's: registered)
+            model = "v1" if i == 0 else n  # the registered model's version, or the run's logged model
+            assert os.path.basename(shards) in rows[i] and "Train" in rows[i] and rows[i].count(n) >= 1 \
+                and model in rows[i].split(n, 1)[1], rows[i]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
