@@ -7,6 +7,7 @@ Stdlib + PyYAML only: `cnd-ray config` and `--help` never import torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -448,7 +449,8 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
-def keys(role: str | None = None, *, sampling: bool | None = None) -> set[str]:
+@functools.cache  # the declarations are fixed; identity.trains asks once per key of a config
+def keys(role: str | None = None, *, sampling: bool | None = None) -> frozenset[str]:
     """The flat keys with `role` (any when None) and, when given, that sampling may (not) set."""
     out = set()
     for sname, cls in _sections().items():
@@ -457,7 +459,7 @@ def keys(role: str | None = None, *, sampling: bool | None = None) -> set[str]:
             s = f.metadata.get("sampling", getattr(cls, "SAMPLING", False))
             if (role is None or r == role) and (sampling is None or s == sampling):
                 out.add(f"{sname}.{f.name}")
-    return out
+    return frozenset(out)
 
 
 def _unknown(key: str, known: Iterable[str]) -> ConfigError:

@@ -359,12 +359,13 @@ def log_dataset(uri: str, run_id: str, shards: str, manifest: dict) -> None:
     profile = {"image_size": manifest.get("image_size"), "space": "latent" if manifest.get("latent") else "pixel",
                "label_mode": manifest.get("label_mode"), "skin_tones": manifest.get("skin_tones", {})}
     # One dataset per split (MLflow keeps one input per dataset and run, whatever its context).
-    inputs = [DatasetInput(Dataset(name=os.path.basename(str(shards).rstrip("/")), digest=shards_digest(manifest, split),
+    splits = {split: (counts, shards_digest(manifest, split)) for split, counts in manifest.get("splits", {}).items()}
+    inputs = [DatasetInput(Dataset(name=os.path.basename(str(shards).rstrip("/")), digest=digest,
                                    source_type=str(shards).split("://")[0] if storage.is_uri(shards) else "local",
                                    source=json.dumps({"uri": str(shards)}),
                                    profile=json.dumps({"split": split, "counts": counts, **profile})),
                            [InputTag("mlflow.data.context", split)])
-              for split, counts in manifest.get("splits", {}).items() if shards_digest(manifest, split) not in have]
+              for split, (counts, digest) in splits.items() if digest not in have]
     if inputs:  # a resumed run has them already
         client.log_inputs(run_id, datasets=inputs)
 
