@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = config_lib.load(args.config)
         synth.run(os.path.join(tmp, "synth"), num_images=args.images,
-                  image_size=max(64, base.data.image_size), progress=False)
+                  image_size=max(64, base.data.image_size), test_per_tone=0, progress=False)
         ingest.run([os.path.join(tmp, "synth")], os.path.join(tmp, "shards"),
                    image_size=base.data.image_size, progress=False)
         cfg = config_lib.override(base, {"data.shards": os.path.join(tmp, "shards"), "data.space": "pixel"})

@@ -31,7 +31,8 @@ def make_dataset(root: str, n: int, distinct: int, width: int = 6000, height: in
     """An ISIC 2020 layout of n big JPEGs: `distinct` synthetic photos upscaled, with sensor noise,
     then copied under new names (decode cost is what matters, not content)."""
     small = os.path.join(root, "small")
-    synth.run(small, num_images=distinct, image_size=1000, malignant_fraction=0.5, progress=False)
+    synth.run(small, num_images=distinct, image_size=1000, malignant_fraction=0.5, test_per_tone=0,
+              progress=False)
     os.makedirs(os.path.join(root, "isic", "train"))
     rng = np.random.default_rng(0)
     sources = []

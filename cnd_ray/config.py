@@ -34,6 +34,7 @@ DIT_SIZES = ("T", "XS", "S", "B", "L", "XL")
 # on an undertrained one the ODE samplers (ddim eta 0, dpm++) show patch artefacts that the
 # stochastic ones wash out (bench/sampling.py).
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++-sde")
+SYNTH_DIFFICULTIES = ("isic", "easy")  # `cnd-ray synth --difficulty` (data/synth.py)
 
 
 class _Loader(yaml.SafeLoader):
@@ -146,6 +147,16 @@ class ClassifierConfig:
     ema: bool = False  # keep an EMA of the classifier (BatchNorm buffers included)
     # Its own decay: the classifier steps only on clean branches, far fewer times than the DiT.
     ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0))
+    # A robust critic: on clean branches the classifier trains on adversarial examples, z0 moved
+    # adv_eps (per element, in the data's units: pixels in [-1, 1], or scaled latents) up its own
+    # loss - fgsm: one signed-gradient step (Goodfellow et al. 2015); pgd: adv_steps steps of
+    # 2.5 adv_eps / adv_steps from a random start (Madry et al. 2018). A classifier trained only on
+    # clean images has non-robust input gradients, and the DiT follows them into textures; a robust
+    # one's gradients are perceptually aligned (Santurkar et al. 2019; Kawar et al. 2022). Costs one
+    # (fgsm) or adv_steps (pgd) extra critic forward and input backward per clean branch.
+    adversarial: Literal["none", "fgsm", "pgd"] = "none"
+    adv_eps: float = field(default=0.03, metadata=_range(0.0, lo_open=True))
+    adv_steps: int = field(default=3, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -162,10 +173,33 @@ class MethodConfig:
     gamma_levels: int = field(default=4, metadata=_range(1))
     lambda_cls: float = field(default=0.2, metadata=_range(0.0))
     denoised_input: Literal["x0_pred", "posterior", "reference"] = "x0_pred"
-    # d x0_pred / d eps = sqrt(1/alpha_bar - 1), ~156 at t ~ T: raw, the critic's gradient
-    # swamps L_diff and the DiT stops learning (tests/test_objective.py). "sqrt_alpha_bar" scales
-    # the gradient (not the value) of x0_pred by sqrt(alpha_bar_t), bounding that factor by 1.
-    denoised_grad: Literal["sqrt_alpha_bar", "raw"] = "sqrt_alpha_bar"
+    # How much of the critic's input gradient reaches epsilon through x0_pred (docs/METHOD.md,
+    # "The critic's pull"): raw, d x0_pred / d eps = sqrt(1/alpha_bar - 1), ~156 at t ~ T, swamps L_diff
+    # and stalls the DiT (tests/test_objective.py). sqrt_alpha_bar scales the gradient (not the value)
+    # by sqrt(alpha_bar_t): -sigma_t per unit, 0.05 at t = 10 and 0.96 at t = 500. released scales it
+    # to the coefficient of the released code's operator, -beta_t / (sqrt(alpha_t) sigma_t), 0.006-0.02
+    # at every t: ~70x weaker on average, and harmless where sqrt_alpha_bar erased the lesions.
+    denoised_grad: Literal["sqrt_alpha_bar", "raw", "released"] = "sqrt_alpha_bar"
+    # What the critic's loss asks of the denoised sample. label: BCE against its class (the paper);
+    # it pushes class evidence without bound, so a critic's non-robust directions become textures.
+    # paired: BCE against the critic's own detached probability on the paired clean z0 - no gradient
+    # once the estimate scores as its real image does. hinge: relu(e(z0) - e(z_d)) on the class
+    # evidence e = +-logit - acts only where the sample shows less of its class than its real image.
+    # features: squared distance of the critic's pooled backbone features of z_d and z0 (feature
+    # matching): a perceptual pull toward the real image, no class push at all.
+    critic_target: Literal["label", "paired", "hinge", "features"] = "label"
+    # The critic judges only samples whose timestep t / num_timesteps lies in [t_min, t_max) (its loss
+    # is averaged over those): at high noise the estimate is a blur the critic never trained on, and
+    # a timestep window is how ReFL and Discriminator Guidance keep such a gradient off those steps.
+    critic_t_min: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    critic_t_max: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    # cap: the critic's gradient at the DiT's output is scaled down, per micro-batch, to at most
+    # lambda_cls times the diffusion loss's (VQGAN's adaptive weight, as a cap): however strong or
+    # adversarial the critic, it cannot take over the DiT's update. none: lambda_cls alone.
+    critic_balance: Literal["none", "cap"] = "none"
+    # The critic's weight rises linearly from 0 to lambda_cls over this many steps (VQGAN starts its
+    # discriminator late): the DiT first learns to denoise, then listens to the critic. 0 = off.
+    critic_warmup: int = field(default=0, metadata=_range(0))
     # Clamp the x0 estimate the critic sees to [-c, c]; 0 = off. -1 (default) follows the data
     # space: 1 (the data range, as DDPM's clip_denoised) in pixel space, off in latent space, as DiT's
     # sampler - latents of unit variance lie outside [-1, 1] about a third of the time, and a clamped
@@ -376,6 +410,12 @@ class SynthConfig:
     image_size: int = 256
     malignant_fraction: float = 0.1
     seed: int = 0
+    # isic: class cues that overlap as on ISIC (a classifier reaches AUROC ~0.9) and skin tones as
+    # imbalanced (Fitzpatrick V-VI ~3%); easy: every lesion its class's prototype, tones uniform.
+    difficulty: Literal[SYNTH_DIFFICULTIES] = "isic"
+    # Images per skin-tone group (I-II, III-IV, V-VI) in the test set written beside the training set,
+    # so that every group can be measured; 0 = none.
+    test_per_tone: int = 100
 
 
 @dataclass(frozen=True)
@@ -573,6 +613,9 @@ def validate(cfg: Config) -> None:
     if cfg.use_classifier and cfg.model.num_classes != 2:
         raise ConfigError(f"model.num_classes: the benign/malignant classifier needs 2 classes, "
                           f"got {cfg.model.num_classes} (or set method.gamma_schedule=off)")
+    if m.critic_t_min >= m.critic_t_max:
+        raise ConfigError(f"method.critic_t_min: {m.critic_t_min} must be below method.critic_t_max "
+                          f"{m.critic_t_max} (the critic's window is t / num_timesteps in [min, max))")
     if m.gamma_schedule == "staircase" and m.gamma_levels > m.gamma_period:
         raise ConfigError("method.gamma_levels: must not exceed method.gamma_period")
     counts = cfg.eval.num_samples.split(",")
@@ -659,4 +702,4 @@ def load(source: str | Path | None = None,
 __all__ = ["Config", "ModelConfig", "DiffusionConfig", "ClassifierConfig", "MethodConfig", "OptimConfig",
            "DataConfig", "TrainConfig", "IngestConfig", "SynthConfig", "ScaleConfig", "EvalConfig", "FairnessConfig", "TrackConfig",
            "ConfigError", "load", "load_yaml", "override", "from_dict", "validate", "to_nested",
-           "yaml_mapping", "packaged_names", "keys", "ROLES", "TRAINS", "JUDGES", "OPERATES", "DIT_SIZES", "SAMPLERS", "CONFIG_DIR", "SPACE_DIR"]
+           "yaml_mapping", "packaged_names", "keys", "ROLES", "TRAINS", "JUDGES", "OPERATES", "DIT_SIZES", "SAMPLERS", "SYNTH_DIFFICULTIES", "CONFIG_DIR", "SPACE_DIR"]

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -25,6 +26,7 @@ from cnd_ray.errors import UserError
 # Held-out share of synthetic data: the judge's FD compares samples with these images, per class
 # (2000 images: ~120 malignant ones instead of ~60 at ingest's default 0.1).
 SYNTHETIC_VAL = 0.2
+SYNTHETIC_MALIGNANT = 0.3  # share of malignant images: enough of both classes in 2000 for the judge
 
 
 class TrainingStopped(RuntimeError):
@@ -79,7 +81,8 @@ def _check_resume(cfg, name: str, latest: str) -> None:
 
 
 def _synthetic_shards(cfg, root: str) -> str:
-    """Shards of a synthetic set for runs without data.shards (made once, then reused)."""
+    """Shards of a synthetic set for runs without data.shards (made once, then reused): `cnd-ray synth`'s
+    default benchmark, its tone-balanced test set as the test split."""
     if cfg.data.space != "pixel":
         raise UserError("data.shards: empty, and synthetic data exists only in pixel space "
                         "(set data.space=pixel, or ingest real data with --latent)")
@@ -87,15 +90,20 @@ def _synthetic_shards(cfg, root: str) -> str:
 
     # made on this machine and read by Ray's tasks here: beside a local run storage, else ./ray_results
     base = os.path.join(os.path.abspath("ray_results") if storage.is_uri(root) else root, "data")
-    n, size = cfg.train.synthetic_images, cfg.data.image_size
-    shards = os.path.join(base, f"synthetic-{n}-{size}px-val{round(100 * SYNTHETIC_VAL)}")
+    n, size, s = cfg.train.synthetic_images, cfg.data.image_size, config_lib.SynthConfig
+    name = f"synthetic-{s.difficulty}-{n}"
+    shards = os.path.join(base, f"{name}-{size}px-val{round(100 * SYNTHETIC_VAL)}")
     if not os.path.isfile(os.path.join(shards, "manifest.json")):
-        images = os.path.join(base, f"synthetic-{n}")
-        if not os.path.isfile(os.path.join(images, "ISIC_2020_Training_GroundTruth.csv")):
-            print(f"data.shards not set: writing {n} synthetic images to {images}", flush=True)
-            synth.run(images, num_images=n, image_size=max(64, size), malignant_fraction=0.3,
+        images, test = os.path.join(base, name), synth.test_folder(os.path.join(base, name))
+        if not all(os.path.isfile(os.path.join(d, synth.GROUND_TRUTH)) for d in (images, test)):
+            print(f"data.shards not set: writing {n} synthetic images ({s.difficulty} difficulty) to "
+                  f"{images} and {s.test_per_tone} per skin-tone group to {test}", flush=True)
+            for d in (images, test):  # what an interrupted earlier try left
+                shutil.rmtree(d, ignore_errors=True)
+            synth.run(images, num_images=n, image_size=max(64, size), malignant_fraction=SYNTHETIC_MALIGNANT,
                       progress=False)
-        ingest.run([images], shards, image_size=size, val_fraction=SYNTHETIC_VAL, progress=False)
+        ingest.run([images], shards, image_size=size, val_fraction=SYNTHETIC_VAL, progress=False,
+                   test=[str(test)])
     print(f"data.shards not set: training on synthetic shards {shards}", flush=True)
     return shards
 

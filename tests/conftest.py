@@ -58,7 +58,8 @@ def latent_shards(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("latent")
     vae = tiny_vae(tmp / "vae")
     # Enough of each class in both splits for the judge (sample metrics are on by default).
-    synth.run(str(tmp / "synth"), num_images=48, image_size=96, malignant_fraction=0.35, progress=False)
+    synth.run(str(tmp / "synth"), num_images=48, image_size=96, malignant_fraction=0.35, difficulty="easy",
+              test_per_tone=0, progress=False)
     manifest = ingest.run([str(tmp / "synth")], str(tmp / "shards"), image_size=64,
                           latent=str(tmp / "vae"), val_fraction=0.25, progress=False)
     return tmp / "shards", manifest, vae
@@ -66,10 +67,12 @@ def latent_shards(ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_shards(ray_local, tmp_path_factory):
-    """120 synthetic images ingested at 16 px (the debug config's size), 30% held out: str folder."""
+    """120 synthetic images of the easy set (classes a tiny judge learns in seconds) ingested at 16 px (the
+    debug config's size), 30% held out: str folder."""
     from cnd_ray.data import ingest, synth
 
     tmp = tmp_path_factory.mktemp("small")
-    synth.run(str(tmp / "synth"), num_images=120, image_size=32, malignant_fraction=0.3, progress=False)
+    synth.run(str(tmp / "synth"), num_images=120, image_size=32, malignant_fraction=0.3, difficulty="easy",
+              test_per_tone=0, progress=False)
     ingest.run([str(tmp / "synth")], str(tmp / "shards"), image_size=16, val_fraction=0.3, progress=False)
     return str(tmp / "shards")

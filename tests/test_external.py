@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cnd_ray.data import external, image
+from cnd_ray.data import external, image, tone
 from cnd_ray.errors import UserError
 from tests import external_fixtures
 
@@ -98,7 +98,7 @@ def test_read_gives_the_training_shape(loaded, tmp_path):
 
 
 def test_group_from_ita():
-    assert [external.group_from_ita(v) for v in (60.0, 45.0, 30.0, 20.0, 15.0, -40.0, math.nan)] == \
+    assert [tone.group_from_ita(v) for v in (60.0, 45.0, 30.0, 20.0, 15.0, -40.0, math.nan)] == \
         ["I-II", "I-II", "III-IV", "III-IV", "V-VI", "V-VI", None]
 
 

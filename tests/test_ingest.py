@@ -158,11 +158,49 @@ def test_refuses_a_non_empty_out_unless_overwrite(ray_local, isic_tree, tmp_path
 def test_out_may_not_overlap_the_inputs(tmp_path):
     from cnd_ray.data import synth
 
-    synth.run(str(tmp_path / "data" / "isic"), num_images=4, image_size=32, progress=False)
+    synth.run(str(tmp_path / "data" / "isic"), num_images=4, image_size=32, test_per_tone=0, progress=False)
     for out in (tmp_path / "data", tmp_path / "data" / "isic", tmp_path / "data" / "isic" / "shards"):
         with pytest.raises(ingest.IngestError, match="overlaps --root"):
             ingest.run([str(tmp_path / "data" / "isic")], str(out), overwrite=True, progress=False)
     assert len(os.listdir(tmp_path / "data" / "isic" / "train")) == 4
+
+
+def test_a_test_archive_is_kept_whole_and_nothing_of_it_is_trained_on(ray_local, tmp_path):
+    """--test: every image under it lands in the test split (never train or val); a training image
+    that is a copy of a test image, or shares a patient with one, is left out and listed."""
+    from cnd_ray.data import synth, tone
+
+    synth.run(str(tmp_path / "isic"), num_images=30, image_size=32, malignant_fraction=0.3, test_per_tone=4,
+              progress=False)
+    test = synth.test_folder(tmp_path / "isic")
+    gt = tmp_path / "isic" / synth.GROUND_TRUTH
+    rows = list(csv.reader(open(gt)))
+    held = list(csv.reader(open(test / synth.GROUND_TRUTH)))[1:]
+    # A copy of a test image, and an image of a test image's patient, among the training archive's.
+    Image.open(test / "train" / f"{held[0][0]}.jpg").save(tmp_path / "isic" / "train" / f"{held[0][0]}.jpg")
+    Image.open(tmp_path / "isic" / "train" / f"{rows[1][0]}.jpg").save(tmp_path / "isic" / "train" / "ISIC_9999999.jpg")
+    rows += [held[0], ["ISIC_9999999", held[1][1], *rows[1][2:]]]
+    with open(gt, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    m = ingest.run([str(tmp_path / "isic")], str(tmp_path / "shards"), image_size=16, val_fraction=0.3,
+                   progress=False, test=[str(test)])
+    assert m["test_roots"] == [str(test)] and sum(m["splits"]["test"].values()) == 12
+    assert sum(sum(c.values()) for s, c in m["splits"].items() if s != "test") == 30
+    table = _table(tmp_path / "shards")
+    in_test = [r for r in table if r["split"] == "test"]
+    assert {r["image_id"] for r in in_test} == {h[0] for h in held}
+    # Every skin-tone group alike, as ingest estimates it from the pixels.
+    assert sorted(tone.group_of(r["fitzpatrick"]) for r in in_test) == sorted(tone.GROUPS * 4)
+    assert not {r["patient_id"] for r in in_test} & {r["patient_id"] for r in table if r["split"] != "test"}
+    assert [r["image_id"] for r in _csv(tmp_path / "shards" / "duplicates.csv")] == [held[0][0]]
+    rejects = _csv(tmp_path / "shards" / "rejects.csv")
+    assert [(os.path.basename(r["path"]), r["reason"].split(":")[0]) for r in rejects] == [
+        ("ISIC_9999999.jpg", ingest.TEST_LEAK)]
+    with pytest.raises(ingest.IngestError, match="--test .* overlaps --root"):
+        ingest.run([str(tmp_path)], str(tmp_path.parent / "other"), test=[str(test)], progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ingest.IngestError, match="no ISIC ground truth found under --test"):
+        ingest.run([str(tmp_path / "isic")], str(tmp_path / "x"), test=[str(tmp_path / "empty")], progress=False)
 
 
 def test_nothing_to_ingest_is_an_error(ray_local, tmp_path):

@@ -31,7 +31,8 @@ def test_the_paper_config_trains_samples_and_evaluates_on_latents(ray_local, tmp
     from cnd_ray.evaluate import run as evaluate
 
     _sd_vae(tmp_path / "vae")
-    synth.run(str(tmp_path / "img"), num_images=16, image_size=256, malignant_fraction=0.5, progress=False)
+    synth.run(str(tmp_path / "img"), num_images=16, image_size=256, malignant_fraction=0.5, test_per_tone=0,
+              progress=False)
     shards = str(tmp_path / "shards")
     manifest = ingest.run([str(tmp_path / "img")], shards, image_size=256, latent=str(tmp_path / "vae"),
                           val_fraction=0.25, progress=False)

@@ -5,7 +5,7 @@ down), reads its CSV or class folders and returns every image as an `Item` or a 
 a row or image file is never dropped silently. It reads CSVs and folder listings only (no pixels);
 `read(item, size)` decodes one image. Skin tone: `Item.group` is the labelled Fitzpatrick group
 (I-II / III-IV / V-VI, as DDI) or None; the fairness code fills the None ones from the pixels with
-`group_from_ita(tone.estimate_ita(...))`.
+`tone.group_from_ita(tone.estimate_ita(...))`.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnd_ray.data import image, layouts, tone
+from cnd_ray.data import image, layouts
+from cnd_ray.data.tone import group_of
 from cnd_ray.errors import UserError
 
 SETS = ("ddi", "fitzpatrick17k", "atlas", "asan", "mclass", "mclass_d", "mclass_nd", "isic2018", "pad_ufes_20")
 MCLASS_PARTS = ("mclass_d", "mclass_nd")  # "mclass" = both, the paper's 160 benign / 40 malignant
-GROUPS = ("I-II", "III-IV", "V-VI")
 MAX_DEPTH = 3  # how far below the given root a set is looked for
 
 # Reject categories: a reason is "category: detail".
@@ -71,17 +71,6 @@ class Loaded:
     def counts(self) -> dict[str, int]:
         malignant = sum(i.label for i in self.items)
         return {"benign": len(self.items) - malignant, "malignant": malignant, "rejected": len(self.rejects)}
-
-
-def group_of(fitzpatrick: int) -> str:
-    """Fitzpatrick type 1-6 -> its DDI group."""
-    return GROUPS[(fitzpatrick - 1) // 2]
-
-
-def group_from_ita(ita: float) -> str | None:
-    """The Fitzpatrick group of an ITA estimate (DATA.md mapping); None for nan."""
-    t = tone.fitzpatrick(ita)
-    return group_of(t) if t else None
 
 
 def isic_ids(items: Iterable[Item]) -> set[str]:

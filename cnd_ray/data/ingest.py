@@ -31,6 +31,8 @@ from cnd_ray.errors import UserError
 
 VAE_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MISSING_ON_WORKER = "missing on worker"
+TEST = "test"  # the split of every image under --test
+TEST_LEAK = "test leak"  # reject category: a training image that shares a patient or lesion with a test image
 ROW_GROUP = 256  # rows per Parquet row group: small enough for Ray Data to split a shard
 
 
@@ -93,16 +95,21 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _check_args(roots, out, labels, image_size, latent, val_fraction, seed, shard_mb,
+def _check_args(roots, test, out, labels, image_size, latent, val_fraction, seed, shard_mb,
                 overwrite) -> dict | None:
     if not roots:
         raise IngestError("give at least one --root folder")
-    for root in roots:
+    for flag, root in [("--root", r) for r in roots] + [("--test", r) for r in test]:
         if not os.path.isdir(root):
-            raise IngestError(f"--root {root}: not a folder")
+            raise IngestError(f"{flag} {root}: not a folder")
         # --overwrite replaces --out wholesale: it must never hold (or be held by) the inputs
         if _inside(out, root) or _inside(root, out):
-            raise IngestError(f"--out {out}: overlaps --root {root}; write the shards outside the inputs")
+            raise IngestError(f"--out {out}: overlaps {flag} {root}; write the shards outside the inputs")
+    for t in test:
+        for root in roots:
+            if _inside(t, root) or _inside(root, t):
+                raise IngestError(f"--test {t}: overlaps --root {root}; the test set must lie apart "
+                                  "from the training archives (its images would be read twice)")
     if labels not in layouts.LABEL_MODES:
         raise IngestError(f"--labels {labels!r}: choose one of {', '.join(layouts.LABEL_MODES)}")
     if image_size < 8:
@@ -194,8 +201,11 @@ def _select(scan: layouts.Scan, mode: str, ak_malignant: bool, ledger: Ledger) -
     return out
 
 
-def _assign_splits(cands: list[Candidate], val_fraction: float, seed: int) -> None:
-    """Train/val by connected groups of shared patient or lesion ids, seeded and order-free."""
+def _assign_splits(cands: list[Candidate], val_fraction: float, seed: int, ledger: Ledger) -> list[Candidate]:
+    """Train/val by connected groups of shared patient or lesion ids, seeded and order-free; the
+    candidates already marked "test" (from --test) keep it, and a training candidate connected to
+    one is left out (a duplicate of its image, or a reject when it shares a patient or lesion), so
+    nothing of the test set is trained on. Returns the candidates kept."""
     parent: dict[str, str] = {}
 
     def find(a: str) -> str:
@@ -212,10 +222,23 @@ def _assign_splits(cands: list[Candidate], val_fraction: float, seed: int) -> No
                 if other != me:
                     parent[max(me, other)] = min(me, other)
                     me = min(me, other)
+    held = {find("id:" + c.row.image_id) for c in cands if c.split == TEST}
+    test_copy = {c.row.image_id: c.row.path for c in cands if c.split == TEST}
+    kept = []
     for c in cands:
         root = find("id:" + c.row.image_id)
-        h = hashlib.sha256(f"{seed}:{root}".encode()).digest()
-        c.split = "val" if int.from_bytes(h[:8], "big") / 2 ** 64 < val_fraction else "train"
+        if c.split != TEST and root in held:
+            if c.row.image_id in test_copy:
+                ledger.duplicate(c.row.path, c.row.image_id, test_copy[c.row.image_id])
+            else:
+                ledger.reject(c.row.path, f"{TEST_LEAK}: shares a patient or lesion id with an image "
+                                          "of the --test set")
+            continue
+        if c.split != TEST:
+            h = hashlib.sha256(f"{seed}:{root}".encode()).digest()
+            c.split = "val" if int.from_bytes(h[:8], "big") / 2 ** 64 < val_fraction else "train"
+        kept.append(c)
+    return kept
 
 
 # --- Ray Data stages (run in workers) ------------------------------------------------------------
@@ -405,19 +428,25 @@ def run(roots: list[str], out: str, labels: str = IngestConfig.labels,
         image_size: int = IngestConfig.image_size, latent: str | None = None,
         ak_malignant: bool = IngestConfig.ak_malignant, val_fraction: float = IngestConfig.val_fraction,
         seed: int = IngestConfig.seed, shard_mb: float = IngestConfig.shard_mb, overwrite: bool = False,
-        progress: bool = True) -> dict:
-    """Ingest ISIC archives under `roots` into Parquet shards in `out`; returns the manifest."""
+        progress: bool = True, test: list[str] = ()) -> dict:
+    """Ingest ISIC archives under `roots` into Parquet shards in `out`, split into train and val, and
+    the archives under `test` whole into a test split; returns the manifest."""
     roots = [os.path.abspath(r) for r in roots]
+    test = [os.path.abspath(r) for r in test]
     out = os.path.abspath(out)
-    vae = _check_args(roots, out, labels, image_size, latent, val_fraction, seed, shard_mb, overwrite)
+    vae = _check_args(roots, test, out, labels, image_size, latent, val_fraction, seed, shard_mb, overwrite)
     t0 = time.perf_counter()
-    scan = layouts.scan(roots)
-    if not scan.csvs:
-        raise IngestError(f"no ISIC ground truth found under {', '.join(roots)} (looked for the "
-                          "file names of DATA.md's layouts, e.g. ISIC_2020_Training_GroundTruth.csv)")
+    scan = layouts.scan(roots + test)
+    for what, folders in (("", roots), ("--test ", test)):
+        if folders and not any(_inside(c, r) for c in scan.csvs for r in folders):
+            raise IngestError(f"no ISIC ground truth found under {what}{', '.join(folders)} (looked for "
+                              "the file names of DATA.md's layouts, e.g. ISIC_2020_Training_GroundTruth.csv)")
     ledger = Ledger()
     cands = _select(scan, labels, ak_malignant, ledger)
-    _assign_splits(cands, val_fraction, seed)
+    for c in cands:
+        if any(_inside(c.row.path, t) for t in test):
+            c.split = TEST
+    cands = _assign_splits(cands, val_fraction, seed, ledger)
 
     # Copies of one image travel together, in a seeded order, so shards mix sources and classes.
     groups: dict[str, list[Candidate]] = defaultdict(list)
@@ -435,7 +464,7 @@ def run(roots: list[str], out: str, labels: str = IngestConfig.labels,
         stats = _run_pipeline(ordered, groups, image_size, vae, writer, ledger, progress)
         shards = writer.close()
         ledger.write(tmp)
-        manifest = _manifest(roots, labels, ak_malignant, image_size, vae, val_fraction, seed,
+        manifest = _manifest(roots, test, labels, ak_malignant, image_size, vae, val_fraction, seed,
                              scan, ledger, shards, stats, schema, time.perf_counter() - t0)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -522,7 +551,7 @@ def _run_pipeline(ordered, groups, image_size, vae, writer, ledger, progress) ->
     return stats
 
 
-def _manifest(roots, labels, ak_malignant, image_size, vae, val_fraction, seed, scan, ledger,
+def _manifest(roots, test, labels, ak_malignant, image_size, vae, val_fraction, seed, scan, ledger,
               shards, stats, schema, seconds) -> dict:
     from cnd_ray import __version__
 
@@ -531,6 +560,7 @@ def _manifest(roots, labels, ak_malignant, image_size, vae, val_fraction, seed, 
         "schema_version": shardset.SCHEMA_VERSION,
         "created_by": f"cnd_ray {__version__}",
         "roots": roots,
+        "test_roots": test,
         "label_mode": labels,
         "ak_malignant": ak_malignant,
         "image_size": image_size,

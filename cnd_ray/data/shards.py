@@ -26,10 +26,15 @@ def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Itera
             yield torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), np.asarray(rows["label"][:n])
 
 
+def split_column(shards: str, manifest: dict, split: str, column: str) -> np.ndarray:
+    """One numeric column of a split's rows in shard order (that column only: cheap)."""
+    return np.concatenate([shardset.parquet_file(p).read(columns=[column]).column(column).to_numpy()
+                           for p in shardset.files(shards, manifest, split)])
+
+
 def split_labels(shards: str, manifest: dict, split: str, limit: int = 0) -> np.ndarray:
     """The labels of a split's rows in shard order (the label column only: cheap)."""
-    labels = np.concatenate([shardset.parquet_file(p).read(columns=["label"]).column("label").to_numpy()
-                             for p in shardset.files(shards, manifest, split)]).astype(np.int64)
+    labels = split_column(shards, manifest, split, "label").astype(np.int64)
     return labels[:limit] if limit else labels
 
 

@@ -2,14 +2,23 @@
 
     OUT/train/ISIC_9xxxxxx.jpg               dermoscopy-like images (JPEG, quality 92)
     OUT/ISIC_2020_Training_GroundTruth.csv   the real file's header and value spellings
-    OUT/synth_truth.csv                      image_name,ita,skin_tone,malignant: what was painted
+    OUT/synth_truth.csv                      image_name,ita,skin_tone,fitzpatrick,severity,malignant
+    OUT-test/...                             the same layout: a test set with every skin-tone group
+                                             equally (`cnd-ray ingest --root OUT --test OUT-test`)
 
-Each image shows skin of one tone per patient (ITA drawn uniformly over the full range, so every
-skin-tone group is populated, unlike the real set), low-frequency texture, often a dermoscope
-vignette and a few hairs, and a lesion whose class is visible: benign lesions are small, round,
-evenly brown with a smooth border; malignant ones are larger, asymmetric, with an irregular border
-and several colours. Image i draws only from its own seeded generator, so the output is
-bit-identical across runs and does not depend on the order images are made in.
+Each image shows skin of one tone per patient, low-frequency texture, often a dermoscope vignette and
+a few hairs, and a lesion painted from a severity in [0, 1] (`draw_image`): 0 is the benign prototype
+(small, round, evenly brown, smooth border), 1 the malignant one (larger, asymmetric, ragged border,
+several colours). Two difficulties (docs/DATA.md, "The synthetic benchmark"):
+
+- `isic` (the default): the classes overlap as on ISIC - each lesion's severity is drawn from its
+  class's score distribution, N(-d/2, 1) or N(+d/2, 1) through a sigmoid, so some nevi look atypical
+  and some melanomas plain (no classifier can exceed AUROC Phi(d / sqrt 2)); skin tones are as
+  imbalanced as in ISIC (ITA around 45 degrees, Fitzpatrick V-VI about 3% of the images).
+- `easy`: every lesion is its class's prototype and the skin tones are uniform over the ITA range.
+
+Image i draws only from its own seeded generator, so the output is bit-identical across runs and
+does not depend on the order images are made in.
 """
 from __future__ import annotations
 
@@ -25,20 +34,34 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cnd_ray.config import SynthConfig
+from cnd_ray.config import SYNTH_DIFFICULTIES, SynthConfig
 from cnd_ray.data import tone
 from cnd_ray.errors import UserError
 
 GROUND_TRUTH = "ISIC_2020_Training_GroundTruth.csv"
 TRUTH = "synth_truth.csv"
+TRUTH_HEADER = ("image_name", "ita", "skin_tone", "fitzpatrick", "severity", "malignant")
 HEADER = ("image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
           "diagnosis", "benign_malignant", "target")
 FIRST_ID = 9_000_000  # real ISIC ids stay below this, so synthetic ones never collide
 MAX_IMAGES = 10_000_000 - FIRST_ID  # ids keep 7 digits
 JPEG_QUALITY = 92
 ITA_RANGE = (-50.0, 70.0)
+# difficulty "isic": the two classes' severity scores are N(-d/2, 1) and N(+d/2, 1), so the best
+# possible AUROC is Phi(d / sqrt 2) (0.92 at d = 2); severity = sigmoid(SLOPE * score) keeps most
+# lesions near their class's prototype and blends the overlapping ones.
+SEPARATION = 2.0
+SLOPE = 2.0
+# ... and skin tones as in ISIC (ITA estimates of ISIC images centre on light-intermediate skin):
+# ITA ~ N(46, 14) within ITA_RANGE puts about 3% of patients in Fitzpatrick V-VI (ITA <= 19).
+ISIC_ITA = (46.0, 14.0)
+# Fitzpatrick groups of the test set by ITA (data/tone.py's mapping), drawn MARGIN degrees inside
+# their bounds so that the ITA ingest estimates from the pixels (mean error ~1.3) keeps the group.
+TONE_GROUPS = tuple(zip(tone.GROUPS, (41.0, 19.0, ITA_RANGE[0]), (ITA_RANGE[1], 41.0, 19.0)))
+MARGIN = 3.0
+DIFFICULTIES = SYNTH_DIFFICULTIES
 # Distinct first words keep the layout, patient and image random streams apart.
-_LAYOUT, _PATIENT, _IMAGE = 1, 2, 3
+_LAYOUT, _PATIENT, _IMAGE, _TEST = 1, 2, 3, 4
 
 # Roughly the real file's proportions; "" is an empty cell, as in the real file.
 SEXES = (("male", 0.52), ("female", 0.46), ("", 0.02))
@@ -89,10 +112,22 @@ def _labels(num_images: int, malignant_fraction: float, seed: int) -> np.ndarray
     return np.random.default_rng((seed, _LAYOUT, 1)).permutation(labels)
 
 
-def _patient(seed: int, p: int) -> dict:
-    """Patient-level draws: skin colour, sex, age."""
-    rng = np.random.default_rng((seed, _PATIENT, p))
-    lab = skin_lab(rng.uniform(*ITA_RANGE), rng)
+def _ita(rng: np.random.Generator, tones) -> float:
+    """A patient's target ITA: "isic" (ISIC_ITA within ITA_RANGE), "uniform" over ITA_RANGE, or
+    uniform in the (low, high) range given."""
+    if tones == "uniform":
+        return float(rng.uniform(*ITA_RANGE))
+    if tones == "isic":
+        while True:  # truncated normal: redraw the few outside the range
+            v = float(rng.normal(*ISIC_ITA))
+            if ITA_RANGE[0] <= v <= ITA_RANGE[1]:
+                return v
+    return float(rng.uniform(*tones))
+
+
+def _patient(rng: np.random.Generator, tones) -> dict:
+    """Patient-level draws from `rng`: skin colour (`_ita`'s tones), sex, age."""
+    lab = skin_lab(_ita(rng, tones), rng)
     # The ITA actually painted: the colour after clipping to the sRGB gamut, rounded as written
     # so the skin_tone column is the band of the ita column.
     painted = round(tone.ita(*tone.srgb_to_lab(tone.lab_to_srgb(lab))[[0, 2]]), 2)
@@ -100,6 +135,15 @@ def _patient(seed: int, p: int) -> dict:
     age_missing = rng.random() < 0.02
     return {"lab": lab, "ita": painted, "sex": _pick(rng, SEXES),
             "age": "" if age_missing else f"{age}"}
+
+
+def severity(rng: np.random.Generator, malignant: bool, difficulty: str) -> float:
+    """The lesion's severity in [0, 1] (`draw_image`): its class's prototype on the easy set, a draw
+    from its class's overlapping score distribution on the isic set (SEPARATION, SLOPE)."""
+    if difficulty == "easy":
+        return float(malignant)
+    score = rng.normal(SEPARATION / 2 if malignant else -SEPARATION / 2)
+    return float(_sigmoid(SLOPE * score))
 
 
 def _lesion_mask(rng, dx, dy, radius, harmonics, softness) -> np.ndarray:
@@ -142,9 +186,19 @@ def _hairs(rng: np.random.Generator, size: int) -> np.ndarray | None:
     return np.asarray(canvas, np.float32) / 255
 
 
-def draw_image(rng: np.random.Generator, skin: np.ndarray, malignant: bool,
-           xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """One (size, size, 3) uint8 image; xx, yy are pixel centres in [-1, 1]."""
+def _lerp(a, b, t):
+    return a + (b - a) * t
+
+
+def draw_image(rng: np.random.Generator, skin: np.ndarray, severity: float,
+               xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """One (size, size, 3) uint8 image; xx, yy are pixel centres in [-1, 1].
+
+    `severity` in [0, 1] sets every class cue at once: 0 paints the benign prototype (a small, round,
+    evenly brown nevus with a smooth border, a little darker in the middle), 1 the malignant one
+    (larger, asymmetric, shaded along an axis, a ragged border, patches of blue-grey, black or red,
+    mottled); values between blend each cue, as atypical nevi and early melanomas do.
+    """
     size = xx.shape[0]
     fine = rng.standard_normal((size, size), dtype=np.float32)
     lab = np.empty((size, size, 3), np.float32)  # (H, W, 3) L*, a*, b*
@@ -153,44 +207,38 @@ def draw_image(rng: np.random.Generator, skin: np.ndarray, malignant: bool,
     lab[..., 1] = skin[1] + 1.5 * _lowfreq(rng, size, 5)
     lab[..., 2] = skin[2] + 1.0 * _lowfreq(rng, size, 5)
 
+    m = float(severity)
     # Lesion near the centre, so the border band the ITA estimator reads is mostly skin.
     c = rng.uniform(-0.08, 0.08, 2)
     dx, dy = xx - c[0], yy - c[1]
     L = skin[0]
-    if not malignant:
-        radius = rng.uniform(0.16, 0.28)  # in half-image units: 8-14% of the width
-        mask = _lesion_mask(rng, dx, dy, radius, [(2, rng.uniform(0, 0.06)),
-                                                  (3, rng.uniform(0, 0.02))],
-                            rng.uniform(0.012, 0.025))
-        # Evenly brown, a little darker towards the middle.
-        centre = np.clip(1 - np.hypot(dx, dy) / radius, 0, 1)
-        brown = lab.copy()
-        brown[..., 0] = max(L - rng.uniform(18, 30), 0.55 * L) - 4 * centre
-        brown[..., 1] = skin[1] + rng.uniform(4, 10)
-        brown[..., 2] = skin[2] + rng.uniform(4, 12)
-        lab += mask[..., None] * (brown - lab)
-    else:
-        radius = rng.uniform(0.32, 0.52)  # 16-26% of the width, before the border's wobble
-        # Harmonics 2-12 with amplitudes falling as 1/k: lobes plus a ragged fine scale.
-        ks = np.arange(2, 13)
-        amps = rng.uniform(0.2, 1.0, ks.size) / ks
-        amps *= rng.uniform(0.25, 0.4) / amps.sum()  # keeps the border off the image edge
-        mask = _lesion_mask(rng, dx, dy, radius, list(zip(ks, amps)), rng.uniform(0.006, 0.014))
-        # Dark brown, shaded unevenly along a random axis: the colour is asymmetric too.
-        axis = rng.uniform(0, 2 * np.pi)
-        slope = (dx * math.cos(axis) + dy * math.sin(axis)) / radius
-        base = lab.copy()
-        base[..., 0] = max(L - rng.uniform(25, 40), 0.45 * L) + 6 * slope
-        base[..., 1] = skin[1] + rng.uniform(3, 10)
-        base[..., 2] = skin[2] + rng.uniform(2, 10)
-        lab += mask[..., None] * (base - lab)
-        colours = {"blue-grey": (min(L - 10, 50), 0.0, -6.0), "black": (10.0, 2.0, 3.0),
-                   "red": (min(L - 5, 50), 30.0, 18.0)}
-        for name in rng.permutation(list(colours))[:rng.integers(2, 4)]:
-            field = _lowfreq(rng, size, 5)
-            _blend(lab, colours[name], mask * _sigmoid((field - rng.uniform(0.2, 0.7)) / 0.25))
-        # Mottled pigment inside the lesion.
-        lab[..., 0] -= 4 * mask * np.abs(_lowfreq(rng, size, 20))
+    # In half-image units: 8-14% of the width (benign) to 16-26% (malignant), before the wobble.
+    radius = _lerp(rng.uniform(0.16, 0.28), rng.uniform(0.32, 0.52), m)
+    # Border: harmonics 2-12 with amplitudes falling as 1/k, in all a slight wobble (benign) to
+    # lobes plus a ragged fine scale (malignant; the total keeps the border off the image edge).
+    ks = np.arange(2, 13)
+    amps = rng.uniform(0.2, 1.0, ks.size) / ks
+    amps *= _lerp(rng.uniform(0.02, 0.06), rng.uniform(0.25, 0.4), m) / amps.sum()
+    mask = _lesion_mask(rng, dx, dy, radius, list(zip(ks, amps)),
+                        _lerp(rng.uniform(0.012, 0.025), rng.uniform(0.006, 0.014), m))
+    # Brown, darker with severity; a benign one darkens towards the middle, a malignant one is
+    # shaded along a random axis: the colour is asymmetric too.
+    axis = rng.uniform(0, 2 * np.pi)
+    slope = (dx * math.cos(axis) + dy * math.sin(axis)) / radius
+    centre = np.clip(1 - np.hypot(dx, dy) / radius, 0, 1)
+    base = lab.copy()
+    base[..., 0] = (max(L - _lerp(rng.uniform(18, 30), rng.uniform(25, 40), m), _lerp(0.55, 0.45, m) * L)
+                    - 4 * (1 - m) * centre + 6 * m * slope)
+    base[..., 1] = skin[1] + _lerp(rng.uniform(4, 10), rng.uniform(3, 10), m)
+    base[..., 2] = skin[2] + _lerp(rng.uniform(4, 12), rng.uniform(2, 10), m)
+    lab += mask[..., None] * (base - lab)
+    colours = {"blue-grey": (min(L - 10, 50), 0.0, -6.0), "black": (10.0, 2.0, 3.0),
+               "red": (min(L - 5, 50), 30.0, 18.0)}
+    for name in rng.permutation(list(colours))[:rng.integers(2, 4)]:
+        field = _lowfreq(rng, size, 5)
+        _blend(lab, colours[name], m * mask * _sigmoid((field - rng.uniform(0.2, 0.7)) / 0.25))
+    # Mottled pigment inside the lesion.
+    lab[..., 0] -= 4 * m * mask * np.abs(_lowfreq(rng, size, 20))
 
     hair = _hairs(rng, size)
     if hair is not None:
@@ -204,7 +252,7 @@ def draw_image(rng: np.random.Generator, skin: np.ndarray, malignant: bool,
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def _check_args(num_images, image_size, malignant_fraction, seed) -> None:
+def _check_args(num_images, image_size, malignant_fraction, seed, difficulty, test_per_tone) -> None:
     """Raise a one-line UserError (a ValueError the CLI prints) for the first bad argument."""
     def whole(v):
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -220,57 +268,45 @@ def _check_args(num_images, image_size, malignant_fraction, seed) -> None:
                          f"got {malignant_fraction!r}")
     if not whole(seed) or seed < 0:
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+    if difficulty not in DIFFICULTIES:
+        raise UserError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    if not whole(test_per_tone) or not 0 <= test_per_tone <= (MAX_IMAGES - num_images) // len(TONE_GROUPS):
+        raise UserError(f"test_per_tone must be an integer >= 0 (0: no test set) with every id below "
+                        f"{FIRST_ID + MAX_IMAGES}, got {test_per_tone!r}")
 
 
-def run(out, num_images: int = SynthConfig.num_images, image_size: int = SynthConfig.image_size,
-        malignant_fraction: float = SynthConfig.malignant_fraction, seed: int = SynthConfig.seed,
-        progress: bool = True) -> dict:
-    """Write a synthetic ISIC 2020 set into the new folder `out`; return a summary dict."""
-    _check_args(num_images, image_size, malignant_fraction, seed)
-    out = Path(out).absolute()
+def _fresh(out: Path, what: str) -> None:
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise UserError(f"out {out} already exists and is not an empty folder; "
-                         "give a new path or remove it")
-    start = time.perf_counter()
-    patient_of = _patients(num_images, seed)
-    labels = _labels(num_images, malignant_fraction, seed)
-    patients = [_patient(seed, p) for p in range(int(patient_of[-1]) + 1)]
+        raise UserError(f"{what} {out} already exists and is not an empty folder; "
+                        "give a new path or remove it")
+
+
+def _write(out: Path, items: list[dict], image_size: int, bar) -> None:
+    """Paint `items` (name, patient, rng, severity, malignant) into the new folder `out`, built beside
+    it and renamed into place: an interrupted run never leaves a set that looks complete under the
+    real name."""
     half = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size * 2 - 1
     xx, yy = np.meshgrid(half, half)  # (H, W) pixel centres in [-1, 1]
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside `out` and renamed into place: an interrupted run never leaves a set that
-    # looks complete under the real name.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a data set is read like any folder
         (tmp / "train").mkdir()
         gt_rows, truth_rows = [], []
-        bar = None
-        if progress:
-            from tqdm import tqdm  # only needed when someone watches
-
-            bar = tqdm(total=num_images, desc="synth", unit="img")
-        for i in range(num_images):
-            name = f"ISIC_{FIRST_ID + i:07d}"
-            pat = patients[patient_of[i]]
-            malignant = bool(labels[i])
-            rng = np.random.default_rng((seed, _IMAGE, i))
-            Image.fromarray(draw_image(rng, pat["lab"], malignant, xx, yy)).save(
-                tmp / "train" / f"{name}.jpg", quality=JPEG_QUALITY)
+        for it in items:
+            pat, rng, malignant = it["patient"], it["rng"], it["malignant"]
+            Image.fromarray(draw_image(rng, pat["lab"], it["severity"], xx, yy)).save(
+                tmp / "train" / f"{it['name']}.jpg", quality=JPEG_QUALITY)
             site = _pick(rng, SITES)
             diagnosis = "melanoma" if malignant else _pick(rng, BENIGN_DIAGNOSES)
-            gt_rows.append((name, f"IP_{FIRST_ID + int(patient_of[i]):07d}", pat["sex"],
-                            pat["age"], site, diagnosis,
+            gt_rows.append((it["name"], pat["id"], pat["sex"], pat["age"], site, diagnosis,
                             "malignant" if malignant else "benign", int(malignant)))
-            truth_rows.append((name, f"{pat['ita']:.2f}", tone.band(pat["ita"]), int(malignant)))
+            truth_rows.append((it["name"], f"{pat['ita']:.2f}", tone.band(pat["ita"]),
+                               tone.fitzpatrick(pat["ita"]), f"{it['severity']:.4f}", int(malignant)))
             if bar is not None:
                 bar.update()
-        if bar is not None:
-            bar.close()
         for fname, header, rows in ((GROUND_TRUTH, HEADER, gt_rows),
-                                    (TRUTH, ("image_name", "ita", "skin_tone", "malignant"),
-                                     truth_rows)):
+                                    (TRUTH, TRUTH_HEADER, truth_rows)):
             with open(tmp / fname, "w", newline="") as f:
                 w = csv.writer(f, lineterminator="\n")
                 w.writerow(header)
@@ -279,7 +315,81 @@ def run(out, num_images: int = SynthConfig.num_images, image_size: int = SynthCo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_mal = int(labels.sum())
-    return {"out": str(out), "num_images": num_images, "benign": num_images - n_mal,
-            "malignant": n_mal, "patients": len(patients),
-            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _training_items(num_images, malignant_fraction, seed, difficulty) -> list[dict]:
+    patient_of = _patients(num_images, seed)
+    labels = _labels(num_images, malignant_fraction, seed)
+    tones = "uniform" if difficulty == "easy" else "isic"
+    patients = []
+    for p in range(int(patient_of[-1]) + 1):
+        patients.append({**_patient(np.random.default_rng((seed, _PATIENT, p)), tones),
+                         "id": f"IP_{FIRST_ID + p:07d}"})
+    items = []
+    for i in range(num_images):
+        rng = np.random.default_rng((seed, _IMAGE, i))
+        malignant = bool(labels[i])
+        items.append({"name": f"ISIC_{FIRST_ID + i:07d}", "patient": patients[patient_of[i]], "rng": rng,
+                      "malignant": malignant, "severity": severity(rng, malignant, difficulty)})
+    return items
+
+
+def _test_items(per_tone, malignant_fraction, seed, difficulty, first_image, first_patient) -> list[dict]:
+    """`per_tone` images for every TONE_GROUPS group, one per patient, round(per_tone * fraction)
+    malignant in each; ids continue after the training set's, so both ingest together."""
+    items = []
+    for g, (_, lo, hi) in enumerate(TONE_GROUPS):
+        labels = _labels(per_tone, malignant_fraction, seed + 7919 * (g + 1))
+        for j in range(per_tone):
+            k = g * per_tone + j
+            rng = np.random.default_rng((seed, _TEST, k))
+            pat = {**_patient(rng, (lo + MARGIN, hi - MARGIN)), "id": f"IP_{first_patient + k:07d}"}
+            malignant = bool(labels[j])
+            items.append({"name": f"ISIC_{first_image + k:07d}", "patient": pat, "rng": rng,
+                          "malignant": malignant, "severity": severity(rng, malignant, difficulty)})
+    return items
+
+
+def test_folder(out) -> Path:
+    """Where `run` writes the test set of `out`: beside it, so ingesting `out` never takes it in."""
+    out = Path(out).absolute()
+    return out.with_name(out.name + "-test")
+
+
+def run(out, num_images: int = SynthConfig.num_images, image_size: int = SynthConfig.image_size,
+        malignant_fraction: float = SynthConfig.malignant_fraction, seed: int = SynthConfig.seed,
+        difficulty: str = SynthConfig.difficulty, test_per_tone: int = SynthConfig.test_per_tone,
+        progress: bool = True) -> dict:
+    """Write a synthetic ISIC 2020 set into the new folder `out` and, with test_per_tone > 0, a test
+    set with that many images per skin-tone group into `test_folder(out)`; return a summary dict."""
+    _check_args(num_images, image_size, malignant_fraction, seed, difficulty, test_per_tone)
+    out = Path(out).absolute()
+    _fresh(out, "out")
+    test_out = test_folder(out) if test_per_tone else None
+    if test_out is not None:
+        _fresh(test_out, "the test set's folder")
+    start = time.perf_counter()
+    items = _training_items(num_images, malignant_fraction, seed, difficulty)
+    n_patients = len({it["patient"]["id"] for it in items})
+    tests = (_test_items(test_per_tone, malignant_fraction, seed, difficulty, FIRST_ID + num_images,
+                         FIRST_ID + n_patients) if test_out is not None else [])
+    bar = None
+    if progress:
+        from tqdm import tqdm  # only needed when someone watches
+
+        bar = tqdm(total=len(items) + len(tests), desc="synth", unit="img")
+    try:
+        _write(out, items, image_size, bar)
+        if test_out is not None:
+            _write(test_out, tests, image_size, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    n_mal = sum(it["malignant"] for it in items)
+    groups = [tone.group_from_ita(it["patient"]["ita"]) for it in items]
+    summary = {"out": str(out), "num_images": num_images, "benign": num_images - n_mal,
+               "malignant": n_mal, "patients": n_patients, "difficulty": difficulty,
+               "tone_groups": {g: groups.count(g) for g in tone.GROUPS},
+               "test_out": str(test_out) if test_out is not None else None, "test_images": len(tests),
+               "seconds": round(time.perf_counter() - start, 3)}
+    return summary

@@ -18,6 +18,7 @@ BANDS = (("very_light", 55.0), ("light", 41.0), ("intermediate", 28.0), ("tan", 
 UNKNOWN = "unknown"
 # (Fitzpatrick type, exclusive lower bound); 0 means unknown.
 FITZPATRICK = ((1, 55.0), (2, 41.0), (3, 28.0), (4, 19.0), (5, 10.0), (6, -math.inf))
+GROUPS = ("I-II", "III-IV", "V-VI")  # Fitzpatrick types in pairs, as DDI labels them; lightest first
 
 # sRGB primaries to XYZ (D65), rows divided by the reference white so white maps to (1, 1, 1).
 _WHITE = np.array([0.95047, 1.0, 1.08883])
@@ -137,3 +138,14 @@ def fitzpatrick(value: float) -> int:
     if math.isnan(value):
         return 0
     return next((t for t, lo in FITZPATRICK if value > lo), FITZPATRICK[-1][0])
+
+
+def group_of(fitzpatrick: int) -> str:
+    """Fitzpatrick type 1-6 -> its group (GROUPS)."""
+    return GROUPS[(fitzpatrick - 1) // 2]
+
+
+def group_from_ita(ita: float) -> str | None:
+    """The Fitzpatrick group of an ITA estimate (DATA.md mapping); None for nan."""
+    t = fitzpatrick(ita)
+    return group_of(t) if t else None

@@ -40,7 +40,8 @@ from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity, metrics
 from cnd_ray.generate import class_name
 
-FORMAT = 2  # bump when the file's content changes: older files are then retrained, not misread
+FORMAT = 3  # bump when the file's content changes: older files are then retrained, not misread
+TEST_SPLIT = "test"  # where the shards have one (ingest --test), the judge is also measured there per skin-tone group
 FLOOR_DRAWS = 20  # real-vs-real FD draws averaged into one floor
 BANDS = [b for b, _ in tone.BANDS] + [tone.UNKNOWN]
 WEAK_AUROC = 0.8  # a judge below this on held-out images is said to be weak (it learnt little)
@@ -277,7 +278,27 @@ def train(cfg, shards: str, manifest: dict, device="cpu", progress: bool = False
     say(f"judge: held-out AUROC {meta['heldout_auroc']:.3f} on {len(held_y)} {e.heldout_split} images"
         + (" - it barely tells the classes apart: its fidelity numbers mean little (raise "
            "eval.fidelity_steps)" if meta["heldout_auroc"] < WEAK_AUROC else ""))
+    if manifest["splits"].get(TEST_SPLIT):
+        meta["test"] = by_group(model, shards, manifest, TEST_SPLIT)
+        say("judge: on the test split, AUROC " + ", ".join(
+            f"{g} {v['auroc']:.3f} (n={v['n']})" for g, v in meta["test"].items()))
     return judge
+
+
+def by_group(model, shards: str, manifest: dict, split: str) -> dict:
+    """The classifier's AUROC on a split, overall ("all") and per skin-tone group (tone.GROUPS, from
+    the ITA ingest estimated), each with its count and malignant count; nan where a group lacks a class."""
+    x, y = _read(shards, manifest, split)
+    groups = np.array([tone.group_of(int(f)) if f else "" for f in
+                       shards_lib.split_column(shards, manifest, split, "fitzpatrick")])
+    scores = fidelity.scores(model, x)
+    out = {}
+    for g in ("all", *tone.GROUPS):
+        sel = np.ones(len(y), bool) if g == "all" else groups == g
+        both = len(np.unique(y[sel])) == 2
+        out[g] = {"auroc": metrics.classification(scores[sel], y[sel])["auroc"] if both else float("nan"),
+                  "n": int(sel.sum()), "malignant": int(y[sel].sum())}
+    return out
 
 
 def path_for(cfg, root: str, shards: str = "") -> str:

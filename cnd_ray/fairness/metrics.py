@@ -470,8 +470,10 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def paired_delta(y, score_a, score_b, groups, *, n_boot: int, seed: int = 0, order=None,
-                 light=None, dark=None) -> dict:
-    """AUROC differences b - a on the same items, with 95% CIs from one paired stratified bootstrap.
+                 light=None, dark=None, thresholds: tuple | None = None) -> dict:
+    """AUROC differences b - a on the same items, with 95% CIs from one paired stratified bootstrap;
+    with `thresholds` (each model's, as `report` takes them), sensitivity per group and the
+    equal-opportunity difference too.
 
     Both models are scored on the same resamples, so the item-to-item noise they share cancels:
     the interval is on the difference itself (overall, per group, worst group and light-dark gap).
@@ -486,10 +488,13 @@ def paired_delta(y, score_a, score_b, groups, *, n_boot: int, seed: int = 0, ord
     light = None if light is None else str(light)
     dark = None if dark is None else str(dark)
     gap_light, gap_dark, gap_note = _gap_pair(items_a, light, dark)
-    no_pred = np.zeros(len(items_a.y), bool)  # AUROC only: the threshold counts are not used
+    if thresholds is None:  # AUROC only: the threshold counts are not used
+        pred_a = pred_b = np.zeros(len(items_a.y), bool)
+    else:
+        pred_a, pred_b = (it.s >= _threshold(t) for it, t in zip((items_a, items_b), thresholds))
 
     def measure(w):
-        per_a, per_b = _measure(items_a, no_pred, w), _measure(items_b, no_pred, w)
+        per_a, per_b = _measure(items_a, pred_a, w), _measure(items_b, pred_b, w)
         return (per_a, per_b, _cross(items_a, per_a, gap_light, gap_dark),
                 _cross(items_b, per_b, gap_light, gap_dark))
 
@@ -510,8 +515,13 @@ def paired_delta(y, score_a, score_b, groups, *, n_boot: int, seed: int = 0, ord
         gp, gq = items_a.counts(i)
         per_group[name] = {"n": gp + gq, "positives": gp, **diff(lambda per, x, i=i: per[i][0]),
                            "flag": items_a.flag(i)}
+        if thresholds is not None and gp:
+            per_group[name]["sensitivity"] = diff(lambda per, x, i=i, gp=gp: per[i][1] / gp)
     unknown = items_a.codes == -1
-    return {
+    extra = {}
+    if thresholds is not None:
+        extra["equal_opportunity_difference"] = {**diff(lambda per, x: x["tpr_spread"]), "excluded": excluded}
+    return {**extra,
         "overall": diff(lambda per, x: per[None][0]),
         "groups": per_group,
         "worst_group_auroc": {**diff(lambda per, x: x["worst"]), "excluded": excluded},

@@ -38,7 +38,7 @@ from cnd_ray.errors import UserError
 from cnd_ray.evaluate import fidelity
 from cnd_ray.evaluate.features import signed
 
-GROUPS = external.GROUPS  # lightest first
+GROUPS = tone.GROUPS  # lightest first
 SECTIONS = ("fairness.", "track.")  # the settings this verb reads
 MCLASS_D = ("mclass", "mclass_d")  # sets holding MClass-D's ISIC images
 REWEIGHTED = "real, reweighted"  # the control: real data balanced like the real+synthetic mix
@@ -46,7 +46,7 @@ REWEIGHTED = "real, reweighted"  # the control: real data balanced like the real
 
 def group_of(fitzpatrick) -> str | None:
     """A stored Fitzpatrick type -> its group; None when unknown (0 or missing)."""
-    return external.group_of(int(fitzpatrick)) if fitzpatrick and 1 <= int(fitzpatrick) <= 6 else None
+    return tone.group_of(int(fitzpatrick)) if fitzpatrick and 1 <= int(fitzpatrick) <= 6 else None
 
 
 def _stack(images: list[np.ndarray], size: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ def read_synthetic(rows: list[tuple[str, int, str]], size: int, limit: int = 0, 
         arr = image_lib.decode_png(data)  # full size: the tone is measured as the ingest measures it
         images.append(arr if arr.shape[:2] == (size, size) else image_lib.load(data, size)[0])
         labels.append(label)
-        groups.append(external.group_from_ita(tone.estimate_ita(arr)))
+        groups.append(tone.group_from_ita(tone.estimate_ita(arr)))
     return {"images": _stack(images, size), "labels": np.array(labels, np.int64), "groups": groups}
 
 
@@ -201,7 +201,7 @@ def _external(name: str, root: str, size: int, manifest: dict, show: bool) -> di
             continue
         group = item.group
         if group is None:
-            group, measured = external.group_from_ita(tone.estimate_ita(arr)), measured + 1
+            group, measured = tone.group_from_ita(tone.estimate_ita(arr)), measured + 1
         images.append(arr)
         labels.append(item.label)
         groups.append(group)
@@ -317,7 +317,8 @@ def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", c
         if "real+synthetic" in scores:
             entry["synthetic_vs_real"] = {
                 "paired": metrics.paired_delta(s["labels"], scores["real"], scores["real+synthetic"], s["groups"],
-                                               n_boot=f.bootstrap, seed=f.seed),
+                                               n_boot=f.bootstrap, seed=f.seed,
+                                               thresholds=(thresholds["real"], thresholds["real+synthetic"])),
                 "headline": metrics.compare(per_model["real"], per_model["real+synthetic"]),
                 **({"vs_reweighted": metrics.compare(per_model[REWEIGHTED], per_model["real+synthetic"])}
                    if REWEIGHTED in per_model else {})}
