@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 from cnd_ray import config as config_lib
 from cnd_ray import storage
@@ -49,8 +50,9 @@ def search_name(space_name: str, space_text: str, cfg) -> str:
 
 
 def trial_name(trial_id: str, setting: str | None) -> str:
-    """A trial's name in Tune's table and its folder: its id, and the settings bundle it runs."""
-    return f"{trial_id}-setting{setting}" if setting else trial_id
+    """A trial's name in Tune's table and its folder: its id, and the settings bundle it runs (spaces
+    and other characters a path would not take as they are become _)."""
+    return f"{trial_id}-setting{re.sub(r'[^A-Za-z0-9._-]+', '_', setting)}" if setting else trial_id
 
 
 def trial_run(search: str, trial_id: str) -> str:

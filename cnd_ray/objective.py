@@ -70,13 +70,90 @@ def frozen(module: nn.Module, mode: str = "eval"):
         module.train(was_training)
 
 
+# The critic's pull is measured per quarter of the noise schedule: PULL_BANDS bands of t, b1 the
+# least noisy (docs/METHOD.md, "The critic's pull").
+PULL_BANDS = 4
+
+
+def critic_weight(method, step: int) -> float:
+    """lambda_cls at `step`, with method.critic_warmup's linear rise from 0."""
+    if method.critic_warmup and step < method.critic_warmup:
+        return method.lambda_cls * step / method.critic_warmup
+    return method.lambda_cls
+
+
+def pull_keys(band: int) -> tuple[str, str]:
+    """The step metrics that sum the squared gradient norms, at the DiT's output, from the critic and
+    from the diffusion loss over the samples of `band` (1-based): `pull` turns them into ratios."""
+    return f"pull_cls_sq_b{band}", f"pull_diff_sq_b{band}"
+
+
+def pull(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` with the denoised branches' accumulators (pull_*: summed or averaged alike over
+    steps, ranks or micro-batches) replaced by what they measure: critic_pull_b<k> = sqrt(sum of the
+    critic's squared gradient norms at the DiT's output / sum of the diffusion loss's) over band k's
+    samples, critic_pull over all of them (a band with no denoised sample is left out); critic_inside,
+    the share of samples inside the critic's window, and critic_scale, the balance cap's factor."""
+    out = {k: v for k, v in metrics.items() if not k.startswith("pull_")}
+    tot = [0.0, 0.0]
+    for b in range(1, PULL_BANDS + 1):
+        c, d = (metrics.get(k, 0.0) for k in pull_keys(b))
+        tot = [tot[0] + c, tot[1] + d]
+        if d > 0:
+            out[f"critic_pull_b{b}"] = (c / d) ** 0.5
+    if tot[1] > 0:
+        out["critic_pull"] = (tot[0] / tot[1]) ** 0.5
+    steps = metrics.get("pull_steps", 0.0)
+    for k in ("inside", "scale"):
+        if steps > 0 and f"pull_{k}" in metrics:
+            out[f"critic_{k}"] = metrics[f"pull_{k}"] / steps
+    return out
+
+
+class _Meet(torch.autograd.Function):
+    """Where the critic's gradient meets the diffusion loss's at the DiT's output: the identity on
+    (the output L_diff reads, the output the critic's input is built from) - the same tensor, or the
+    released operator's second forward - whose backward sees both gradients at once. It measures the
+    pull per sample into `probe` (its pull_keys tensors, added to in place; free: both gradients are
+    computed anyway) and, with `cap` > 0, scales the critic's down to at most cap times the diffusion
+    loss's (method.critic_balance; norms over the micro-batch, as VQGAN's adaptive weight)."""
+
+    @staticmethod
+    def forward(ctx, diff_out, critic_out, t, num_timesteps: int, cap: float, probe: dict):
+        ctx.save_for_backward(t)
+        ctx.num_timesteps, ctx.cap, ctx.probe = num_timesteps, cap, probe
+        return diff_out.clone(), critic_out.clone()
+
+    @staticmethod
+    def backward(ctx, g_diff, g_cls):
+        (t,) = ctx.saved_tensors
+        probe = ctx.probe
+        if g_diff is None or g_cls is None:  # one branch unused: nothing to compare
+            return g_diff, g_cls, None, None, None, None
+        d2 = g_diff.float().pow(2).flatten(1).sum(1)  # (N,) squared norms per sample
+        c2 = g_cls.float().pow(2).flatten(1).sum(1)
+        if ctx.cap > 0:
+            scale = torch.clamp(ctx.cap * d2.sum().sqrt() / c2.sum().sqrt().clamp(min=1e-30), max=1.0)
+            g_cls, c2 = g_cls * scale.to(g_cls.dtype), c2 * scale.square()
+            probe["pull_scale"].add_(scale.detach())
+        band = (t * PULL_BANDS // ctx.num_timesteps).clamp(max=PULL_BANDS - 1)  # (N,) 0-based
+        for b in range(PULL_BANDS):
+            sel = band == b
+            kc, kd = pull_keys(b + 1)
+            probe[kc].add_(c2[sel].sum().detach())
+            probe[kd].add_(d2[sel].sum().detach())
+        return g_diff, g_cls, None, None, None, None
+
+
 @dataclass
 class StepOutput:
     """What one forward of the objective gives the loop."""
 
     loss: torch.Tensor  # scalar to backpropagate (DiT and, on clean steps, classifier terms)
     branch: str  # DIFF (no classifier), CLEAN or DENOISED
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
+    # Detached scalars. On a denoised branch the pull accumulators (pull_keys, pull_scale) are filled
+    # in by the backward pass of `loss`: read them after it; `pull` turns them into ratios.
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ClassNDiff(nn.Module):
@@ -95,34 +172,43 @@ class ClassNDiff(nn.Module):
         return gamma_at(self.cfg.method, step)
 
     def forward(self, x0: torch.Tensor, y: torch.Tensor, step: int,
-                tone: torch.Tensor | None = None) -> StepOutput:
-        """One joint step's loss on a batch x0 (N, C, H, W) with labels y (N,)."""
+                tone: torch.Tensor | None = None, t: torch.Tensor | None = None) -> StepOutput:
+        """One joint step's loss on a batch x0 (N, C, H, W) with labels y (N,); timesteps `t` (N,)
+        are drawn uniformly unless given."""
         diffusion, n = self.diffusion, x0.shape[0]
-        t = torch.randint(0, diffusion.num_timesteps, (n,), device=x0.device)
+        if t is None:
+            t = torch.randint(0, diffusion.num_timesteps, (n,), device=x0.device)
         noise = torch.randn_like(x0)
         xt = diffusion.q_sample(x0, t, noise)
         out = self.dit(xt, t, y, tone)  # the one DiT forward of x0_pred / posterior
-        terms = diffusion.training_losses(out, x0, xt, t, noise)
-        d = self.cfg.diffusion
-        # What is optimised may weight the timesteps (Min-SNR); what is logged as loss_diff stays
-        # the unweighted loss, comparable across recipes and with val_loss_diff.
-        w = diffusion.mse_weights(t, d.loss_weighting, d.min_snr_gamma)
-        loss_diff = (w * terms["mse"] + terms["vb"]).mean()
-        metrics = {"loss_diff": terms["loss"].mean().detach(), "mse": terms["mse"].mean().detach(),
-                   "vb": terms["vb"].mean().detach()}
         if self.classifier is None:
+            loss_diff, metrics = self._diffusion_loss(out, x0, xt, t, noise)
             return StepOutput(loss_diff, DIFF, metrics)
 
-        g = self.gamma(step)
+        m, g = self.cfg.method, self.gamma(step)
         target = y.float()
         if coin(self.cfg.train.seed, step) < g:
-            z_d = self.denoised(out, x0, xt, t, y, tone)
-            with frozen(self.classifier, self.cfg.method.critic_mode) as critic:  # no step, no param grads
-                logits = critic(z_d)
-            loss_cls = F.binary_cross_entropy_with_logits(logits.float(), target)
-            loss, branch = loss_diff + self.cfg.method.lambda_cls * loss_cls, DENOISED
+            cap = m.critic_balance == "cap"
+            probe = {k: torch.zeros((), device=x0.device) for b in range(1, PULL_BANDS + 1) for k in pull_keys(b)}
+            if cap:
+                probe["pull_scale"] = torch.zeros((), device=x0.device)
+            weight = critic_weight(m, step)
+            # "reference": parity with the released code - a second DiT forward that treats the clean
+            # z0 as if it were x_t at step t; its output is what the critic's gradient reaches.
+            src = self.dit(x0, t, y, tone) if m.denoised_input == "reference" else out
+            out, src = _Meet.apply(out, src, t, diffusion.num_timesteps, weight if cap else 0.0, probe)
+            loss_diff, metrics = self._diffusion_loss(out, x0, xt, t, noise)
+            z_d = self.denoised(src, x0, xt, t)
+            per_sample, logits = self.critic_loss(z_d, x0, y)  # (N,), (N,)
+            # The critic's timestep window: its loss is averaged over the samples inside.
+            frac = t.float() / diffusion.num_timesteps
+            inside = ((frac >= m.critic_t_min) & (frac < m.critic_t_max)).float()
+            loss_cls = (per_sample * inside).sum() / inside.sum().clamp(min=1.0)
+            loss, branch = loss_diff + weight * loss_cls, DENOISED
+            metrics.update(probe, pull_steps=torch.tensor(1.0), pull_inside=inside.mean().detach())
         else:
-            logits = self.classifier(x0)
+            loss_diff, metrics = self._diffusion_loss(out, x0, xt, t, noise)
+            logits = self.classifier(self.robust_input(x0, target))
             loss_cls = F.binary_cross_entropy_with_logits(logits.float(), target)
             # Disjoint parameters: one backward gives the DiT L_diff and the classifier L_cls.
             loss, branch = loss_diff + loss_cls, CLEAN
@@ -130,13 +216,66 @@ class ClassNDiff(nn.Module):
             loss_cls=loss_cls.detach(),
             cls_acc=((logits.detach() > 0).float() == target).float().mean(),
             gamma=torch.tensor(g),
+            critic_weight=torch.tensor(critic_weight(m, step)),
             denoised=torch.tensor(float(branch == DENOISED)),
         )
         return StepOutput(loss, branch, metrics)
 
-    def denoised(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                 y: torch.Tensor, tone: torch.Tensor | None) -> torch.Tensor:
-        """The latent the critic judges, per `method.denoised_input`; gradients reach the DiT."""
+    def _diffusion_loss(self, out, x0, xt, t, noise) -> tuple[torch.Tensor, dict]:
+        """L_diff as optimised, and its logged parts."""
+        diffusion, d = self.diffusion, self.cfg.diffusion
+        terms = diffusion.training_losses(out, x0, xt, t, noise)
+        # What is optimised may weight the timesteps (Min-SNR); what is logged as loss_diff stays
+        # the unweighted loss, comparable across recipes and with val_loss_diff.
+        w = diffusion.mse_weights(t, d.loss_weighting, d.min_snr_gamma)
+        loss_diff = (w * terms["mse"] + terms["vb"]).mean()
+        return loss_diff, {"loss_diff": terms["loss"].mean().detach(), "mse": terms["mse"].mean().detach(),
+                           "vb": terms["vb"].mean().detach()}
+
+    def critic_loss(self, z_d: torch.Tensor, x0: torch.Tensor, y: torch.Tensor):
+        """(per-sample loss (N,), logits (N,)) of the frozen critic on the denoised latents z_d, by
+        method.critic_target; paired, hinge and features compare with the critic's view of the paired
+        clean z0 (one more critic forward, without gradients)."""
+        m = self.cfg.method
+        with frozen(self.classifier, m.critic_mode) as critic:  # no step, no param grads
+            feats = critic.features(z_d)
+            logits = critic.head(feats).squeeze(1)
+            if m.critic_target == "label":
+                return F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none"), logits
+            with torch.no_grad():
+                real = critic.features(x0)
+                real_logits = critic.head(real).squeeze(1)
+        if m.critic_target == "paired":
+            p = torch.sigmoid(real_logits.float())
+            return F.binary_cross_entropy_with_logits(logits.float(), p, reduction="none"), logits
+        if m.critic_target == "hinge":
+            sign = 2 * y.float() - 1  # class evidence: the logit toward the sample's own class
+            return F.relu(sign * real_logits.float() - sign * logits.float()), logits
+        return (feats.float() - real.float()).pow(2).mean(1), logits  # features
+
+    def robust_input(self, x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The clean branch's classifier input: z0, or with classifier.adversarial its adversarial
+        example - z0 moved at most adv_eps per element up the classifier's own loss (FGSM: one signed
+        step; PGD: adv_steps steps from a random start), found with the classifier frozen in eval
+        mode so that neither its running statistics nor its gradients change."""
+        c = self.cfg.classifier
+        if c.adversarial == "none":
+            return x0
+        steps = 1 if c.adversarial == "fgsm" else c.adv_steps
+        alpha = c.adv_eps if c.adversarial == "fgsm" else 2.5 * c.adv_eps / steps
+        delta = (torch.zeros_like(x0) if c.adversarial == "fgsm"
+                 else torch.empty_like(x0).uniform_(-c.adv_eps, c.adv_eps))
+        with frozen(self.classifier, "eval") as critic, torch.enable_grad():
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                loss = F.binary_cross_entropy_with_logits(critic(x0 + delta).float(), target)
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = (delta + alpha * grad.sign()).clamp(-c.adv_eps, c.adv_eps).detach()
+        return (x0 + delta).detach()
+
+    def denoised(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The latent the critic judges, per `method.denoised_input`, built from the DiT output `out`
+        (the second forward's for reference); gradients reach the DiT through it."""
         diffusion, m = self.diffusion, self.cfg.method
         if m.denoised_input == "x0_pred":
             # Paper: "a denoised latent from the diffusion process" - the predicted clean latent
@@ -145,14 +284,19 @@ class ClassNDiff(nn.Module):
             x0_hat = diffusion.predict_x0(xt, t, eps, clip=self.cfg.critic_clip)
             if m.denoised_grad == "raw":
                 return x0_hat
-            # Same value, gradient scaled by sqrt(alpha_bar_t) (see MethodConfig.denoised_grad).
-            w = diffusion.at(diffusion.sqrt_alphas_cumprod, t, x0_hat.ndim)
+            # Same value, gradient scaled (see MethodConfig.denoised_grad): d x0_hat / d eps is
+            # -sigma_t / sqrt(alpha_bar_t); times w it becomes -sigma_t (sqrt_alpha_bar) or the
+            # released operator's -beta_t / (sqrt(alpha_t) sigma_t) (released).
+            nd = x0_hat.ndim
+            w = diffusion.at(diffusion.sqrt_alphas_cumprod, t, nd)
+            if m.denoised_grad == "released":
+                beta, abar = diffusion.at(diffusion.betas, t, nd), diffusion.at(diffusion.alphas_cumprod, t, nd)
+                w = beta * abar.sqrt() / ((1 - beta).sqrt() * (1 - abar))
             return x0_hat.detach() + w * (x0_hat - x0_hat.detach())
         if m.denoised_input == "posterior":
             pmv = diffusion.p_mean_variance(out, xt, t, clip=self.cfg.critic_clip)
             return diffusion.ancestral_step(pmv, t, torch.randn_like(xt))
-        # "reference": parity with the released code - a second DiT forward that treats the clean
-        # z0 as if it were x_t at step t, one ancestral step, x0 estimate clamped to [-1, 1].
-        out2 = self.dit(x0, t, y, tone)
-        pmv = diffusion.p_mean_variance(out2, x0, t, clip=1.0)
+        # "reference": one ancestral step from the second forward on z0 (as x_t), x0 estimate clamped
+        # to [-1, 1], as released.
+        pmv = diffusion.p_mean_variance(out, x0, t, clip=1.0)
         return diffusion.ancestral_step(pmv, t, torch.randn_like(x0))

@@ -36,7 +36,8 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = {"fd_ratio": "min", "fd_judge": "min", "kd_judge": "min", "fidelity_auroc": "max",
            "ms_ssim": "min", "fid": "min", "val_loss_diff": "min", "val_auroc": "max"}
 SAMPLE_METRICS = ("fd_ratio", "fd_judge", "kd_judge", "fidelity_auroc", "ms_ssim", "fid")
-CURVES = ("fd_ratio", "fidelity_auroc", "lesion_share", "val_loss_diff")  # per-trial histories kept in the rows
+CURVES = ("fd_ratio", "fidelity_auroc", "lesion_share", "lesion_share_benign", "lesion_share_malignant",
+          "critic_pull", "val_loss_diff")  # per-trial histories kept in the rows
 SETTING = "setting"  # the trial-config key holding the name of a `settings:` bundle
 FILE_KEYS = ("search", "metric", "mode", "num_samples", "max_concurrent_trials", "scheduler",
              "resources", "fixed", "settings", "space")

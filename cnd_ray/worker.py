@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, distributed, engine, identity, monitor, storage, tracking
+from cnd_ray import checkpoint, distributed, engine, identity, monitor, objective, storage, tracking
 from cnd_ray import config as config_lib
 from cnd_ray import vae as vae_lib
 from cnd_ray.data import augment, stream
@@ -30,7 +30,8 @@ CPU_GRID_PER_CLASS = 2  # on a CPU, where a DiT-L draws one image in about a min
 JUDGED = "judged.npz"  # in the final checkpoint: the plan (index, seed) and the images judged there
 # Shown on the console line of an evaluation (all of them go to Tune and MLflow).
 CONSOLE_METRICS = ("val_loss_diff", "val_auroc", "fidelity_auroc", "fd_judge", "fd_judge_floor",
-                   "fd_ratio", "kd_judge", "ms_ssim", "lesion_share", "fid", "eval_seconds")
+                   "fd_ratio", "kd_judge", "ms_ssim", "lesion_share", "lesion_share_benign",
+                   "lesion_share_malignant", "fid", "eval_seconds")
 
 
 def say(msg: str) -> None:
@@ -206,7 +207,8 @@ def loop(cfg, state, rt, tracker, console: Console, rank: int, world: int, consu
         # One rank seeing the request is enough; all stop at this step (all_finite is a logical AND).
         stopping = bool(interrupt) and not rt.all_finite(not os.path.exists(interrupt))
         if evaluate or save or stopping:
-            report(evaluator(state, step, progress.elapsed()) if evaluate else {}, save or stopping)
+            report({**progress.since_report(world), **(evaluator(state, step, progress.elapsed()) if evaluate else {})},
+                   save or stopping)
         if stopping:
             console.say(f"interrupted: checkpoint saved at step {step}")
             return
@@ -221,12 +223,14 @@ def loop(cfg, state, rt, tracker, console: Console, rank: int, world: int, consu
 
 class _Progress:
     """A step's metrics averaged over train.log_every steps: logged (with throughput, data wait and
-    learning rates), rank 0's progress line, and the loss curve plotted at the end."""
+    learning rates), rank 0's progress line, and the loss curve plotted at the end. The critic's pull
+    (objective.pull) is also kept since the last report, for Ray Train's (and so Tune's) metrics."""
 
     def __init__(self, cfg, state, tracker, console: Console, wait):
         self.tr, self.state, self.tracker, self.console, self.wait = cfg.train, state, tracker, console, wait
         self.start, self.step0 = time.perf_counter(), state.step
         self.history: list[tuple[int, float]] = []
+        self.pulls: dict[str, float] = {}  # the denoised branches' accumulators since the last report
         self._reset()
 
     def _reset(self) -> None:
@@ -235,15 +239,27 @@ class _Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def since_report(self, world: int) -> dict[str, float]:
+        """The critic's pull since the last call over every rank's samples (empty without denoised
+        steps), the same on every rank; starts anew. Every rank calls it at the same steps."""
+        total: dict[str, float] = {}
+        for part in distributed.gather(self.pulls, world):
+            for k, v in part.items():
+                total[k] = total.get(k, 0.0) + v
+        self.pulls = {}
+        return {k: v for k, v in objective.pull(total).items() if k.startswith("critic_")}
+
     def add(self, step: int, m: dict) -> None:
         for k, v in m.items():
             self.window[k] = self.window.get(k, 0.0) + v
+            if k.startswith("pull_"):
+                self.pulls[k] = self.pulls.get(k, 0.0) + v
         self.n += 1
         if step % self.tr.log_every and step != self.tr.steps:
             return
         dt = time.perf_counter() - self.t
         opt = self.state
-        logged = {k: v / self.n for k, v in self.window.items()}
+        logged = objective.pull({k: v / self.n for k, v in self.window.items()})
         logged.update({"images_per_s": self.n * self.tr.global_batch / dt,
                        "data_wait_share": (self.wait.seconds - self.w) / dt,
                        "lr_dit": opt.opt_dit.param_groups[0]["lr"]})
@@ -253,8 +269,11 @@ class _Progress:
         self.tracker.log(step, logged)
         self.history.append((step, logged.get("loss_diff", float("nan"))))
         eta = self.elapsed() / max(1, step - self.step0) * (self.tr.steps - step)
+        bands = [logged.get(f"critic_pull_b{b}") for b in range(1, objective.PULL_BANDS + 1)]
+        pull = ("" if not any(v is not None for v in bands) else
+                " pull " + "/".join("-" if v is None else f"{v:.3g}" for v in bands))
         self.console.say(f"step {step}/{self.tr.steps} loss_diff {logged.get('loss_diff', 0):.4f} "
-                         f"loss_cls {logged.get('loss_cls', 0):.4f} gamma {logged.get('gamma', 0):.2f} "
+                         f"loss_cls {logged.get('loss_cls', 0):.4f} gamma {logged.get('gamma', 0):.2f}{pull} "
                          f"{logged['images_per_s']:.1f} img/s data-wait "
                          f"{100 * logged['data_wait_share']:.1f}% ETA {eta:.0f}s")
         self._reset()

@@ -126,9 +126,13 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, 
 
 @pytest.mark.slow
 def test_two_workers_keep_identical_weights(ray_local, tmp_path):
+    # With the released operator (a second DiT forward) and the paired target: every critic switch
+    # runs end to end in some test (tests/test_critic.py lists where).
     out = train.run(_cfg(tmp_path, **{"scale.num_workers": 2, "train.steps": 6,
-                                      "train.checkpoint_every": 3}))
+                                      "train.checkpoint_every": 3, "method.denoised_input": "reference",
+                                      "method.critic_target": "paired"}))
     assert out["metrics"]["ranks_in_sync"] == 1.0 and out["metrics"]["step"] == 6
+    assert out["metrics"]["critic_pull"] > 0  # the critic's pull over both ranks, to Ray Train
 
 
 def _recorder(path):
@@ -149,12 +153,16 @@ def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_
     from mlflow.tracking import MlflowClient
 
     log = tmp_path / "reports.jsonl"
+    # A robust (PGD) critic, the posterior operator and the feature-matching target, end to end.
     out = train.run(_cfg(tmp_path, **{"scale.num_workers": 2, "train.steps": 10, "train.eval_every": 5,
-                                      "train.checkpoint_every": 10}), callbacks=[_recorder(str(log))])
+                                      "train.checkpoint_every": 10, "classifier.adversarial": "pgd",
+                                      "classifier.adv_steps": 2, "method.denoised_input": "posterior",
+                                      "method.critic_target": "features"}), callbacks=[_recorder(str(log))])
     reports = [json.loads(line) for line in log.read_text().splitlines()]
     assert [[m["step"] for m in r] for r in reports] == [[5, 5], [10, 10]]  # both ranks, each time
     for per_rank in reports:
-        assert {"fd_ratio", "fd_judge", "kd_judge", "fidelity_auroc", "ms_ssim", "val_loss_diff"} <= set(per_rank[0])
+        assert {"fd_ratio", "fd_judge", "kd_judge", "fidelity_auroc", "ms_ssim", "val_loss_diff", "critic_pull",
+                "lesion_share_benign", "lesion_share_malignant"} <= set(per_rank[0])
         same = {k: v for k, v in per_rank[0].items() if k not in ("epoch", "ranks_in_sync")}
         assert {k: per_rank[1][k] for k in same} == same  # the same numbers on every rank
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

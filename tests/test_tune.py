@@ -231,6 +231,13 @@ def test_smoke_search_is_one_parent_with_a_child_per_trial_over_rest(smoke_searc
     assert out["registered"] == f"models:/{out['name']}@best" and out["resolved"] == out["best"]["checkpoint"]
     assert ptags["cnd_ray.registered"].startswith(out["registered"])
     assert all(_tags(c)["cnd_ray.model_id"].startswith("m-") for c in children)  # each trial: a logged model
+    # The critic's pull (setting 2 runs the critic switches): MLflow's step metrics, and Tune's reports.
+    (joint,) = [c for c in children if _tags(c)["cnd_ray.setting"] == "2"]
+    logged = {m["key"] for m in joint["data"]["metrics"]}
+    assert {"critic_pull", "critic_pull_b1", "critic_scale", "critic_inside", "critic_weight"} <= logged
+    (row,) = [r for r in out["rows"] if r["setting"] == "2"]
+    assert [s for s, _ in row["curves"]["critic_pull"]] == [100, 200, 300, 400]
+    assert all(0 < v <= 0.3 + 1e-6 for _, v in row["curves"]["critic_pull"])  # capped at lambda
 
 
 @pytest.mark.slow

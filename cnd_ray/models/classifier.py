@@ -31,9 +31,13 @@ class Classifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, hidden),
                                   nn.Dropout(dropout), nn.Linear(hidden, 1))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, F): the backbone's pooled features, which the head reads."""
+        return self.backbone(self.adapter(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N,) logits of 'malignant'."""
-        return self.head(self.backbone(self.adapter(x))).squeeze(1)
+        return self.head(self.features(x)).squeeze(1)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
