@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -29,9 +30,9 @@ PAPER = {"1": (69.10, 48.75, 45.77, 0.583), "2": (27.21, 15.94, 18.27, 0.372),
          "3": (3.93, 2.71, 2.42, 0.316), "4": (2.69, 2.64, 2.75, 0.462), "5": (4.29, 3.90, 2.43, 0.285)}
 
 
-def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SPACE) -> dict:
+def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SPACE, name: str = "") -> dict:
     """Data, search, samples, table, report; returns {"report", "search", "best", "shards",
-    "comparison", "floors", "seconds"}."""
+    "comparison", "floors", "seconds"}. `name`: the search's (default: from the space and config)."""
     from cnd_ray import session, train, tune
 
     t0 = time.time()
@@ -48,8 +49,8 @@ def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SP
     _step(1, "data")
     cfg = train.with_shards(cfg)
     _step(2, f"search: {space}")
-    search = tune.run(space, cfg)
-    _step(3, "samples: the same images from every trial's EMA model")
+    search = tune.run(space, cfg, name=name)
+    _step(3, "samples: the same images from every trial's EMA model, with and without guidance")
     samples = _samples(search["rows"], out_dir, cfg)
     _step(4, "report: the paper's table, under the search's judge")
     from cnd_ray.evaluate import judge as judge_lib
@@ -59,7 +60,7 @@ def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SP
     report = _report(search, samples, comparison, judge, out_dir, cfg, time.time() - t0)
     return {"report": str(report), "search": search, "best": search["best"], "shards": cfg.data.shards,
             "comparison": comparison, "floors": {n: judge.floor(n) for n in counts(cfg)},
-            "real_lesion_share": judge.meta["lesion_share_real"],
+            "real_lesion_share": judge.meta["lesion_share_real"], "judge": judge.meta,
             "seconds": time.time() - t0}
 
 
@@ -67,8 +68,25 @@ def _step(i: int, what: str) -> None:
     print(f"\n[cnd-ray quickstart] {i}/4 {what}", flush=True)
 
 
+def _seed(row: dict) -> int | None:
+    """The trial's train.seed when its search varies it (several seeds of each setting), else None."""
+    return row["overrides"].get("train.seed")
+
+
+def key(row: dict) -> str:
+    """A trial's name in the comparison: its setting (the paper's "1".."5"), with its seed when the
+    search varies train.seed; its trial id when it has no setting."""
+    name = row["setting"] or row["trial"]
+    return name if _seed(row) is None else f"{name} @seed{_seed(row)}"
+
+
 def _label(row: dict) -> str:
-    return f"setting {row['setting']}" if row["setting"] else row["trial"]
+    return f"setting {key(row)}" if row["setting"] else key(row)
+
+
+def _slug(row: dict) -> str:
+    """The trial's label as a file name: setting1, setting4-seed2, ..."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "", _label(row).replace(" @", "-"))
 
 
 def counts(cfg) -> list[int]:
@@ -78,11 +96,24 @@ def counts(cfg) -> list[int]:
     return [max(2, n // 2), n]
 
 
+def modes(cfg) -> dict[str, float]:
+    """The guidance scales every trial's images are drawn at: "paper", without guidance (as the paper
+    samples; guidance alone lifts class fidelity towards 1), and "guided", at the run's
+    diffusion.guidance_scale (what the search ranked by) when that is not 1."""
+    g = cfg.diffusion.guidance_scale
+    return {"paper": 1.0} if g == 1.0 else {"paper": 1.0, "guided": g}
+
+
+def mode_title(mode: str, scale: float) -> str:
+    return "no guidance (as the paper samples)" if mode == "paper" else f"guidance {scale:g}"
+
+
 def _samples(rows: list[dict], out_dir: Path, cfg) -> dict[str, dict]:
-    """trial id -> {"row", "folder", "images", "labels"}: the largest count's plan drawn from every
-    trial's final EMA model with the search's sampler (so its first eval.search_samples per class are
-    the images the last evaluation judged), as PNG class folders `cnd-ray sample` would write."""
-    from cnd_ray import checkpoint, generate, monitor, sample
+    """trial id -> {"row", "labels", "modes": {mode: {"folder", "images"}}}: the largest count's plan
+    drawn from every trial's final EMA model with the search's sampler at each of `modes` (so the
+    guided set's first eval.search_samples per class are the images the last evaluation judged), as
+    PNG class folders `cnd-ray sample` would write."""
+    from cnd_ray import checkpoint, config as C, generate, monitor, sample
     from cnd_ray.evaluate.run import read_samples
 
     got = {}
@@ -90,15 +121,19 @@ def _samples(rows: list[dict], out_dir: Path, cfg) -> dict[str, dict]:
         if not row["checkpoint"]:
             continue
         ck_cfg, ema, step = checkpoint.load_ema(row["checkpoint"])
-        run_cfg = monitor.search_config(ck_cfg)
-        k = run_cfg.model.num_classes
-        plan = generate.plan(max(counts(cfg)) * k, [1.0] * k, run_cfg.eval.seed, run_cfg.eval.batch_size)
-        folder = out_dir / "samples" / _label(row).replace(" ", "")
-        sample.generate_images(run_cfg, row["checkpoint"], step, ema, plan, folder, progress=False,
-                               drawn=_judged(row["checkpoint"], plan))
-        got[row["trial"]] = {"row": row, "folder": folder, "labels": plan["label"],
-                             "images": read_samples(folder, plan["index"], plan["label"])}
-        print(f"  {_label(row)}: {folder}", flush=True)
+        k = ck_cfg.model.num_classes
+        plan = None
+        entry = {"row": row, "modes": {}}
+        for mode, scale in modes(cfg).items():
+            run_cfg = C.override(monitor.search_config(ck_cfg), {"diffusion.guidance_scale": scale})
+            plan = generate.plan(max(counts(cfg)) * k, [1.0] * k, run_cfg.eval.seed, run_cfg.eval.batch_size)
+            folder = out_dir / "samples" / (_slug(row) + ("-guided" if mode == "guided" else ""))
+            judged = _judged(row["checkpoint"], plan) if scale == ck_cfg.diffusion.guidance_scale else None
+            sample.generate_images(run_cfg, row["checkpoint"], step, ema, plan, folder, progress=False, drawn=judged)
+            entry["modes"][mode] = {"folder": folder, "images": read_samples(folder, plan["index"], plan["label"])}
+            print(f"  {_label(row)} ({mode_title(mode, scale)}): {folder}", flush=True)
+        entry["labels"] = plan["label"]
+        got[row["trial"]] = entry
     return got
 
 
@@ -115,60 +150,146 @@ def _judged(ckpt: str, plan: dict) -> np.ndarray | None:
         return got["images"] if same else None
 
 
+def baselines(rows: list[dict]) -> dict[str, str]:
+    """What each trial is compared with: setting 1 (BASELINE) at the same seed; every trial against the
+    first when the search has no setting 1."""
+    base = {_seed(r): key(r) for r in rows if r["setting"] == BASELINE}
+    if not base:
+        first = key(rows[0]) if rows else None
+        return {key(r): first for r in rows if key(r) != first}
+    return {key(r): base[_seed(r)] for r in rows if _seed(r) in base and key(r) != base[_seed(r)]}
+
+
+def pools(rows: list[dict]) -> dict[str, list[str]]:
+    """Each setting's trials over its seeds (a search that varies train.seed), else none."""
+    if all(_seed(r) is None for r in rows):
+        return {}
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["setting"] or r["trial"], []).append(key(r))
+    return out
+
+
 def _compare(judge, samples: dict, cfg) -> dict | None:
+    """{mode: compare.table} over every trial's images at that guidance."""
     from cnd_ray.evaluate import compare
 
     if not samples:
         return None
-    by_setting = {s["row"]["setting"] or s["row"]["trial"]: s for s in samples.values()}
-    baseline = BASELINE if BASELINE in by_setting else next(iter(by_setting))
-    return compare.table(judge, {k: (v["images"], v["labels"]) for k, v in by_setting.items()},
-                         counts(cfg), baseline, BOOTS, cfg.eval.seed)
+    rows = [s["row"] for s in samples.values()]
+    labels = next(iter(samples.values()))["labels"]
+    out = {}
+    for mode, scale in modes(cfg).items():
+        models = {key(s["row"]): (s["modes"][mode]["images"], labels) for s in samples.values()}
+        out[mode] = compare.table(judge, models, counts(cfg), baselines(rows), BOOTS, cfg.eval.seed, pools(rows))
+        out[mode]["scale"] = scale
+    return out
 
 
-def _ci(x: dict, digits: int = 2) -> str:
-    return f"{x['value']:.{digits}f} [{x['low']:.{digits}f}, {x['high']:.{digits}f}]"
+def ci(x: dict, digits: int = 2, signed: bool = False) -> str:
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    if not np.isfinite(x["value"]):
+        return "-"
+    if not (np.isfinite(x["low"]) and np.isfinite(x["high"])):
+        return f.format(x["value"])
+    return f"{f.format(x['value'])} [{f.format(x['low'])}, {f.format(x['high'])}]"
+
+
+def _rows_of(comparison: dict) -> dict[str, dict]:
+    """The table's rows: each setting pooled over its seeds when there are pools, else each model."""
+    return comparison["pools"] or comparison["models"]
 
 
 def paper_table(comparison: dict, floors: dict, real_lesion_share: float) -> str:
-    """Markdown: per setting FD at both counts, KD, MS-SSIM, fidelity (95% intervals), and the
-    paper's FID 5k / 10k and MS-SSIM beside them."""
+    """Markdown for one guidance mode: per setting FD at both counts, KD, MS-SSIM, fidelity, the lesion
+    share per class (95% intervals; a setting pooled over its seeds as the mean), and the paper's FID
+    5k / 10k and MS-SSIM beside them."""
     n1, n2 = comparison["counts"]
     head = ["setting", f"FD judge @{n1}/class", f"FD judge @{n2}/class", f"KD judge @{n2} (x1e3)",
-            f"MS-SSIM @{n2}", f"fidelity AUROC @{n2}", f"lesion shown @{n2}", "paper FID 5k", "paper FID 10k",
-            "paper MS-SSIM"]
+            f"MS-SSIM @{n2}", f"fidelity AUROC @{n2}", f"lesion shown @{n2}: benign", "malignant",
+            "paper FID 5k", "paper FID 10k", "paper MS-SSIM"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in comparison["models"].items():
+    for name, m in _rows_of(comparison).items():
         a, b = m[f"n{n1}"], m[f"n{n2}"]
         kd = {k: 1e3 * v for k, v in b["kd"].items()}
         paper = PAPER.get(name)
-        cells = [name, _ci(a["fd"]), _ci(b["fd"]), _ci(kd), _ci(b["ms_ssim"], 3), _ci(b["fidelity_auroc"], 3),
-                 _ci(b["lesion_share"])]
+        cells = [name, ci(a["fd"]), ci(b["fd"]), ci(kd), ci(b["ms_ssim"], 3), ci(b["fidelity_auroc"], 3),
+                 ci(b["lesion_share_benign"]), ci(b["lesion_share_malignant"])]
         cells += [f"{paper[0]:.2f}", f"{paper[1]:.2f}", f"{paper[3]:.3f}"] if paper else ["-"] * 3
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"| real vs real (floor) | {floors[n1]['fd']:.2f} | {floors[n2]['fd']:.2f} | | | | "
-                 f"{real_lesion_share:.2f} | | | |")
+                 f"{real_lesion_share:.2f} (both) | | | | |")
     return "\n".join(lines) + "\n"
 
 
-def verdicts(comparison: dict) -> list[str]:
-    """One plain line per setting: did it beat the baseline on FD (and fidelity), by how much?"""
+def verdict_table(comparison: dict) -> str:
+    """Markdown for one guidance mode: each setting's paired difference from its baseline (setting 1
+    at the same seed; over the seeds, their mean) on FD, class fidelity overall and per skin-tone group
+    of the samples (with the sample counts), and the lesion share per class, each with its verdict."""
+    from cnd_ray.data import tone
     from cnd_ray.evaluate import compare
 
     n = comparison["counts"][-1]
-    base = comparison["baseline"]
-    out = []
-    for name, m in comparison["models"].items():
-        if name == base:
+    rows = _rows_of(comparison)
+    head = ["setting", f"FD vs setting {BASELINE}", "class fidelity", *(f"fidelity {g}" for g in tone.GROUPS),
+            "lesion shown: benign", "malignant"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows.items():
+        d = m.get(f"delta_n{n}")
+        if d is None:
             continue
-        d = m[f"delta_n{n}"]
-        word = {"better": "beats", "worse": "is worse than", "no clear difference": "does not clearly differ from"}
-        out.append(f"Setting {name} {word[compare.verdict(d, 'fd')]} setting {base} on FD "
-                   f"({d['fd']['value']:+.2f}, 95% CI [{d['fd']['low']:+.2f}, {d['fd']['high']:+.2f}] at "
-                   f"{n} per class; negative = closer to the real images); class fidelity "
-                   f"{d['fidelity_auroc']['value']:+.3f} [{d['fidelity_auroc']['low']:+.3f}, "
-                   f"{d['fidelity_auroc']['high']:+.3f}].")
+        groups = _group_counts(comparison, name)
+        cells = [name]
+        for k in ("fd", "fidelity_auroc", *compare.GROUP_FIDELITY, "lesion_share_benign", "lesion_share_malignant"):
+            word = compare.verdict(d, k)
+            extra = f" (n {groups[k]})" if k in groups else ""
+            cells.append(f"{ci(d[k], 3 if 'fidelity' in k else 2, signed=True)}{extra}: **{word}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _group_counts(comparison: dict, name: str) -> dict[str, str]:
+    """fidelity_auroc_<group> -> "benign/malignant" sample counts of the model (summed over a pool)."""
+    from cnd_ray.data import tone
+
+    members = comparison["pools"][name]["members"] if name in comparison["pools"] else [name]
+    out = {}
+    for g in tone.GROUPS:
+        c = np.sum([comparison["models"][m]["groups"][g] for m in members], axis=0)
+        out[f"fidelity_auroc_{g}"] = "/".join(str(int(v)) for v in c)
     return out
+
+
+def verdicts(comparison: dict) -> list[str]:
+    """One plain line per setting and guidance mode: did it beat its baseline on FD and on class
+    fidelity, by how much, and how its FD compares with the baseline's (the no-harm bar: 1.5x)?"""
+    from cnd_ray.evaluate import compare
+
+    word = {"better": "beats", "worse": "is worse than", "no clear difference": "does not clearly differ from",
+            "too few samples to tell": "cannot be told apart from"}
+    out = []
+    for mode, comp in comparison.items():
+        n = comp["counts"][-1]
+        rows = _rows_of(comp)
+        base_fd = {name: _baseline_fd(comp, name, n) for name in rows}
+        for name, m in rows.items():
+            d = m.get(f"delta_n{n}")
+            if d is None:
+                continue
+            fd = m[f"n{n}"]["fd"]["value"]
+            out.append(f"Setting {name} ({mode_title(mode, comp['scale'])}) {word[compare.verdict(d, 'fd')]} "
+                       f"setting {BASELINE} on FD ({ci(d['fd'], 2, True)} at {n} per class; {fd / base_fd[name]:.2f}x "
+                       f"its FD) and {word[compare.verdict(d, 'fidelity_auroc')]} it on class fidelity "
+                       f"({ci(d['fidelity_auroc'], 3, True)}).")
+    return out
+
+
+def _baseline_fd(comp: dict, name: str, n: int) -> float:
+    """The FD of what `name` is compared with: its baseline model, or its pool members' baselines' mean."""
+    members = comp["pools"][name]["members"] if name in comp["pools"] else [name]
+    base = comp["baseline"]
+    bases = [base if isinstance(base, str) else base.get(m) for m in members]
+    return float(np.mean([comp["models"][b][f"n{n}"]["fd"]["value"] for b in bases if b]))
 
 
 def _grid(images, labels, path: Path) -> None:
@@ -192,36 +313,48 @@ def _real_grid(cfg, path: Path) -> None:
 
 
 def _plot(rows: list[dict], path: Path, real_lesion_share: float) -> bool:
-    """fd_ratio, class fidelity and the share of samples showing a lesion over training, one line
-    per setting."""
+    """fd_ratio, class fidelity, the share of samples showing a lesion per class and the critic's pull
+    over training, one line per trial."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     curves = [r for r in rows if r.get("curves")]
     if not curves:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for r in curves:
-        for ax, key in zip(axes, ("fd_ratio", "fidelity_auroc", "lesion_share")):
-            pts = r["curves"].get(key, [])
-            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", label=_label(r))
-    axes[0].axhline(5.0, color="grey", ls="--", lw=1, label="5x the floor")
-    axes[0].set_yscale("log")
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-    axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
-    axes[0].yaxis.set_major_formatter(ScalarFormatter())
-    axes[0].yaxis.set_minor_formatter(NullFormatter())
-    axes[0].set_ylabel("FD / real-vs-real floor (lower is better)")
-    axes[1].axhline(0.95, color="grey", ls="--", lw=1, label="0.95")
-    axes[1].set_ylabel("class-fidelity AUROC")
-    axes[2].axhline(real_lesion_share, color="grey", ls="--", lw=1, label="held-out images")
-    axes[2].set_ylabel("share of samples showing a lesion")
-    for ax in axes:
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    (fd, fid), (lesion, pull) = axes
+    for i, r in enumerate(curves):
+        colour = f"C{i % 10}"
+        for ax, k in ((fd, "fd_ratio"), (fid, "fidelity_auroc"), (pull, "critic_pull")):
+            pts = r["curves"].get(k, [])
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", color=colour, label=_label(r))
+        for k, style in (("lesion_share_benign", "--"), ("lesion_share_malignant", "-")):
+            pts = r["curves"].get(k, [])
+            if pts:
+                ax_label = f"{_label(r)}: {k.rsplit('_', 1)[1]}"
+                lesion.plot([s for s, _ in pts], [v for _, v in pts], style, marker="o", color=colour, label=ax_label)
+    fd.axhline(5.0, color="grey", ls="--", lw=1, label="5x the floor")
+    for ax in (fd, pull):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    fd.set_ylabel("FD / real-vs-real floor (lower is better)")
+    fid.axhline(0.95, color="grey", ls="--", lw=1, label="0.95")
+    fid.set_ylabel("class-fidelity AUROC")
+    lesion.axhline(real_lesion_share, color="grey", ls=":", lw=1, label="held-out images")
+    lesion.set_ylabel("share of samples showing a lesion")
+    pull.set_ylabel("critic's pull: ||grad from lambda L_cls|| / ||grad from L_diff||")
+    if not pull.lines:
+        pull.text(0.5, 0.5, "no critic in these trials", ha="center", va="center", transform=pull.transAxes)
+    for ax in axes.flat:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.lines and len(curves) <= 12:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -240,6 +373,7 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
     from cnd_ray.models import params
 
     dit_params = params.count(cfg)["dit"]
+    test = meta.get("test")
     lines = [f"# cnd_ray quickstart: {search['name']}", "",
              f"{len(rows)} trials of `{s.name}` on `{cfg.data.shards}` ({cfg.train.steps} steps each, "
              f"DiT {cfg.model.size}/{cfg.model.patch_size}, {cfg.data.image_size} px {cfg.data.space}, "
@@ -247,20 +381,26 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
              f"{seconds / 60:.1f} minutes in all.", "",
              f"The judge: an independent {meta['backbone']} trained on the `{meta['split']}` split "
              f"({meta['train_images']} images, {meta['steps']} steps), held-out AUROC "
-             f"{meta['heldout_auroc']:.3f} on `{meta['heldout_split']}`. `fd_ratio` is FD in its "
-             f"feature space (per class, samples vs held-out images, averaged) over the same FD of real "
-             f"images at the same count (the floor): 1 = as close as real images are.", "",
-             "## The search, ranked", "", search["table"]]
+             f"{meta['heldout_auroc']:.3f} on `{meta['heldout_split']}`"
+             + (" and, on the test split, " + ", ".join(f"{g} {v['auroc']:.3f} (n {v['n']})" for g, v in test.items())
+                if test else "")
+             + f". `fd_ratio` is FD in its feature space (per class, samples vs held-out images, averaged) "
+             f"over the same FD of real images at the same count (the floor): 1 = as close as real "
+             f"images are.", "", "## The search, ranked", "", search["table"]]
     if comparison:
         lines += ["## The paper's table, at this scale", "",
-                  f"Every setting's final EMA model drew the same {n2} images per class "
-                  f"({cfg.eval.search_sampler} x {cfg.eval.search_sample_steps} steps, guidance "
-                  f"{cfg.diffusion.guidance_scale}, seed {cfg.eval.seed}). 95% bootstrap intervals "
-                  f"({BOOTS} resamples of the samples and of the held-out images).", "",
-                  paper_table(comparison, floors, meta["lesion_share_real"]), "",
-                  "`lesion shown`: the share of samples whose centre is darker than their skin by at "
-                  f"least {LESION_FRACTION:g} x the median of the held-out images of their "
-                  "class (the real row: the held-out images themselves).", "",
+                  f"Every trial's final EMA model drew the same {n2} images per class "
+                  f"({cfg.eval.search_sampler} x {cfg.eval.search_sample_steps} steps, seed {cfg.eval.seed}), "
+                  f"without guidance as the paper samples, and with the search's guidance. 95% bootstrap "
+                  f"intervals ({BOOTS} resamples of the samples and of the held-out images)"
+                  + ("; a setting's row is the mean over its seeds." if any(c["pools"] for c in comparison.values())
+                     else "."), ""]
+        for mode, comp in comparison.items():
+            lines += [f"### {mode_title(mode, comp['scale']).capitalize()}", "",
+                      paper_table(comp, floors, meta["lesion_share_real"]), ""]
+        lines += ["`lesion shown`: the share of samples whose centre is darker than their skin by at "
+                  f"least {LESION_FRACTION:g} x the median of the held-out images of their class (the "
+                  "floor row: the held-out images themselves).", "",
                   "What differs from the paper: FD here is in the judge's feature space, per class, "
                   f"on {cfg.data.image_size} px images of `{cfg.data.shards}` (the paper: Inception "
                   f"FID on 256 px ISIC images), at {n1} and {n2} images per class (the paper: 5k-20k "
@@ -268,10 +408,17 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
                   f"DiT-{cfg.model.size}/{cfg.model.patch_size} (the paper: ~100k steps of DiT-L/4). "
                   "Only differences within this table mean something; the paper's columns are there "
                   "for the ranking, not the values.", "",
-                  "**Do settings 2-5 beat setting 1 (the paper's claim)?**", ""]
+                  f"## Does the classifier help? Each setting against setting {BASELINE}", "",
+                  f"Paired differences (setting minus setting {BASELINE} at the same seed) at {n2} images per "
+                  "class, 95% intervals. Class fidelity per skin-tone group is measured on the samples of "
+                  "that group (their ITA, as `cnd-ray evaluate` reads it; n: benign/malignant samples): "
+                  "where a group has too few of either class there is no interval.", ""]
+        for mode, comp in comparison.items():
+            lines += [f"### {mode_title(mode, comp['scale']).capitalize()}", "", verdict_table(comp), ""]
         lines += [f"- {v}" for v in verdicts(comparison)] + [""]
     if _plot(rows, out_dir / "curves.png", meta["lesion_share_real"]):
-        lines += ["## Over training", "", "![fd_ratio, class fidelity and lesion share over training](curves.png)", ""]
+        lines += ["## Over training", "", "![fd_ratio, class fidelity, lesion share per class and the "
+                  "critic's pull over training](curves.png)", ""]
     _real_grid(cfg, out_dir / "real.png")
     lines += ["## Samples beside real images", "",
               f"Rows: benign, malignant; the first {GRID_PER_CLASS} of each class.", "",
@@ -279,12 +426,14 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
     grids = ["real.png"]
     for r in rows:
         got = samples.get(r["trial"])
-        if got:
-            name = f"samples_{_label(r).replace(' ', '')}.png"
-            _grid(got["images"], got["labels"], out_dir / name)
+        if not got:
+            continue
+        lines += [f"### {_label(r).capitalize()}" + (" (best)" if best and r["trial"] == best["trial"] else ""), ""]
+        for mode, scale in modes(cfg).items():
+            name = f"samples_{_slug(r)}" + ("_guided" if mode == "guided" else "") + ".png"
+            _grid(got["modes"][mode]["images"], got["labels"], out_dir / name)
             grids.append(name)
-            lines += [f"### {_label(r).capitalize()}" + (" (best)" if best and r["trial"] == best["trial"] else ""),
-                      "", f"![{_label(r)}]({name})", ""]
+            lines += [f"{mode_title(mode, scale).capitalize()}:", "", f"![{_label(r)}, {mode}]({name})", ""]
     if best:
         lines += ["## Next", "", f"Best: {_label(best)}, checkpoint `{best['checkpoint']}`. Its "
                   "evaluation at more samples, with memorisation and PCA plots:", "",
@@ -307,14 +456,18 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
 
 
 def _log_comparison(uri: str, run_id: str, comparison: dict) -> None:
-    """The table's numbers as metrics of the parent run: setting<k>_<metric>_n<count>[_low|_high]."""
+    """The table's numbers as metrics of the parent run:
+    <mode>/setting<k>_<metric>_n<count>[_low|_high] (and _delta_n<count> against setting 1)."""
     from cnd_ray import tracking
 
     flat = {}
-    for name, m in comparison["models"].items():
-        for part, vals in m.items():
-            for k, v in vals.items():
-                for end, x in (("", v["value"]), ("_low", v["low"]), ("_high", v["high"])):
-                    if np.isfinite(x):
-                        flat[f"setting{name}_{k}_{part}{end}"] = x
+    for mode, comp in comparison.items():
+        for name, m in {**comp["models"], **comp["pools"]}.items():
+            for part, vals in m.items():
+                if part in ("groups", "members"):
+                    continue
+                for k, v in vals.items():
+                    for end, x in (("", v["value"]), ("_low", v["low"]), ("_high", v["high"])):
+                        if np.isfinite(x):
+                            flat[f"{mode}/setting{name.replace(' ', '_').replace('@', '')}_{k}_{part}{end}"] = x
     tracking.log_metrics(uri, run_id, flat)

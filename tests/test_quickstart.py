@@ -27,10 +27,24 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     # The paper's table with intervals, the floor, the paper's numbers, and a plain verdict.
     assert "## The paper's table, at this scale" in report and "| real vs real (floor) |" in report
     assert "| 1 | " in report.split("## The paper's table")[1] and "69.10" in report
-    assert "Setting 2 " in report and " setting 1 on FD (" in report and "95% CI [" in report
+    assert "Setting 2 (no guidance (as the paper samples)) " in report and " setting 1 on FD (" in report
     assert "## The paper's table" in r.stdout  # printed too
+    # Whether each setting beats setting 1 on FD and class fidelity, overall and per skin-tone group of
+    # its samples, interval included (debug samples without guidance only: its guidance scale is 1).
+    verdicts = report.split("## Does the classifier help?")[1]
+    (row,) = [line for line in verdicts.splitlines() if line.startswith("| 2 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    head = [c.strip() for c in verdicts.splitlines()[verdicts.splitlines().index(
+        next(line for line in verdicts.splitlines() if line.startswith("| setting |")))].strip("|").split("|")]
+    assert head[:6] == ["setting", "FD vs setting 1", "class fidelity", "fidelity I-II", "fidelity III-IV",
+                        "fidelity V-VI"]
+    words = ("better", "worse", "no clear difference", "too few samples to tell")
+    assert all(any(f"**{w}**" in c for w in words) for c in cells[1:]), cells
+    assert "[" in cells[1] and "(n " in cells[3]  # an interval on FD; sample counts per group
     comparison = __import__("json").loads((tmp_path / "report" / "comparison.json").read_text())
-    assert set(comparison["models"]) == {"1", "2"} and comparison["baseline"] == "1"
+    assert set(comparison) == {"paper"} and comparison["paper"]["scale"] == 1.0
+    comparison = comparison["paper"]
+    assert set(comparison["models"]) == {"1", "2"} and comparison["baseline"] == {"2": "1"}
     fd = comparison["models"]["2"]["n4"]["fd"]
     assert 0 < fd["low"] <= fd["high"] < float("inf")
     # Its largest count is what the last evaluation judged: the table agrees with the ranking.
@@ -39,7 +53,8 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     ranked = {r[head.index("setting")].strip(): float(r[head.index("fd_judge")]) for r in lines[2:]}
     for setting, fd_judge in ranked.items():
         assert comparison["models"][setting]["n4"]["fd"]["value"] == pytest.approx(fd_judge, rel=0.05)
-    assert "lesion shown @4" in report and 0 <= comparison["models"]["1"]["n4"]["lesion_share"]["value"] <= 1
+    assert "lesion shown @4: benign" in report and 0 <= comparison["models"]["1"]["n4"]["lesion_share"]["value"] <= 1
+    assert set(comparison["models"]["1"]["n4"]) >= {"lesion_share_benign", "lesion_share_malignant", "fidelity_auroc_V-VI"}
     for png in ("samples_setting1.png", "samples_setting2.png", "real.png", "curves.png"):
         assert (tmp_path / "report" / png).stat().st_size > 0
         assert f"({png})" in report
@@ -49,7 +64,7 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     (parent,) = client.search_runs([exp.experiment_id], "tags.`cnd_ray.kind` = 'search'")
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "quickstart")}
     assert {"quickstart/report.md", "quickstart/real.png", "quickstart/comparison.json"} <= logged
-    assert "setting2_fd_delta_n4" in client.get_run(parent.info.run_id).data.metrics
+    assert "paper/setting2_fd_delta_n4" in client.get_run(parent.info.run_id).data.metrics
     # The evaluate command it prints next runs as printed (here at the debug scale), and logs into
     # the best trial's own MLflow run.
     (nxt,) = [line.split()[1:] for line in tail.splitlines() if line.startswith("next:")]
