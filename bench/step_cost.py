@@ -2,12 +2,15 @@
 
     python bench/step_cost.py            # paper shape: DiT-L/4 on 32x32x4 latents, ResNet-101, batch 8
     python bench/step_cost.py --small    # DiT-S/4 + ResNet-18, for a quick look
+    python bench/step_cost.py --quickstart   # the quickstart's models (DiT-XS/4, 32 px, test_resnet)
 
 Variants (each a real `engine.train_step` on the real models):
     plain            gamma off: the DiT alone (timed first and last; their mean is the baseline)
     x0_pred_g0.25    the default joint step at gamma 0.25 (paper Setting 2)
     x0_pred_g1.0     every step takes the denoised branch
     reference_g0.25  the released code's structure: a second DiT forward for the denoised input
+    fgsm_g0.25       x0_pred_g0.25 with a robust critic: FGSM examples on the clean branches
+    pgd3_g0.25       ... PGD with 3 steps
 
 A gamma-0.25 variant is timed on step indices whose shared coin gives exactly the share of denoised
 branches gamma asks for, so the mean is the expected cost rather than a lucky draw. Target (issue 2):
@@ -27,15 +30,18 @@ from cnd_ray import config as C
 from cnd_ray.engine import build_state, train_step
 from cnd_ray.objective import coin
 
-SHAPES = {
-    "paper": ["model.size=L", "model.patch_size=4", "classifier.backbone=resnet101"],
-    "small": ["model.size=S", "model.patch_size=4", "classifier.backbone=resnet18"],
+SHAPES = {  # (base config, overrides)
+    "paper": ("paper", ["model.size=L", "model.patch_size=4", "classifier.backbone=resnet101"]),
+    "small": ("paper", ["model.size=S", "model.patch_size=4", "classifier.backbone=resnet18"]),
+    "quickstart": ("quickstart", []),
 }
 VARIANTS = {
     "plain": ["method.gamma_schedule=off"],
     "x0_pred_g0.25": ["method.gamma=0.25"],
     "x0_pred_g1.0": ["method.gamma=1.0"],
     "reference_g0.25": ["method.gamma=0.25", "method.denoised_input=reference"],
+    "fgsm_g0.25": ["method.gamma=0.25", "classifier.adversarial=fgsm"],
+    "pgd3_g0.25": ["method.gamma=0.25", "classifier.adversarial=pgd", "classifier.adv_steps=3"],
 }
 
 
@@ -48,8 +54,9 @@ def step_indices(cfg, n: int) -> list[int]:
     return sorted(den + clean)
 
 
-def time_variant(base: list[str], overrides: list[str], steps: int, warmup: int) -> list[float]:
-    cfg = C.load("paper", [*base, "train.global_batch=8", *overrides])
+def time_variant(shape: tuple[str, list[str]], overrides: list[str], steps: int, warmup: int) -> list[float]:
+    base, over = shape
+    cfg = C.load(base, [*over, "method.gamma_schedule=constant", "train.global_batch=8", *overrides])
     state = build_state(cfg)
     g = torch.Generator().manual_seed(0)
     shape = (cfg.per_worker_batch, cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -69,16 +76,17 @@ def time_variant(base: list[str], overrides: list[str], steps: int, warmup: int)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="DiT-S/4 + ResNet-18 instead of the paper shape")
+    ap.add_argument("--quickstart", action="store_true", help="the quickstart's models instead of the paper shape")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 8, small 16)")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
-    shape = "small" if args.small else "paper"
-    steps = args.steps or (16 if args.small else 8)
-    print(f"shape: {shape} ({', '.join(SHAPES[shape])}), batch 8, {steps} timed steps per variant, "
+    shape = "small" if args.small else "quickstart" if args.quickstart else "paper"
+    steps = args.steps or (8 if shape == "paper" else 16)
+    print(f"shape: {shape} ({', '.join([SHAPES[shape][0], *SHAPES[shape][1]])}), batch 8, {steps} timed steps per variant, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     results: dict[str, list[float]] = {}
-    order = ["plain", "x0_pred_g0.25", "x0_pred_g1.0", "reference_g0.25", "plain"]
+    order = ["plain", "x0_pred_g0.25", "x0_pred_g1.0", "reference_g0.25", "fgsm_g0.25", "pgd3_g0.25", "plain"]
     for name in order:  # plain first and last: drift on a noisy machine shows as their difference
         t = time_variant(SHAPES[shape], VARIANTS[name], steps, args.warmup)
         results.setdefault(name, []).extend(t)

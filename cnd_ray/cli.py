@@ -420,9 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synthesise and ingest a small data set (unless data.shards is given), train the "
                     "judge, run the paper_settings search (METHOD.md section 4: five Class-N-Diff "
                     "trials ranked by sample quality) at the quickstart scale on a local Ray (or "
-                    "RAY_ADDRESS), draw the same images from every trial's EMA model, and write "
-                    "OUT/report.md: the ranked search, the paper's table with bootstrap intervals and "
-                    "whether settings 2-5 beat setting 1, curves, and sample grids beside real images. "
+                    "RAY_ADDRESS), draw the same images from every trial's EMA model without guidance "
+                    "(as the paper samples) and with the run's, and write OUT/report.md: the ranked "
+                    "search, the paper's table with bootstrap intervals, whether settings 2-5 beat "
+                    "setting 1 on FD and on class fidelity (overall and per skin-tone group), curves "
+                    "(with the critic's pull), and sample grids beside real images. "
                     "About 13 minutes on a 2-core laptop; rerunning resumes.")
     _config_args(p, default="quickstart")
     p.add_argument("--space", default=argparse.SUPPRESS, metavar="NAME|FILE",

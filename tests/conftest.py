@@ -68,11 +68,12 @@ def latent_shards(ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_shards(ray_local, tmp_path_factory):
     """120 synthetic images of the easy set (classes a tiny judge learns in seconds) ingested at 16 px (the
-    debug config's size), 30% held out: str folder."""
+    debug config's size), 30% held out, and its test set of 4 per skin-tone group: str folder."""
     from cnd_ray.data import ingest, synth
 
     tmp = tmp_path_factory.mktemp("small")
     synth.run(str(tmp / "synth"), num_images=120, image_size=32, malignant_fraction=0.3, difficulty="easy",
-              test_per_tone=0, progress=False)
-    ingest.run([str(tmp / "synth")], str(tmp / "shards"), image_size=16, val_fraction=0.3, progress=False)
+              test_per_tone=4, progress=False)
+    ingest.run([str(tmp / "synth")], str(tmp / "shards"), image_size=16, val_fraction=0.3, progress=False,
+               test=[str(synth.test_folder(tmp / "synth"))])
     return str(tmp / "shards")

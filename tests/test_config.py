@@ -30,6 +30,11 @@ def test_reference_is_the_released_code():
     assert cfg.model.block == "xattn_pool"
     assert cfg.method.denoised_input == "reference"
     assert (cfg.method.gamma, cfg.method.lambda_cls) == (0.25, 0.2)
+    # The released critic, whatever cnd_ray's defaults: the label, every timestep, uncapped, clean-trained.
+    m = cfg.method
+    assert (m.critic_target, m.critic_t_min, m.critic_t_max, m.critic_balance, m.critic_warmup) == (
+        "label", 0.0, 1.0, "none", 0)
+    assert cfg.classifier.adversarial == "none"
 
 
 def test_quickstart_is_tiny_and_pixel_space():

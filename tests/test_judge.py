@@ -68,6 +68,9 @@ def test_the_judge_is_reused_for_the_same_shards_and_settings_and_retrained_othe
     assert judge.path_for(cfg, root, str(other)) != path
     assert j.meta["manifest_digest"] == judge.manifest_digest(shardset.read_manifest(small_shards))
     assert 0.5 <= j.meta["heldout_auroc"] <= 1.0 and str(cfg.eval.search_samples) in j.meta["floors"]
+    # On the shards' test split too, per skin-tone group (4 images each here), with its counts.
+    assert {g: v["n"] for g, v in j.meta["test"].items()} == {"all": 12, "I-II": 4, "III-IV": 4, "V-VI": 4}
+    assert 0 <= j.meta["test"]["all"]["auroc"] <= 1 and j.meta["test"]["all"]["malignant"] == 3
 
 
 def test_real_images_score_near_the_floor_and_noise_far_above_it(judged, small_shards):
