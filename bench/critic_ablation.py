@@ -4,7 +4,7 @@ quickstart's models and data, reported as the quickstart reports (it is `cnd-ray
 critic_ablation`): FD, class fidelity and the lesion share per class with paired bootstrap intervals
 against setting 1 at the same seed, pooled over the seeds, without guidance and with it.
 
-    python bench/critic_ablation.py                       # ~90 minutes on 2 cores; rerun resumes
+    python bench/critic_ablation.py                       # ~100 minutes on 2 cores; rerun resumes
     python bench/critic_ablation.py --out DIR train.steps=2800
 
 Prints per guidance mode one row per setting - its FD over setting 1's (the no-harm bar is 1.5x),
@@ -23,7 +23,7 @@ from cnd_ray import config as C
 from cnd_ray import quickstart
 
 SPACE = "critic_ablation"
-NAME = "critic_ablation-v1"  # fixed, so the report can be made again from the finished search
+NAME = "critic_ablation-v2"  # fixed, so the report can be made again from the finished search
 
 
 def summary(comparison: dict) -> tuple[str, dict]:

@@ -261,10 +261,13 @@ class ClassNDiff(nn.Module):
         c = self.cfg.classifier
         if c.adversarial == "none":
             return x0
-        steps = 1 if c.adversarial == "fgsm" else c.adv_steps
-        alpha = c.adv_eps if c.adversarial == "fgsm" else 2.5 * c.adv_eps / steps
-        delta = (torch.zeros_like(x0) if c.adversarial == "fgsm"
-                 else torch.empty_like(x0).uniform_(-c.adv_eps, c.adv_eps))
+        fgsm = c.adversarial == "fgsm"
+        steps = 1 if fgsm else c.adv_steps
+        if fgsm and not c.adv_random_start:  # Goodfellow et al.: one step of eps from z0 itself
+            alpha, delta = c.adv_eps, torch.zeros_like(x0)
+        else:  # fgsm: Wong et al.'s 1.25 eps from a random start; pgd: Madry et al.'s 2.5 eps / steps
+            alpha = 1.25 * c.adv_eps if fgsm else 2.5 * c.adv_eps / steps
+            delta = torch.empty_like(x0).uniform_(-c.adv_eps, c.adv_eps)
         with frozen(self.classifier, "eval") as critic, torch.enable_grad():
             for _ in range(steps):
                 delta.requires_grad_(True)

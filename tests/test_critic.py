@@ -178,13 +178,15 @@ def test_the_x0_pred_gradient_reaches_epsilon_with_the_operators_coefficient(mod
         assert 0.006 < float((-want).min()) and float((-want).max()) < 0.021
 
 
-@pytest.mark.parametrize("kind", ["fgsm", "pgd"])
-def test_the_robust_critic_trains_on_adversarial_examples_inside_the_budget(kind):
-    obj = _objective("method.gamma=0.0", f"classifier.adversarial={kind}", "classifier.adv_eps=0.05")
+@pytest.mark.parametrize("kind,start", [("fgsm", "true"), ("fgsm", "false"), ("pgd", "true")])
+def test_the_robust_critic_trains_on_adversarial_examples_inside_the_budget(kind, start):
+    obj = _objective("method.gamma=0.0", f"classifier.adversarial={kind}", "classifier.adv_eps=0.05",
+                     f"classifier.adv_random_start={start}")
     b = fixed_batch(obj.cfg)
     y = b["y"].float()
     bn = next(m for m in obj.classifier.modules() if isinstance(m, torch.nn.BatchNorm2d))
     stats = bn.running_mean.clone()
+    torch.manual_seed(5)
     x_adv = obj.robust_input(b["x"], y)
     assert torch.equal(bn.running_mean, stats) and obj.classifier.training  # the attack changes nothing
     assert all(p.grad is None for p in obj.classifier.parameters())
@@ -194,10 +196,13 @@ def test_the_robust_critic_trains_on_adversarial_examples_inside_the_budget(kind
     with torch.no_grad():
         clean, adv = (F.binary_cross_entropy_with_logits(obj.classifier(x), y) for x in (b["x"], x_adv))
     assert adv > clean  # it climbed the classifier's own loss
-    if kind == "fgsm":  # one signed step of the full budget
-        x = b["x"].clone().requires_grad_(True)
+    if kind == "fgsm":  # one signed step: of the full budget from z0, of 1.25x it from a random start
+        torch.manual_seed(5)
+        u = torch.empty_like(b["x"]).uniform_(-0.05, 0.05) if start == "true" else torch.zeros_like(b["x"])
+        x = (b["x"] + u).requires_grad_(True)
         (g,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(obj.classifier(x), y), x)
-        torch.testing.assert_close(delta, 0.05 * g.sign())
+        step = 1.25 * 0.05 if start == "true" else 0.05
+        torch.testing.assert_close(delta, (u + step * g.sign()).clamp(-0.05, 0.05))
     # The clean branch's classifier sees the adversarial example.
     obj.classifier.train()
     seen = []
