@@ -120,11 +120,11 @@ def rows(state, critics: dict, data, batch, seed) -> list[tuple[str, dict]]:
     for critic_name, critic in critics.items():
         for op, ov in OPERATORS.items():
             for target in TARGETS:
-                name = f"{op} | {target} | {critic_name}"
+                name = f"{op} / {target} / {critic_name}"
                 got.append((name, measure(state, critic, [*ov, f"method.critic_target={target}"], data, batch, seed)))
                 print(f"  {name}", flush=True)
     for extra, ov in EXTRAS.items():
-        name = f"x0_pred released | label | {next(iter(critics))} | {extra}"
+        name = f"x0_pred released / label / {next(iter(critics))} / {extra}"
         got.append((name, measure(state, next(iter(critics.values())), [*OPERATORS["x0_pred released"], *ov],
                                   data, batch, seed)))
     return got
@@ -132,7 +132,7 @@ def rows(state, critics: dict, data, batch, seed) -> list[tuple[str, dict]]:
 
 def table(title: str, got: list[tuple[str, dict]]) -> str:
     bands = [f"b{b + 1}" for b in range(PULL_BANDS)]
-    head = ["operator | target | critic"] + [f"output {b}" for b in bands] + [f"params {b}" for b in bands]
+    head = ["operator / target / critic"] + [f"output {b}" for b in bands] + [f"params {b}" for b in bands]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in got:
         lines.append("| " + " | ".join([name] + [f"{v:.3g}" for v in m["output"]] + [f"{v:.3g}" for v in m["params"]]) + " |")
@@ -148,7 +148,8 @@ def main() -> None:
     p.add_argument("--out", default="", help="also write the JSON here")
     a = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = C.load("quickstart", ["method.gamma_schedule=periodic_ramp"])
+    # The clean critic trains on clean images (the default trains it on FGSM examples: the robust row).
+    cfg = C.load("quickstart", ["method.gamma_schedule=periodic_ramp", "classifier.adversarial=none"])
     data = images(a.images, cfg.data.image_size, 0)
     torch.manual_seed(0)
     init = build_state(cfg)

@@ -6,10 +6,10 @@
 
 Variants (each a real `engine.train_step` on the real models):
     plain            gamma off: the DiT alone (timed first and last; their mean is the baseline)
-    x0_pred_g0.25    the default joint step at gamma 0.25 (paper Setting 2)
+    x0_pred_g0.25    the joint step at gamma 0.25 (paper Setting 2), the critic trained on clean images
     x0_pred_g1.0     every step takes the denoised branch
     reference_g0.25  the released code's structure: a second DiT forward for the denoised input
-    fgsm_g0.25       x0_pred_g0.25 with a robust critic: FGSM examples on the clean branches
+    fgsm_g0.25       x0_pred_g0.25 with a robust critic: FGSM examples on the clean branches (the default)
     pgd3_g0.25       ... PGD with 3 steps
 
 A gamma-0.25 variant is timed on step indices whose shared coin gives exactly the share of denoised
@@ -37,9 +37,10 @@ SHAPES = {  # (base config, overrides)
 }
 VARIANTS = {
     "plain": ["method.gamma_schedule=off"],
-    "x0_pred_g0.25": ["method.gamma=0.25"],
-    "x0_pred_g1.0": ["method.gamma=1.0"],
-    "reference_g0.25": ["method.gamma=0.25", "method.denoised_input=reference"],
+    # The critic trained on clean images unless the name says otherwise (the default trains it on FGSM).
+    "x0_pred_g0.25": ["method.gamma=0.25", "classifier.adversarial=none"],
+    "x0_pred_g1.0": ["method.gamma=1.0", "classifier.adversarial=none"],
+    "reference_g0.25": ["method.gamma=0.25", "method.denoised_input=reference", "classifier.adversarial=none"],
     "fgsm_g0.25": ["method.gamma=0.25", "classifier.adversarial=fgsm"],
     "pgd3_g0.25": ["method.gamma=0.25", "classifier.adversarial=pgd", "classifier.adv_steps=3"],
 }

@@ -375,10 +375,11 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
     dit_params = params.count(cfg)["dit"]
     test = meta.get("test")
     lines = [f"# cnd_ray quickstart: {search['name']}", "",
-             f"{len(rows)} trials of `{s.name}` on `{cfg.data.shards}` ({cfg.train.steps} steps each, "
+             f"{len(rows)} trials of `{s.name}` on `{cfg.data.shards}` "
+             f"({s.fixed.get('train.steps', cfg.train.steps)} steps each, "
              f"DiT {cfg.model.size}/{cfg.model.patch_size}, {cfg.data.image_size} px {cfg.data.space}, "
              f"critic {cfg.classifier.backbone}), ranked by `{s.metric}` ({s.mode}); "
-             f"{seconds / 60:.1f} minutes in all.", "",
+             f"{seconds / 60:.1f} minutes in this run (a resumed search counts only what it ran).", "",
              f"The judge: an independent {meta['backbone']} trained on the `{meta['split']}` split "
              f"({meta['train_images']} images, {meta['steps']} steps), held-out AUROC "
              f"{meta['heldout_auroc']:.3f} on `{meta['heldout_split']}`"
