@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "search, the paper's table with bootstrap intervals, whether settings 2-5 beat "
                     "setting 1 on FD and on class fidelity (overall and per skin-tone group), curves "
                     "(with the critic's pull), and sample grids beside real images. "
-                    "About 13 minutes on a 2-core laptop; rerunning resumes.")
+                    "About 26 minutes on this project's 2-core CPU machines; rerunning resumes.")
     _config_args(p, default="quickstart")
     p.add_argument("--space", default=argparse.SUPPRESS, metavar="NAME|FILE",
                    help=f"search space (default: {_default(quickstart.run, 'space')})")
