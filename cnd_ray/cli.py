@@ -157,6 +157,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"## Each setting against setting {quickstart.BASELINE}, {title}\n\n{quickstart.verdict_table(comp)}")
     if out["comparison"]:
         print("\n".join(quickstart.verdicts(out["comparison"])) + "\n")
+    if out["fairness"]:
+        print(out["fairness"])
     print(f"time:    {out['seconds'] / 60:.1f} minutes")
     print(f"report:  {out['report']}")
     print(f"search:  {search['path']}")

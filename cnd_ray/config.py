@@ -364,10 +364,26 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class FairnessConfig:
-    """`cnd-ray fairness`: downstream benign/malignant classifiers trained on real data and on real
-    plus synthetic data, judged on external sets overall and per skin-tone group."""
+    """Downstream benign/malignant classifiers trained on real data and on real plus synthetic data,
+    judged overall and per skin-tone group: by `cnd-ray fairness` on external sets, and inside a
+    training run or trial on the shards' test split (`in_loop`, cnd_ray/fairness/downstream.py).
+    What a search ranks trials by, so JUDGES: a change names another search, never another run."""
 
-    ROLE: ClassVar[str] = OPERATES
+    ROLE: ClassVar[str] = JUDGES
+    # In a run: the trial's EMA DiT draws synthetic images (tone-conditioned: model.tone_groups=3)
+    # into the (class, tone group) cells the real training split lacks, a downstream classifier
+    # trains on real + synthetic, and the held-out `test_split` scores it per group beside the
+    # cached real-only and reweighted-real baselines. "final": at the last evaluation (~1 min a
+    # quickstart trial); "every": at every evaluation (a search ranked by a fairness metric).
+    in_loop: Literal["off", "final", "every"] = "off"
+    test_split: str = "test"  # real held-out images per tone group (ingest --test; synth's test set)
+    # Which cells get synthetic images: "equalize" fills every group of a class up to the class's
+    # best-represented group; "darkest" fills the darkest group (V-VI) alone, the same way.
+    fill: Literal["equalize", "darkest"] = "equalize"
+    # Synthetic:real cap per cell (a cell with no real image counts as 1): Sagers et al. 2023 saw the
+    # gains of synthetic dermatology data saturate past 10:1.
+    fill_ratio: float = field(default=10.0, metadata=_range(0.0, lo_open=True))
+    fill_max: int = field(default=0, metadata=_range(0))  # synthetic images per evaluation; 0 = no cap
 
     backbone: str = "resnet18"  # timm model name of the downstream classifier
     weights: str = ""  # local backbone weights file (e.g. ImageNet); "" = random init
@@ -639,6 +655,10 @@ def validate(cfg: Config) -> None:
     if not (m.denoised_clip == -1 or m.denoised_clip >= 0):
         raise ConfigError(f"method.denoised_clip: {m.denoised_clip!r} is neither -1 (follow the data "
                           "space) nor a clamp >= 0 (0 = off)")
+    if cfg.fairness.in_loop != "off" and cfg.model.tone_groups != 3:
+        raise ConfigError(f"fairness.in_loop: {cfg.fairness.in_loop} fills skin-tone groups with "
+                          f"tone-conditioned samples and needs model.tone_groups=3 (I-II / III-IV / V-VI), "
+                          f"got {cfg.model.tone_groups}")
     if tr.mixed_precision == "fp16" and cfg.use_classifier and cfg.classifier.step_every > 1:
         raise ConfigError("train.mixed_precision: fp16 loss scaling cannot carry the classifier's "
                           "gradients across classifier.step_every > 1 steps; use bf16")

@@ -57,8 +57,10 @@ def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SP
 
     judge = judge_lib.load(search["judge"])
     comparison = _compare(judge, samples, cfg)
-    report = _report(search, samples, comparison, judge, out_dir, cfg, time.time() - t0)
+    fairness = fairness_lines(search["rows"], out_dir, cfg)
+    report = _report(search, samples, comparison, judge, out_dir, cfg, time.time() - t0, fairness)
     return {"report": str(report), "search": search, "best": search["best"], "shards": cfg.data.shards,
+            "fairness": "\n".join(fairness),
             "comparison": comparison, "floors": {n: judge.floor(n) for n in counts(cfg)},
             "real_lesion_share": judge.meta["lesion_share_real"], "judge": judge.meta,
             "seconds": time.time() - t0}
@@ -292,6 +294,165 @@ def _baseline_fd(comp: dict, name: str, n: int) -> float:
     return float(np.mean([comp["models"][b][f"n{n}"]["fd"]["value"] for b in bases if b]))
 
 
+def fairness_results(rows: list[dict]) -> dict[str, dict]:
+    """Trial key -> the in-loop fairness evaluation its final checkpoint holds (worker.FAIRNESS;
+    fairness.in_loop), for the trials that have one."""
+    from cnd_ray.worker import FAIRNESS
+
+    out = {}
+    for r in rows:
+        path = Path(r["checkpoint"] or "") / FAIRNESS
+        if r["checkpoint"] and path.is_file():
+            out[key(r)] = json.loads(path.read_text())
+    return dict(sorted(out.items()))  # setting 1 first
+
+
+def _gap_word(d: dict) -> str:
+    """Did the light-dark AUROC gap narrow (towards 0) or widen, by its paired interval?"""
+    if d.get("ci") is None or d.get("a") is None:
+        return "not measurable"
+    lo, hi = d["ci"]
+    toward = (hi < 0) if d["a"] >= 0 else (lo > 0)
+    away = (lo > 0) if d["a"] >= 0 else (hi < 0)
+    return "narrower" if toward else "wider" if away else "no clear change"
+
+
+def _auroc_word(d: dict) -> str:
+    if d.get("ci") is None:
+        return "not measurable"
+    return "higher" if d["ci"][0] > 0 else "lower" if d["ci"][1] < 0 else "no clear change"
+
+
+def fairness_table(fair: dict, cfg) -> tuple[str, dict]:
+    """Markdown: the real-only and reweighted-real classifiers, then per setting the classifier on real
+    + that setting's fill images: worst-group AUROC, light-dark gap, V-VI sensitivity (95% bootstrap
+    intervals), and the paired differences from real-only, reweighted real and setting 1's samples.
+    Returns (table, {setting: {"vs_setting1": paired_delta}})."""
+    from cnd_ray.fairness import downstream as ds, metrics
+
+    f = cfg.fairness
+    first = next(iter(fair.values()))
+    base = fair.get(BASELINE)
+    vs_base = {}
+    head = ["classifier trained on", "worst-group AUROC", "light-dark gap", f"{ds.DARKEST} sensitivity",
+            "worst-group vs real only", "gap vs real only", "worst-group vs reweighted", "gap vs reweighted",
+            f"worst-group vs setting {BASELINE}'s", f"gap vs setting {BASELINE}'s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(r: dict) -> list[str]:
+        dark = r["groups"].get(ds.DARKEST, {}).get("sensitivity") or {}
+        return [ds.interval(r["worst_group_auroc"], False), ds.interval(r["light_dark_gap"]),
+                ds.interval(dark, False)]
+
+    for name in ds.BASELINES:
+        lines.append("| " + " | ".join([f"{name} (baseline)", *cells(first["models"][name])] + ["-"] * 6) + " |")
+    for name, got in fair.items():
+        row = [f"real + setting {name}'s samples ({int(got['metrics']['fair_synthetic'])})",
+               *cells(got["models"][ds.MIXED])]
+        for b in ds.BASELINES:
+            p = got["vs"][b]
+            row += [f"{ds.interval(p['worst_group_auroc'])}: **{_auroc_word(p['worst_group_auroc'])}**",
+                    f"{ds.interval(p['light_dark_gap'])}: **{_gap_word(p['light_dark_gap'])}**"]
+        if base is not None and name != BASELINE:
+            t = got["test"]
+            p = metrics.paired_delta(t["labels"], base["test"]["scores"], t["scores"], t["groups"],
+                                     n_boot=f.bootstrap, seed=f.seed,
+                                     thresholds=(base["test"]["threshold"], t["threshold"]))
+            vs_base[name] = p
+            row += [f"{ds.interval(p['worst_group_auroc'])}: **{_auroc_word(p['worst_group_auroc'])}**",
+                    f"{ds.interval(p['light_dark_gap'])}: **{_gap_word(p['light_dark_gap'])}**"]
+        else:
+            row += ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n", vs_base
+
+
+def _fairness_plot(fair: dict, path: Path) -> None:
+    """AUROC per skin-tone group with 95% intervals: real only, reweighted real, and real + each
+    setting's samples side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnd_ray.fairness import downstream as ds
+
+    first = next(iter(fair.values()))
+    models = {f"{b} (baseline)": first["models"][b] for b in ds.BASELINES}
+    models.update({f"real + setting {n}'s samples": got["models"][ds.MIXED] for n, got in fair.items()})
+    groups = list(ds.GROUPS)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(models)
+    for i, (name, r) in enumerate(models.items()):
+        xs = np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width
+        vals = [r["groups"].get(g, {}).get("auroc", {}) for g in groups]
+        v = np.array([x.get("value") if x.get("value") is not None else np.nan for x in vals])
+        err = np.array([[x["value"] - x["ci"][0], x["ci"][1] - x["value"]] if x.get("ci") else [0, 0]
+                        for x in vals]).T
+        ax.bar(xs, v, width, yerr=err, capsize=2, label=name, color=f"C{i % 10}",
+               hatch="//" if "baseline" in name else None, alpha=0.85)
+    ax.set_xticks(np.arange(len(groups)), [f"Fitzpatrick {g}" for g in groups])
+    ax.set_ylabel("downstream AUROC on held-out test images")
+    ax.set_ylim(0.4, 1.0)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Does it make a fairer classifier? AUROC per skin-tone group (95% intervals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
+    """The report's section "Does it make a fairer classifier?" (empty without fairness.in_loop)."""
+    from cnd_ray.fairness import downstream as ds
+
+    fair = fairness_results(rows)
+    if not fair:
+        return []
+    f = cfg.fairness
+    first = next(iter(fair.values()))
+    real = first["models"][ds.REAL]
+    gap = real["light_dark_gap"]
+    excludes = gap.get("ci") and (gap["ci"][0] > 0 or gap["ci"][1] < 0)
+    table, vs_base = fairness_table(fair, cfg)
+    _fairness_plot(fair, out_dir / "fairness.png")
+    seconds = {r["setting"] or r["trial"]: r["seconds"] for r in rows}
+    share = [got["metrics"]["fair_seconds"] / seconds[n] for n, got in fair.items() if seconds.get(n)]
+    tests = first["models"][ds.REAL]["groups"]
+    lines = ["## Does it make a fairer classifier?", "",
+             f"Each trial's final EMA model drew {int(first['metrics']['fair_synthetic'])} images into the "
+             f"(class, skin-tone group) cells the real training split lacks (`fairness.fill={f.fill}`, at most "
+             f"{f.fill_ratio:g}:1 synthetic:real per cell, `fairness.fill_max={f.fill_max}`), asking for the "
+             f"cell's tone group; {100 * np.nanmean([g['metrics']['fair_tone_match'] for g in fair.values()]):.0f}% "
+             "show it (ITA on their pixels, which also decides the group they train in). A downstream "
+             f"{f.backbone} then trained {f.steps} steps (seed {f.seed}) on real + those images, its batches "
+             "balanced over every (class, group) cell, and was scored on the held-out test split ("
+             + ", ".join(f"{g} {t['n']} images, {t['positives']} malignant" for g, t in tests.items())
+             + "), beside the same classifier on the real images alone and on them reweighted the same way "
+             f"(computed once for the search). 95% bootstrap intervals ({f.bootstrap} resamples, stratified "
+             "by group and label); the differences are paired on the same test images. The light-dark gap is "
+             f"{ds.GROUPS[0]} minus {ds.DARKEST} AUROC.", "",
+             f"The real-only classifier's light-dark gap: {ds.interval(gap)} - its interval "
+             + ("excludes 0: the benchmark's imbalance costs the darkest group." if excludes else
+                "includes 0: at this test size the benchmark shows no clear gap for synthetic images to close."),
+             "", table, "", "![downstream AUROC per skin-tone group](fairness.png)", ""]
+    for name, got in fair.items():
+        p = got["vs"][ds.REAL]
+        line = (f"- Setting {name}'s samples: worst-group AUROC {ds.interval(p['worst_group_auroc'])} against "
+                f"real only ({_auroc_word(p['worst_group_auroc'])}), gap {ds.interval(p['light_dark_gap'])} "
+                f"({_gap_word(p['light_dark_gap'])})")
+        if name in vs_base:
+            q = vs_base[name]
+            line += (f"; against setting {BASELINE}'s samples, worst-group AUROC {ds.interval(q['worst_group_auroc'])} "
+                     f"({_auroc_word(q['worst_group_auroc'])}), gap {ds.interval(q['light_dark_gap'])} "
+                     f"({_gap_word(q['light_dark_gap'])})")
+        lines.append(line + ".")
+    if share:
+        lines += ["", f"Cost: the in-loop evaluation (drawing the fill images, training and scoring the "
+                  f"classifier) took {min(share):.0%}-{max(share):.0%} of a trial's time here."]
+    return lines + [""]
+
+
 def _grid(images, labels, path: Path) -> None:
     """A class grid (rows benign, malignant), drawn 3x bigger: 32 px images are small on screen."""
     from PIL import Image
@@ -362,7 +523,7 @@ def _plot(rows: list[dict], path: Path, real_lesion_share: float) -> bool:
 
 
 def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir: Path, cfg,
-            seconds: float) -> Path:
+            seconds: float, fairness: list[str]) -> Path:
     from cnd_ray import tracking
     from cnd_ray.evaluate.judge import LESION_FRACTION
 
@@ -417,6 +578,7 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
         for mode, comp in comparison.items():
             lines += [f"### {mode_title(mode, comp['scale']).capitalize()}", "", verdict_table(comp), ""]
         lines += [f"- {v}" for v in verdicts(comparison)] + [""]
+    lines += fairness
     if _plot(rows, out_dir / "curves.png", meta["lesion_share_real"]):
         lines += ["## Over training", "", "![fd_ratio, class fidelity, lesion share per class and the "
                   "critic's pull over training](curves.png)", ""]
@@ -448,7 +610,8 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
-    for f in [path, out_dir / "comparison.json", out_dir / "curves.png", *(out_dir / g for g in grids)]:
+    for f in [path, out_dir / "comparison.json", out_dir / "curves.png", out_dir / "fairness.png",
+              *(out_dir / g for g in grids)]:
         if f.exists():  # the report beside the table in the search's MLflow parent run
             tracking.log_file(uri, search["parent_run_id"], str(f), "quickstart")
     if comparison:

@@ -139,6 +139,12 @@ def check_data(cfg, manifest: dict) -> None:
         judge.check_shards(cfg, manifest)
         if cfg.data.space == "latent":
             vae_lib.folder_for(cfg, manifest)  # the judge sees pixels: the samples need decoding
+    if cfg.fairness.in_loop != "off":
+        from cnd_ray.fairness import downstream
+
+        downstream.check_shards(cfg, manifest)
+        if cfg.data.space == "latent":
+            vae_lib.folder_for(cfg, manifest)  # the downstream classifier sees pixels too
 
 
 def prepare_judge(cfg, root: str) -> str | None:
@@ -158,6 +164,35 @@ def prepare_judge(cfg, root: str) -> str | None:
     gpu = cfg.scale.use_gpu
     task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_train_judge)
     return ray.get(task.remote(cfg.to_dict(), path))
+
+
+def prepare_downstream(cfg, root: str, manifest: dict) -> str | None:
+    """The fairness baselines file for cfg's shards under the storage `root` (None without
+    fairness.in_loop): found, or computed first in a Ray task, so that every run and trial on the
+    same storage and shards compares with the same real-only and reweighted classifiers."""
+    if cfg.fairness.in_loop == "off":
+        return None
+    import ray
+
+    from cnd_ray.fairness import downstream
+
+    path = downstream.path_for(cfg, root, manifest)
+    if storage.is_file(path):
+        print(f"fairness: reusing the baselines {path}", flush=True)
+        return path
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scale.use_gpu else 0)(_train_downstream)
+    return ray.get(task.remote(cfg.to_dict(), path))
+
+
+def _train_downstream(config: dict, path: str) -> str:
+    """Ray task: train the fairness baselines and write them to `path`."""
+    from cnd_ray.fairness import downstream
+
+    cfg = config_lib.from_dict(config)
+    torch.set_num_threads(os.cpu_count() or 1)  # the driver waits on this
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    downstream.prepare(cfg, cfg.data.shards, path, device, say=worker.say)
+    return path
 
 
 def log_judge(uri: str, run_id: str, judge_file: str | None) -> None:
@@ -221,6 +256,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     if not given:  # checked once: each shard's footer is read, a request per file on S3
         check_data(cfg, manifest)
     judge_file = prepare_judge(cfg, root)
+    downstream_file = prepare_downstream(cfg, root, manifest)
 
     run_dir = storage.join(root, name)
     latest = identity.latest_checkpoint(run_dir)
@@ -252,7 +288,8 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     # Ctrl-C: every rank looks for the request at every step, a file check that is free only locally
     request = None if storage.is_uri(run_dir) else os.path.join(run_dir, identity.INTERRUPT_FILE)
     trainer = _trainer(cfg, manifest, (start_step, *start), callbacks, {
-        "config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file, "interrupt": request or "",
+        "config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file, "downstream": downstream_file,
+        "interrupt": request or "",
         "stream_start": list(start),
         "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged, "model_id": model_id,
                      "spooled": bool(server),

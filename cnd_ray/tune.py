@@ -34,8 +34,17 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 # What each training evaluation reports (worker.Evaluator) that a search can rank by, and which way
 # is better. The sample metrics (the judge's, cnd_ray/evaluate/judge.py) need eval.sample_metrics.
 METRICS = {"fd_ratio": "min", "fd_judge": "min", "kd_judge": "min", "fidelity_auroc": "max",
-           "ms_ssim": "min", "fid": "min", "val_loss_diff": "min", "val_auroc": "max"}
+           "ms_ssim": "min", "fid": "min", "val_loss_diff": "min", "val_auroc": "max",
+           # The downstream classifier on real + the trial's synthetic images, on the held-out test
+           # split (fairness.in_loop; cnd_ray/fairness/downstream.py): its worst skin-tone group's
+           # AUROC, that minus the real-only classifier's, and the darkest group's sensitivity.
+           "fair_worst_auroc": "max", "fair_worst_auroc_vs_real": "max",
+           "fair_dark_sensitivity": "max", "fair_dark_sensitivity_vs_real": "max"}
 SAMPLE_METRICS = ("fd_ratio", "fd_judge", "kd_judge", "fidelity_auroc", "ms_ssim", "fid")
+FAIR_METRICS = tuple(k for k in METRICS if k.startswith("fair_"))
+# Shown beside the metrics in the rows and the table, never ranked by: the light-dark AUROC gap is
+# better the closer it is to 0, on either side.
+SHOWN = ("fair_gap", "fair_gap_vs_real")
 CURVES = ("fd_ratio", "fidelity_auroc", "lesion_share", "lesion_share_benign", "lesion_share_malignant",
           "critic_pull", "val_loss_diff")  # per-trial histories kept in the rows
 SETTING = "setting"  # the trial-config key holding the name of a `settings:` bundle
@@ -239,6 +248,10 @@ def _check_search(s: Space, base: config_lib.Config) -> None:
         if s.metric in SAMPLE_METRICS and not cfg.eval.sample_metrics:
             raise _fail(s.path, f"metric: {s.metric} is a sample metric, but eval.sample_metrics is "
                                 f"false for {where or 'a trial'}; set it true or rank by val_loss_diff")
+        if s.metric in FAIR_METRICS and cfg.fairness.in_loop != "every":
+            raise _fail(s.path, f"metric: {s.metric} is measured at every evaluation only with "
+                                f"fairness.in_loop=every (got {cfg.fairness.in_loop} for "
+                                f"{where or 'a trial'}); set it under fixed:")
         if s.metric == "fid" and not cfg.eval.inception_weights:
             raise _fail(s.path, "metric: fid needs eval.inception_weights (clean-fid's Inception "
                                 "file; nothing is downloaded); or rank by fd_ratio")
@@ -460,6 +473,8 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     # One judge for every trial, made before the first one (and found again on a restore).
     judge_file = train.prepare_judge(cfg, trials_storage)
     train.log_judge(uri, parent, judge_file)
+    # Likewise the fairness baselines (real-only and reweighted), when trials measure fairness.
+    train.prepare_downstream(cfg, trials_storage, shardset.read_manifest(cfg.data.shards))
     if server:
         tracking.push_spool(exp_path, uri)
     uploader = server and tracking.SpoolUploader(exp_path, server)  # the parent and the trials so far
@@ -553,7 +568,7 @@ def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
         status = "error" if r.error else "finished" if step >= cfg.train.steps else "stopped"
         rows.append({
             "trial": trial_id, "setting": setting, "overrides": overrides,
-            **{k: m[k] for k in METRICS if k in m},
+            **{k: m[k] for k in (*METRICS, *SHOWN) if k in m},
             "step": step, "status": status, "error": error_line(r.error) if r.error else "",
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
             "checkpoint": identity.latest_checkpoint(storage.join(trials_storage, identity.trial_run(search, trial_id))),
@@ -595,7 +610,7 @@ def format_table(rows: list[dict], s: Space) -> str:
     """A Markdown table, best first, of what varies and what was measured (no wall times or trial
     ids: the same seed gives the same table)."""
     keys = varying(rows)
-    metrics = [s.metric] + [k for k in METRICS if k != s.metric and any(k in r for r in rows)]
+    metrics = [s.metric] + [k for k in (*METRICS, *SHOWN) if k != s.metric and any(k in r for r in rows)]
     head = ["rank"] + (["setting"] if any(r["setting"] for r in rows) else []) + keys + metrics + [
         "step", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

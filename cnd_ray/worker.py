@@ -9,6 +9,7 @@ that do anything.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -28,10 +29,12 @@ from cnd_ray.errors import UserError
 GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation
 CPU_GRID_PER_CLASS = 2  # on a CPU, where a DiT-L draws one image in about a minute
 JUDGED = "judged.npz"  # in the final checkpoint: the plan (index, seed) and the images judged there
+FAIRNESS = "fairness.json"  # in the final checkpoint: its in-loop fairness evaluation in full
 # Shown on the console line of an evaluation (all of them go to Tune and MLflow).
 CONSOLE_METRICS = ("val_loss_diff", "val_auroc", "fidelity_auroc", "fd_judge", "fd_judge_floor",
                    "fd_ratio", "kd_judge", "ms_ssim", "lesion_share", "lesion_share_benign",
-                   "lesion_share_malignant", "fid", "eval_seconds")
+                   "lesion_share_malignant", "fid", "fair_worst_auroc", "fair_worst_auroc_vs_real",
+                   "fair_gap", "fair_gap_vs_real", "fair_dark_sensitivity", "eval_seconds")
 
 
 def say(msg: str) -> None:
@@ -100,7 +103,8 @@ def main(config: dict) -> None:
     tracker.tag("autocast_dtype", acc.mixed_precision)
     tracker.tag("worker_nodes", ",".join(nodes))
     try:
-        evaluator = Evaluator(cfg, state, tracker, console, rank, world, config["judge"])
+        evaluator = Evaluator(cfg, state, tracker, console, rank, world, config["judge"],
+                              config.get("downstream"))
         loop(cfg, state, rt, tracker, console, rank, world, consumed, tuple(config["stream_start"]),
              evaluator, config.get("interrupt", ""))
     finally:
@@ -351,7 +355,7 @@ class Evaluator:
     grid, and the same numbers returned on every rank, so every rank reports them (house rule 8)."""
 
     def __init__(self, cfg, state, tracker, console: Console, rank: int, world: int,
-                 judge_file: str | None):
+                 judge_file: str | None, downstream_file: str | None = None):
         import ray.train
 
         self.cfg, self.tracker, self.console, self.rank, self.world = cfg, tracker, console, rank, world
@@ -366,6 +370,17 @@ class Evaluator:
             self.inception = judge_lib.inception_reference(cfg, self.device)
         self.seconds = 0.0  # spent evaluating in this launch: the share is logged
         self.judged = None  # rank 0: (step, plan-ordered uint8 images) of the last evaluation
+        # Fairness in the loop: every rank draws its share of the fill plan; rank 0 trains and scores.
+        self.fill_plan = self.downstream = self.fair = None
+        if downstream_file and cfg.fairness.in_loop != "off":
+            from cnd_ray.fairness import downstream
+
+            base = downstream.load(downstream_file)
+            counts = downstream.fill_counts(base["meta"]["composition"], cfg.fairness.fill,
+                                            cfg.fairness.fill_ratio, cfg.fairness.fill_max)
+            self.fill_plan = downstream.fill_plan(counts, cfg.fairness.seed, cfg.eval.batch_size)
+            if rank == 0:
+                self.downstream = downstream.Downstream(cfg, cfg.data.shards, base)
 
     def __call__(self, state, step: int, elapsed: float) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -389,6 +404,8 @@ class Evaluator:
         elif self.console.on and (cfg.data.space == "pixel" or decoder is not None):
             per_class = GRID_PER_CLASS if self.device.type == "cuda" else CPU_GRID_PER_CLASS
             grid = monitor.sample_grid(state, per_class=per_class, vae=decoder)
+        if self.fill_plan is not None and (cfg.fairness.in_loop == "every" or step >= cfg.train.steps):
+            metrics.update(self._fairness(state, step, decoder))
         state.objective.train(was)
         if grid is not None:
             self._log_grid(step, grid)
@@ -399,6 +416,26 @@ class Evaluator:
         self.console.say(f"eval step {step}: " + " ".join(f"{k} {metrics[k]:.4g}" for k in CONSOLE_METRICS
                                                           if k in metrics))
         return distributed.gather(metrics, self.world)[0]  # rank 0's numbers, reported by every rank
+
+    def _fairness(self, state, step: int, decoder) -> dict[str, float]:
+        """The downstream classifier on real + this model's fill images (cnd_ray/fairness/downstream.py):
+        every rank draws its chunks of the fill plan, rank 0 trains and scores."""
+        t0 = time.perf_counter()
+        index, images = monitor.sample_images(state, self.fill_plan, decoder, self.rank, self.world)
+        parts = distributed.gather((index, images), self.world)
+        if self.downstream is None:
+            return {}
+        order = np.argsort(np.concatenate([p[0] for p in parts]))
+        images = torch.cat([p[1] for p in parts])[order]
+        out, detail = self.downstream.measure(images, self.fill_plan, self.device)
+        out["fair_seconds"] = time.perf_counter() - t0  # drawing the fill images included
+        self.fair = (step, {"step": step, "metrics": out, **detail})
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, f"fairness_step{step:08d}.json")
+            with open(path, "w") as f:
+                json.dump(self.fair[1], f, indent=1, default=float)
+            self.tracker.artifact(path, "fairness")
+        return out
 
     def _held_out(self, state) -> dict[str, float]:
         """Held-out losses (and the critic's AUROC) on train.eval_batches fixed val batches."""
@@ -427,6 +464,9 @@ class Evaluator:
         if self.judged is not None and self.judged[0] == step:
             np.savez_compressed(os.path.join(ckpt_dir, JUDGED), index=self.plan["index"],
                                 seed=self.plan["seed"], images=self.judged[1].numpy())
+        if self.fair is not None and self.fair[0] == step:
+            with open(os.path.join(ckpt_dir, FAIRNESS), "w") as f:
+                json.dump(self.fair[1], f, indent=1, default=float)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from PIL import Image
 from cnd_ray import cli
 from cnd_ray.data import ingest, synth, tone
 from cnd_ray.errors import UserError
-from cnd_ray.fairness import run as fairness
+from cnd_ray.fairness import downstream, run as fairness
 
 DARK_ITA = 19.0  # Fitzpatrick V-VI below this (DATA.md)
 # Every skin tone alike and plain lesions: the imbalance is planted by hand here.
@@ -145,12 +145,12 @@ def rep_run_id(tmp) -> str:
 def test_weights_balance_every_class_and_tone_cell():
     labels = np.array([0] * 6 + [1] * 2 + [1] * 2)
     groups = ["I-II"] * 6 + ["I-II"] * 2 + ["V-VI"] * 2
-    w = fairness.sample_weights(labels, groups, "class_tone")
+    w = downstream.sample_weights(labels, groups, "class_tone")
     cells = {}
     for y, g, p in zip(labels, groups, w):
         cells[(y, g)] = cells.get((y, g), 0) + p
     assert np.allclose(list(cells.values()), 1 / 3)
-    w = fairness.sample_weights(labels, groups, "class")
+    w = downstream.sample_weights(labels, groups, "class")
     assert np.isclose(w[labels == 1].sum(), 0.5)
 
 
@@ -221,7 +221,7 @@ def test_mclass_d_images_are_left_out_of_training(planted, tmp_path):
 
     tmp, _, _ = planted
     manifest = shardset.read_manifest(str(tmp / "shards"))
-    train_ids = fairness.read_real(str(tmp / "shards"), manifest, "train", 32)["ids"]
+    train_ids = downstream.read_real(str(tmp / "shards"), manifest, "train", 32)["ids"]
     bench = tmp_path / "mclass" / "BenchmarkDermoscopic"
     for i, name in enumerate(train_ids[:3] + ["ISIC_0000001"]):  # 3 of them trained on, 1 not
         folder = bench / ("malign" if i % 2 else "benign")

@@ -37,47 +37,12 @@ from cnd_ray.data import image as image_lib
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import fidelity
 from cnd_ray.evaluate.features import signed
+from cnd_ray.fairness import downstream
 
 GROUPS = tone.GROUPS  # lightest first
 SECTIONS = ("fairness.", "track.")  # the settings this verb reads
 MCLASS_D = ("mclass", "mclass_d")  # sets holding MClass-D's ISIC images
-REWEIGHTED = "real, reweighted"  # the control: real data balanced like the real+synthetic mix
-
-
-def group_of(fitzpatrick) -> str | None:
-    """A stored Fitzpatrick type -> its group; None when unknown (0 or missing)."""
-    return tone.group_of(int(fitzpatrick)) if fitzpatrick and 1 <= int(fitzpatrick) <= 6 else None
-
-
-def _stack(images: list[np.ndarray], size: int) -> torch.Tensor:
-    if not images:
-        return torch.zeros(0, 3, size, size, dtype=torch.uint8)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-
-
-def read_real(shards: str, manifest: dict, split: str, size: int, limit: int = 0,
-              exclude: frozenset = frozenset()) -> dict:
-    """A split of the shards: uint8 images (N, 3, size, size), labels, groups, ids, and the counts
-    left out: `excluded` (image_id in `exclude`: MClass-D's ISIC images when MClass is evaluated)
-    and `over_limit` (beyond `limit` rows; 0 = no limit)."""
-    images, labels, groups, ids, excluded, over = [], [], [], [], 0, 0
-    for path in shardset.files(shards, manifest, split):
-        for b in shardset.parquet_file(path).iter_batches(
-                batch_size=256, columns=["image_id", "label", "fitzpatrick", "image"]):
-            rows = b.to_pydict()
-            for i, image_id in enumerate(rows["image_id"]):
-                if image_id in exclude:
-                    excluded += 1
-                elif limit and len(ids) >= limit:
-                    over += 1
-                else:
-                    # image.load: the resize the evaluation images get too (external.read)
-                    images.append(image_lib.load(rows["image"][i], size)[0])
-                    labels.append(int(rows["label"][i]))
-                    groups.append(group_of(rows["fitzpatrick"][i]))
-                    ids.append(image_id)
-    return {"images": _stack(images, size), "labels": np.array(labels, np.int64), "groups": groups,
-            "ids": ids, "excluded": excluded, "over_limit": over}
+REWEIGHTED = downstream.REWEIGHTED  # the control: real data balanced like the real+synthetic mix
 
 
 def _synthetic_index(folders: list[str]) -> list[tuple[str, int, str]]:
@@ -112,40 +77,16 @@ def read_synthetic(rows: list[tuple[str, int, str]], size: int, limit: int = 0, 
         images.append(arr if arr.shape[:2] == (size, size) else image_lib.load(data, size)[0])
         labels.append(label)
         groups.append(tone.group_from_ita(tone.estimate_ita(arr)))
-    return {"images": _stack(images, size), "labels": np.array(labels, np.int64), "groups": groups}
-
-
-def sample_weights(labels: np.ndarray, groups: list, balance: str) -> np.ndarray:
-    """Sampling probabilities that give each class (or each class x tone cell present) the same
-    share of training batches; images of unknown tone form their own cell."""
-    keys = [(int(y),) if balance == "class" else (int(y), g or "unknown") for y, g in zip(labels, groups)]
-    counts: dict = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    w = np.array([1.0 / counts[k] for k in keys])
-    return w / w.sum()
-
-
-def composition(labels: np.ndarray, groups: list) -> dict:
-    """{group: {"benign": n, "malignant": n}} of a training set, unknown tone included."""
-    out: dict = {}
-    for y, g in zip(labels, groups):
-        cell = out.setdefault(g or "unknown", {"benign": 0, "malignant": 0})
-        cell["malignant" if y else "benign"] += 1
-    return out
+    return {"images": downstream.stack(images, size), "labels": np.array(labels, np.int64), "groups": groups}
 
 
 def _train(data: dict, cfg, device, desc: str, show: bool, balance: str, backbone: str = "",
            weights: str | None = None):
     from tqdm import tqdm
 
-    f = cfg.fairness
-    bar = tqdm(total=f.steps, desc=desc, unit="step", disable=not show)
-    model = fidelity.train(data["images"], data["labels"], backbone or f.backbone, f.steps,
-                           batch=f.batch_size, lr=f.lr, seed=f.seed, device=device,
-                           sample_weights=sample_weights(data["labels"], data["groups"], balance),
-                           backbone_weights=f.weights if weights is None else weights,
-                           progress=lambda s: bar.update(1))
+    bar = tqdm(total=cfg.fairness.steps, desc=desc, unit="step", disable=not show)
+    model = downstream.train_classifier(data, cfg.fairness, device, balance, backbone, weights,
+                                        progress=lambda s: bar.update(1))
     bar.close()
     return model
 
@@ -207,7 +148,7 @@ def _external(name: str, root: str, size: int, manifest: dict, show: bool) -> di
         groups.append(group)
     if not images:
         raise UserError(f"--eval {name}={root}: no readable images ({len(rejects)} rejected)")
-    return {"images": _stack(images, size), "labels": np.array(labels), "groups": groups,
+    return {"images": downstream.stack(images, size), "labels": np.array(labels), "groups": groups,
             "rejects": rejects, "groups_from_ita": measured, "isic_ids": external.isic_ids(loaded.items),
             "protocol": {"label_mode": modes["labels"], "ak_malignant": modes["ak_malignant"]} if modes else {}}
 
@@ -259,8 +200,8 @@ def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", c
     sets = {n: _external(n, root, size, manifest, progress) for n, root in evals.items()}
     # MClass-D is ISIC images: they must not be trained on, nor choose the thresholds.
     exclude = frozenset().union(*(sets[n]["isic_ids"] for n in MCLASS_D if n in sets))
-    train_real = read_real(real, manifest, f.real_split, size, f.real_max, exclude)
-    val = read_real(real, manifest, f.val_split, size, exclude=exclude)
+    train_real = downstream.read_real(real, manifest, f.real_split, size, f.real_max, exclude)
+    val = downstream.read_real(real, manifest, f.val_split, size, exclude=exclude)
     syn = read_synthetic(syn_index, size, f.synthetic_max, f.seed)
 
     # The baseline is the usual classifier (classes balanced); with tone balancing, the real data
@@ -273,9 +214,7 @@ def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", c
             balances[REWEIGHTED] = f.balance
             models[REWEIGHTED] = _train(train_real, cfg, device, f"classifier on {REWEIGHTED}", progress,
                                         f.balance)
-        mixed = {"images": torch.cat([train_real["images"], syn["images"]]),
-                 "labels": np.concatenate([train_real["labels"], syn["labels"]]),
-                 "groups": train_real["groups"] + syn["groups"]}
+        mixed = downstream.mix(train_real, syn)
         balances["real+synthetic"] = f.balance
         models["real+synthetic"] = _train(mixed, cfg, device, "classifier on real+synthetic", progress,
                                           f.balance)
@@ -328,8 +267,8 @@ def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", c
     report = {"name": out_dir.name, "real": real, "synthetic": synthetic, "evals": evals, "ckpt": ckpt,
               "fairness": cfg.to_dict()["fairness"], "image_size": size, "thresholds": thresholds,
               "models": recipes,
-              "training": {"real": composition(train_real["labels"], train_real["groups"]),
-                           "synthetic": composition(syn["labels"], syn["groups"]),
+              "training": {"real": downstream.composition(train_real["labels"], train_real["groups"]),
+                           "synthetic": downstream.composition(syn["labels"], syn["groups"]),
                            "synthetic_listed": len(syn_index), "synthetic_used": int(len(syn["labels"])),
                            "excluded_mclass_d": train_real["excluded"] + val["excluded"],
                            "real_over_limit": train_real["over_limit"]},
