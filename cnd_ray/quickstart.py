@@ -311,10 +311,10 @@ def _gap_word(d: dict) -> str:
     """Did the light-dark AUROC gap narrow (towards 0) or widen, by its paired interval?"""
     if d.get("ci") is None or d.get("a") is None:
         return "not measurable"
-    lo, hi = d["ci"]
-    toward = (hi < 0) if d["a"] >= 0 else (lo > 0)
-    away = (lo > 0) if d["a"] >= 0 else (hi < 0)
-    return "narrower" if toward else "wider" if away else "no clear change"
+    clear = d["ci"][0] > 0 or d["ci"][1] < 0  # the paired difference b - a excludes 0
+    if not clear:
+        return "no clear change"
+    return "narrower" if abs(d["b"]) < abs(d["a"]) else "wider"  # the gap's size, on either side
 
 
 def _auroc_word(d: dict) -> str:
@@ -416,7 +416,7 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
     excludes = gap.get("ci") and (gap["ci"][0] > 0 or gap["ci"][1] < 0)
     table, vs_base = fairness_table(fair, cfg)
     _fairness_plot(fair, out_dir / "fairness.png")
-    seconds = {r["setting"] or r["trial"]: r["seconds"] for r in rows}
+    seconds = {key(r): r["seconds"] for r in rows}
     share = [got["metrics"]["fair_seconds"] / seconds[n] for n, got in fair.items() if seconds.get(n)]
     tests = first["models"][ds.REAL]["groups"]
     lines = ["## Does it make a fairer classifier?", "",

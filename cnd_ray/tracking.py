@@ -674,14 +674,15 @@ SHARED_VIEW = "mlflow.sharedViewState."  # + key: an experiment tag the UI resto
 
 
 def save_search_view(uri: str, experiment: str, parent: str, key: str, metric: str, ascending: bool,
-                     varying: list[str]) -> None:
+                     varying: list[str], also: tuple[str, ...] = ()) -> None:
     """A runs-table view of a search, as MLflow's UI shares views (an experiment tag its URL names):
-    sorted by the ranking metric, with it and the keys the trials vary in as columns beside the
-    dataset and model, so the trials compare at a glance without picking columns."""
+    sorted by the ranking metric, with it, the metrics `also` (quality beside fairness) and the keys
+    the trials vary in as columns beside the dataset and model, so the trials compare at a glance
+    without picking columns."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     columns = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", f"metrics.`{metric}`",
-               *[f"params.`{k}`" for k in varying]]
+               *[f"metrics.`{m}`" for m in also], *[f"params.`{k}`" for k in varying]]
     state = {"orderByKey": f"metrics.`{metric}`", "orderByAsc": ascending, "searchFilter": "",
              "selectedColumns": columns}
     client.set_experiment_tag(exp.experiment_id, SHARED_VIEW + key, json.dumps(state))

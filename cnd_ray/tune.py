@@ -661,7 +661,9 @@ def _log_parent(uri: str, parent: str, s: Space, rows: list[dict], table: str, b
     tracking.log_text(uri, parent, json.dumps(rows, indent=1, default=str), "trials.json")
     _log_curves(uri, parent, s, rows)
     tracking.save_search_view(uri, cfg.track.experiment, parent, hashlib.sha256(parent.encode()).hexdigest()[:16],
-                              s.metric, s.mode == "min", varying(rows))
+                              s.metric, s.mode == "min", varying(rows),
+                              tuple(k for k in ("fd_ratio", "fair_worst_auroc", "fair_gap")
+                                    if k != s.metric and any(k in r for r in rows)))
     # What the children differ in and what ranks them: the columns to compare them by.
     tags: dict[str, Any] = {"cnd_ray.metric": s.metric, "cnd_ray.mode": s.mode,
                             "cnd_ray.varying": ",".join(varying(rows)),

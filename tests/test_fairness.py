@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cnd_ray import cli
+from cnd_ray import cli, config as C
 from cnd_ray.data import ingest, synth, tone
 from cnd_ray.errors import UserError
 from cnd_ray.fairness import downstream, run as fairness
@@ -249,3 +249,107 @@ def test_a_latent_joint_classifier_scores_images_through_the_runs_vae(latent_sha
     with torch.no_grad():
         by_hand = joint.model(joint.cfg.data.latent_scale * vae.encode(signed(images)).latent_dist.mean)
     assert np.allclose(joint.scores(images), by_hand.double().numpy(), atol=1e-5)
+
+
+# --- fairness in the loop (cnd_ray/fairness/downstream.py) ----------------------------------------
+
+# The quickstart benchmark's real training split (cnd-ray synth's default, ingested): V-VI ~3%.
+QUICKSTART_TRAIN = {"I-II": {"benign": 726, "malignant": 281}, "III-IV": {"benign": 373, "malignant": 149},
+                    "V-VI": {"benign": 32, "malignant": 21}}
+
+
+def test_the_fill_gives_each_cell_what_it_lacks_within_the_ratio_and_the_cap():
+    fill = downstream.fill_counts(QUICKSTART_TRAIN, "equalize", 10.0)
+    # Up to the class's best-represented group (I-II), at most 10x the cell's own real images.
+    assert fill == {(0, "I-II"): 0, (0, "III-IV"): 726 - 373, (0, "V-VI"): 320,
+                    (1, "I-II"): 0, (1, "III-IV"): 281 - 149, (1, "V-VI"): 210}
+    assert downstream.fill_counts(QUICKSTART_TRAIN, "darkest", 10.0) == {(0, "V-VI"): 320, (1, "V-VI"): 210}
+    # A cap scales every cell alike and the counts sum to it exactly.
+    capped = downstream.fill_counts(QUICKSTART_TRAIN, "equalize", 10.0, cap=256)
+    assert sum(capped.values()) == 256
+    for k, v in fill.items():
+        assert abs(capped[k] - v * 256 / sum(fill.values())) < 1
+    # A cell with no real image counts as one; a balanced set needs nothing; a cap above the need is no cap.
+    empty = {**QUICKSTART_TRAIN, "V-VI": {"benign": 0, "malignant": 0}}
+    assert downstream.fill_counts(empty, "darkest", 10.0) == {(0, "V-VI"): 10, (1, "V-VI"): 10}
+    even = {g: {"benign": 5, "malignant": 2} for g in downstream.GROUPS}
+    assert set(downstream.fill_counts(even, "equalize", 10.0, cap=3).values()) == {0}
+    assert downstream.fill_counts(QUICKSTART_TRAIN, "darkest", 10.0, cap=10_000) == \
+        downstream.fill_counts(QUICKSTART_TRAIN, "darkest", 10.0)
+    # The plan asks each image for its cell's tone group (model.tone_groups=3) with seeds of its own.
+    plan = downstream.fill_plan(capped, seed=0, batch_size=8)
+    assert len(plan["index"]) == 256 and set(plan["tone"]) <= {1, 2}
+    for (label, group), n in capped.items():
+        assert ((plan["label"] == label) & (plan["tone"] == downstream.GROUPS.index(group))).sum() == n
+    from cnd_ray import generate, monitor
+
+    judged = monitor.sample_plan(C.load("quickstart"))
+    assert not set(plan["seed"]) & set(judged["seed"])
+    assert all(np.array_equal(plan[k], downstream.fill_plan(capped, 0, 8)[k]) for k in plan)  # every rank alike
+    assert set(plan) == set(generate.plan(4, [1.0, 1.0], 0, 8))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("fairness.in_loop=final", r"fairness.in_loop: final fills skin-tone groups .*model.tone_groups=3"),
+    ("fairness.in_loop=always", r"fairness.in_loop: 'always' is not one of off, final, every"),
+    ("fairness.fill=lightest", r"fairness.fill: 'lightest' is not one of equalize, darkest"),
+    ("fairness.fill_ratio=0", r"fairness.fill_ratio: 0.0 is outside \(0.0, inf\]"),
+    ("fairness.fill_max=-1", r"fairness.fill_max: -1 is outside \[0, inf\]"),
+])
+def test_bad_fairness_keys_fail_in_one_line_naming_the_key(override, message, capsys):
+    with pytest.raises(UserError, match=message):
+        C.load("debug", [override])
+    assert cli.main(["train", "--config", "debug", override]) == 2  # before Ray starts: at the config
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("cnd-ray train: error: fairness.")
+
+
+def test_shards_without_a_test_split_are_refused_before_ray_starts(small_shards):
+    from cnd_ray import train
+    from cnd_ray.data import shardset
+
+    cfg = C.load("debug", [f"data.shards={small_shards}", "model.tone_groups=3", "fairness.in_loop=final"])
+    manifest = shardset.read_manifest(small_shards)
+    train.check_data(cfg, manifest)  # it has one
+    no_test = {**manifest, "splits": {k: v for k, v in manifest["splits"].items() if k != "test"}}
+    with pytest.raises(UserError, match=r"fairness.test_split=test: fairness.in_loop needs benign and "
+                                        r"malignant images in that split"):
+        train.check_data(cfg, no_test)
+
+
+@pytest.mark.slow
+def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ray_local, tmp_path):
+    """The oracle: on the quickstart's benchmark and with its fairness settings, fill the cells the real
+    training split lacks with held-out real images of those cells instead of a model's samples: the
+    light-dark gap must narrow, paired interval excluding 0. A pipeline that cannot see this gain could
+    not see a model's. (Measured here: real-only gap +0.152 [-0.006, +0.286]; oracle minus real-only
+    -0.222 [-0.334, -0.113], worst-group AUROC +0.154 [+0.011, +0.271].)"""
+    from cnd_ray import train
+    from cnd_ray.data import shardset
+
+    cfg = train.with_shards(C.load("quickstart", [f"train.storage={tmp_path}/runs"]))
+    shards = cfg.data.shards
+    # Held-out real images of every tone group: another draw of the benchmark's tone-balanced test set.
+    synth.run(tmp_path / "pool_src", num_images=20, image_size=64, malignant_fraction=0.3, seed=11,
+              test_per_tone=200, progress=False)
+    ingest.run([str(tmp_path / "pool_src")], str(tmp_path / "pool"), image_size=32, val_fraction=0.2,
+               progress=False, test=[str(synth.test_folder(tmp_path / "pool_src"))])
+    ds, blob = downstream.Downstream.build(cfg, shards, say=lambda m: None)
+    pool = downstream.read_real(str(tmp_path / "pool"), shardset.read_manifest(str(tmp_path / "pool")), "test", 32)
+    picked, labels, tones = [], [], []
+    for (label, group), n in ds.fill().items():
+        at = [i for i, (y, g) in enumerate(zip(pool["labels"], pool["groups"])) if y == label and g == group][:n]
+        assert len(at) == n, (label, group, n)
+        picked += at
+        labels += [label] * n
+        tones += [downstream.GROUPS.index(group)] * n
+    assert len(picked) == cfg.fairness.fill_max
+    metrics, detail = ds.measure(pool["images"][picked], {"label": np.array(labels), "tone": np.array(tones)})
+    real_gap = blob["models"][downstream.REAL]["report"]["light_dark_gap"]
+    print("real-only gap", real_gap["value"], real_gap["ci"], "oracle minus real-only",
+          detail["vs"][downstream.REAL]["light_dark_gap"], "worst group", detail["vs"][downstream.REAL]["worst_group_auroc"])
+    assert real_gap["value"] > 0, real_gap  # the darkest group is the worse one
+    gap = detail["vs"][downstream.REAL]["light_dark_gap"]
+    assert gap["ci"][1] < 0, gap  # narrower, interval excluding 0
+    assert metrics["fair_gap_vs_real"] == gap["delta"] and metrics["fair_gap_vs_real_hi"] == gap["ci"][1]
+    assert metrics["fair_tone_match"] > 0.9  # real images show their own group

@@ -6,7 +6,8 @@ import cnd_ray
 
 CORE = ["config.py", "diffusion.py", "objective.py", "engine.py", "checkpoint.py", "models", "generate.py",
         "distributed.py",
-        "monitor.py", "vae.py", "storage.py", "evaluate/metrics.py", "evaluate/features.py", "evaluate/fidelity.py"]
+        "monitor.py", "vae.py", "storage.py", "evaluate/metrics.py", "evaluate/features.py", "evaluate/fidelity.py",
+        "fairness/downstream.py"]
 FORBIDDEN = {"ray", "mlflow"}
 
 

@@ -153,22 +153,31 @@ def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_
     from mlflow.tracking import MlflowClient
 
     log = tmp_path / "reports.jsonl"
-    # A robust (PGD) critic, the posterior operator and the feature-matching target, end to end.
+    # A robust (PGD) critic, the posterior operator and the feature-matching target, end to end; and
+    # fairness in the loop at every evaluation (each rank draws its share of the fill images).
     out = train.run(_cfg(tmp_path, **{"scale.num_workers": 2, "train.steps": 10, "train.eval_every": 5,
                                       "train.checkpoint_every": 10, "classifier.adversarial": "pgd",
                                       "classifier.adv_steps": 2, "method.denoised_input": "posterior",
-                                      "method.critic_target": "features"}), callbacks=[_recorder(str(log))])
+                                      "method.critic_target": "features", "model.tone_groups": 3,
+                                      "fairness.in_loop": "every"}), callbacks=[_recorder(str(log))])
     reports = [json.loads(line) for line in log.read_text().splitlines()]
     assert [[m["step"] for m in r] for r in reports] == [[5, 5], [10, 10]]  # both ranks, each time
+    fair = {"fair_worst_auroc", "fair_gap", "fair_dark_sensitivity", "fair_worst_auroc_vs_real",
+            "fair_worst_auroc_vs_real_lo", "fair_worst_auroc_vs_real_hi", "fair_gap_vs_reweighted"}
     for per_rank in reports:
         assert {"fd_ratio", "fd_judge", "kd_judge", "fidelity_auroc", "ms_ssim", "val_loss_diff", "critic_pull",
-                "lesion_share_benign", "lesion_share_malignant"} <= set(per_rank[0])
+                "lesion_share_benign", "lesion_share_malignant"} | fair <= set(per_rank[0])
         same = {k: v for k, v in per_rank[0].items() if k not in ("epoch", "ranks_in_sync")}
         assert {k: per_rank[1][k] for k in same} == same  # the same numbers on every rank
+        assert per_rank[0]["fair_synthetic"] == 16  # the debug config's fairness.fill_max
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(out["mlflow_run_id"])
-    for key in ("fd_ratio", "fidelity_auroc", "kd_judge_std", "eval_share"):
+    for key in ("fd_ratio", "fidelity_auroc", "kd_judge_std", "eval_share", *fair):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [5, 10], key
+    fairness = json.loads(open(os.path.join(out["checkpoint"], worker.FAIRNESS)).read())
+    assert fairness["step"] == 10 and fairness["metrics"]["fair_gap"] == reports[1][0]["fair_gap"]
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "fairness")} == {
+        "fairness/fairness_step00000005.json", "fairness/fairness_step00000010.json"}
     assert run.data.metrics["judge_heldout_auroc"] > 0 and os.path.isfile(run.data.tags["cnd_ray.judge"])
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert {p.split("+")[2] for p in images if p.endswith(".png")} == {"5", "10"}  # a grid per step

@@ -18,7 +18,7 @@ SHIPPED = sorted(p.stem for p in tune.SPACE_DIR.glob("*.yaml"))
 
 
 def test_the_issue_spaces_are_shipped():
-    assert {"paper_settings", "gamma_lambda", "smoke"} <= set(SHIPPED)
+    assert {"paper_settings", "gamma_lambda", "smoke", "fairness"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -54,6 +54,9 @@ BAD = [
     ("space: {method.lambda_cls: {uniform: [0.1, 0.5]}}\n", r"search: grid takes only `grid:` lists"),
     ("metric: val_auroc\nsettings: {'1': {method.gamma_schedule: 'off'}}\n", r"metric: val_auroc, but settings.1 .*has no classifier"),
     ("metric: fidd\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"metric: 'fidd' is not one of"),
+    ("metric: fair_worst_auroc\nfixed: {model.tone_groups: 3, fairness.in_loop: final}\n"
+     "settings: {'1': {method.gamma_schedule: 'off'}}\n",
+     r"metric: fair_worst_auroc is measured at every evaluation only with fairness.in_loop=every"),
     ("resources: {train.steps: 3}\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"resources.train.steps: only scale.\* keys"),
     ("scheduler: {kind: asha, grace: 3}\nspace: {method.lambda_cls: {grid: [0.1]}}\n", r"unknown key 'scheduler.grace'"),
     ("settings: {'9': {train.mixed_precision: fp16, classifier.step_every: 3}}\n", r"settings.9: .*fp16"),
@@ -181,7 +184,8 @@ def test_the_ui_shows_the_search_as_users_open_it_in_a_real_browser(smoke_search
                     rows.map(r => [Number(r.getAttribute('row-index')), r.innerText])"""):
                 rows[i] = rows.get(i, "") + "\n" + t
             browser.close()
-        assert {"Dataset", "Models", "fd_ratio", *tune.varying(out["rows"])} <= headers
+        # quality and fairness side by side (the smoke trials measure it after their last step)
+        assert {"Dataset", "Models", "fd_ratio", "fair_worst_auroc", "fair_gap", *tune.varying(out["rows"])} <= headers
         by_metric = [identity.trial_run(out["name"], r["trial"]) for r in out["rows"]]  # best first
         assert [n.strip() for n in named] == by_metric + [out["name"]]  # children by fd_ratio, then the parent
         child = tracking.find_run(out["store"], "cnd_ray", by_metric[0])
@@ -316,6 +320,8 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
     first_done = checkpoints(400)
     assert len(first_done) == 1
     judge_mtime = os.stat(glob.glob(f"{tmp_path}/runs/*-trials/judges/judge-*.pt")[0]).st_mtime_ns
+    (baselines,) = glob.glob(f"{tmp_path}/runs/*-trials/downstream/downstream-*.pt")  # the fairness baselines
+    baselines_mtime = os.stat(baselines).st_mtime_ns
     time.sleep(2)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -333,6 +339,10 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(smoke_search,
     (judge_file,) = glob.glob(f"{tmp_path}/runs/*-trials/judges/judge-*.pt")
     assert f"judge: reusing {judge_file}" in out and "judge: training" not in out
     assert os.stat(judge_file).st_mtime_ns == judge_mtime
+    # ... and compared with the fairness baselines it started with (the table below carries them).
+    assert f"fairness: reusing the baselines {baselines}" in out and "fairness: training" not in out
+    assert os.stat(baselines).st_mtime_ns == baselines_mtime
+    assert glob.glob(f"{tmp_path}/runs/*-trials/downstream/downstream-*.pt") == [baselines]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
@@ -454,11 +464,21 @@ def test_a_search_whose_server_is_away_runs_and_track_sync_uploads_it_nested(ray
     storage = f"file://{tmp_path}/runs" if where == "uri" else f"{tmp_path}/runs"
     cfg = C.load("debug", [f"train.storage={storage}", f"track.tracking_uri={server.uri}",
                            "train.steps=10", "scale.threads_per_worker=1"])
-    res = tune.run("smoke", cfg)
+    # Ranked as tune_spaces/fairness.yaml ranks: by the downstream classifier's worst-group AUROC.
+    space = tmp_path / "fair.yaml"
+    space.write_text((tune.SPACE_DIR / "smoke.yaml").read_text().replace(
+        "metric: fd_ratio", "metric: fair_worst_auroc").replace("in_loop: final", "in_loop: every"))
+    res = tune.run(str(space), cfg)
     said = capsys.readouterr().out
     assert "does not answer: the search starts anyway" in said
     assert f"`cnd-ray track-sync {res['path']}`" in said
     assert [r["status"] for r in res["rows"]] == ["finished"] * len(res["rows"])
+    worst = [r["fair_worst_auroc"] for r in res["rows"]]
+    assert worst == sorted(worst, reverse=True) and res["space"].mode == "max"
+    head = res["table"].splitlines()[0]
+    assert head.index("fair_worst_auroc") < head.index("fd_ratio") and "fair_gap" in head  # fairness beside quality
+    # One set of baselines for the search, in its storage (a folder or a URI), that every trial reused.
+    assert len(list((tmp_path / "runs").rglob("downstream/downstream-*.pt"))) == 1
     with server:
         assert cli.main(["track-sync", res["path"]]) == 0
         from mlflow.tracking import MlflowClient

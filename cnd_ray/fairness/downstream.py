@@ -192,6 +192,9 @@ def check_shards(cfg, manifest: dict) -> None:
             raise UserError(f"{key}={split}: fairness.in_loop needs benign and malignant images in that "
                             f"split of {cfg.data.shards} (splits: {manifest['splits']}); ingest with "
                             "--test DIR, or set fairness.in_loop=off")
+    if f.image_size > manifest["image_size"]:
+        raise UserError(f"fairness.image_size={f.image_size}: larger than the shards' {manifest['image_size']} "
+                        "px; training images would be upsampled")
 
 
 @dataclass
@@ -216,7 +219,8 @@ class Downstream:
 
     def __init__(self, cfg, shards: str, baselines: dict):
         manifest = shardset.read_manifest(shards)
-        f, size = cfg.fairness, int(manifest["image_size"])
+        f = cfg.fairness
+        self.size = size = f.image_size or int(manifest["image_size"])  # the classifier's input
         self.cfg, self.base = cfg, baselines
         self.train = Split.read(shards, manifest, f.real_split, size, f.real_max)
         self.val = Split.read(shards, manifest, f.val_split, size)
@@ -225,8 +229,7 @@ class Downstream:
     @classmethod
     def build(cls, cfg, shards: str, device="cpu", say=print) -> tuple["Downstream", dict]:
         """Read the splits and train both baselines: (Downstream, the baselines' blob to save)."""
-        self = cls.__new__(cls)
-        cls.__init__(self, cfg, shards, {})
+        self = cls(cfg, shards, {})
         t0 = time.time()
         blob = {"meta": {**settings(cfg), "shards": shards,
                          "composition": composition(self.train.labels, self.train.groups)},
@@ -256,6 +259,9 @@ class Downstream:
         split: (flat metrics for Tune, MLflow and the console; the detail for a report)."""
         t0 = time.time()
         f = self.cfg.fairness
+        if len(images) and images.shape[-1] != self.size:  # the run's images, at the classifier's size
+            images = torch.nn.functional.interpolate(images.float(), size=(self.size, self.size), mode="area",
+                                                     ).round().clamp(0, 255).to(torch.uint8)
         syn = {"images": images, "labels": np.asarray(plan["label"]), "groups": measured_groups(images)}
         model = train_classifier(mix(self.train.as_dict(), syn), f, device, f.balance)
         mine = self._score(model, f.balance)
