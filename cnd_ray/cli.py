@@ -425,9 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "RAY_ADDRESS), draw the same images from every trial's EMA model without guidance "
                     "(as the paper samples) and with the run's, and write OUT/report.md: the ranked "
                     "search, the paper's table with bootstrap intervals, whether settings 2-5 beat "
-                    "setting 1 on FD and on class fidelity (overall and per skin-tone group), curves "
-                    "(with the critic's pull), and sample grids beside real images. "
-                    "About 26 minutes on this project's 2-core CPU machines; rerunning resumes.")
+                    "setting 1 on FD and on class fidelity (overall and per skin-tone group), whether "
+                    "each setting's samples make a fairer downstream classifier (per skin-tone group, "
+                    "against real only and reweighted real; fairness.in_loop), curves (with the "
+                    "critic's pull), and sample grids beside real images. "
+                    "About 38 minutes on this project's 2-core CPU machines; rerunning resumes.")
     _config_args(p, default="quickstart")
     p.add_argument("--space", default=argparse.SUPPRESS, metavar="NAME|FILE",
                    help=f"search space (default: {_default(quickstart.run, 'space')})")

@@ -307,7 +307,7 @@ def fairness_results(rows: list[dict]) -> dict[str, dict]:
     return dict(sorted(out.items()))  # setting 1 first
 
 
-def _gap_word(d: dict) -> str:
+def gap_word(d: dict) -> str:
     """Did the light-dark AUROC gap narrow (towards 0) or widen, by its paired interval?"""
     if d.get("ci") is None or d.get("a") is None:
         return "not measurable"
@@ -317,7 +317,7 @@ def _gap_word(d: dict) -> str:
     return "narrower" if abs(d["b"]) < abs(d["a"]) else "wider"  # the gap's size, on either side
 
 
-def _auroc_word(d: dict) -> str:
+def auroc_word(d: dict) -> str:
     if d.get("ci") is None:
         return "not measurable"
     return "higher" if d["ci"][0] > 0 else "lower" if d["ci"][1] < 0 else "no clear change"
@@ -351,16 +351,16 @@ def fairness_table(fair: dict, cfg) -> tuple[str, dict]:
                *cells(got["models"][ds.MIXED])]
         for b in ds.BASELINES:
             p = got["vs"][b]
-            row += [f"{ds.interval(p['worst_group_auroc'])}: **{_auroc_word(p['worst_group_auroc'])}**",
-                    f"{ds.interval(p['light_dark_gap'])}: **{_gap_word(p['light_dark_gap'])}**"]
+            row += [f"{ds.interval(p['worst_group_auroc'])}: **{auroc_word(p['worst_group_auroc'])}**",
+                    f"{ds.interval(p['light_dark_gap'])}: **{gap_word(p['light_dark_gap'])}**"]
         if base is not None and name != BASELINE:
             t = got["test"]
             p = metrics.paired_delta(t["labels"], base["test"]["scores"], t["scores"], t["groups"],
                                      n_boot=f.bootstrap, seed=f.seed,
                                      thresholds=(base["test"]["threshold"], t["threshold"]))
             vs_base[name] = p
-            row += [f"{ds.interval(p['worst_group_auroc'])}: **{_auroc_word(p['worst_group_auroc'])}**",
-                    f"{ds.interval(p['light_dark_gap'])}: **{_gap_word(p['light_dark_gap'])}**"]
+            row += [f"{ds.interval(p['worst_group_auroc'])}: **{auroc_word(p['worst_group_auroc'])}**",
+                    f"{ds.interval(p['light_dark_gap'])}: **{gap_word(p['light_dark_gap'])}**"]
         else:
             row += ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
@@ -381,7 +381,7 @@ def _fairness_plot(fair: dict, path: Path) -> None:
     models = {f"{b} (baseline)": first["models"][b] for b in ds.BASELINES}
     models.update({f"real + setting {n}'s samples": got["models"][ds.MIXED] for n, got in fair.items()})
     groups = list(ds.GROUPS)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     width = 0.8 / len(models)
     for i, (name, r) in enumerate(models.items()):
         xs = np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width
@@ -395,7 +395,7 @@ def _fairness_plot(fair: dict, path: Path) -> None:
     ax.set_ylabel("downstream AUROC on held-out test images")
     ax.set_ylim(0.4, 1.0)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.09))  # below: no bar hidden
     ax.set_title("Does it make a fairer classifier? AUROC per skin-tone group (95% intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -439,13 +439,13 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
     for name, got in fair.items():
         p = got["vs"][ds.REAL]
         line = (f"- Setting {name}'s samples: worst-group AUROC {ds.interval(p['worst_group_auroc'])} against "
-                f"real only ({_auroc_word(p['worst_group_auroc'])}), gap {ds.interval(p['light_dark_gap'])} "
-                f"({_gap_word(p['light_dark_gap'])})")
+                f"real only ({auroc_word(p['worst_group_auroc'])}), gap {ds.interval(p['light_dark_gap'])} "
+                f"({gap_word(p['light_dark_gap'])})")
         if name in vs_base:
             q = vs_base[name]
             line += (f"; against setting {BASELINE}'s samples, worst-group AUROC {ds.interval(q['worst_group_auroc'])} "
-                     f"({_auroc_word(q['worst_group_auroc'])}), gap {ds.interval(q['light_dark_gap'])} "
-                     f"({_gap_word(q['light_dark_gap'])})")
+                     f"({auroc_word(q['worst_group_auroc'])}), gap {ds.interval(q['light_dark_gap'])} "
+                     f"({gap_word(q['light_dark_gap'])})")
         lines.append(line + ".")
     if share:
         lines += ["", f"Cost: the in-loop evaluation (drawing the fill images, training and scoring the "

@@ -353,3 +353,16 @@ def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ra
     assert gap["ci"][1] < 0, gap  # narrower, interval excluding 0
     assert metrics["fair_gap_vs_real"] == gap["delta"] and metrics["fair_gap_vs_real_hi"] == gap["ci"][1]
     assert metrics["fair_tone_match"] > 0.9  # real images show their own group
+
+
+def test_the_report_calls_a_gap_narrower_only_when_it_shrank_towards_0():
+    from cnd_ray.quickstart import auroc_word, gap_word
+
+    # The quickstart's own rows: real only +0.152 -> setting 1's -0.013 narrowed it; setting 1's -0.013
+    # -> setting 2's +0.287 widened it, though the difference is positive and setting 1's gap negative.
+    assert gap_word({"a": 0.152, "b": -0.013, "delta": -0.165, "ci": [-0.277, -0.051]}) == "narrower"
+    assert gap_word({"a": -0.013, "b": 0.287, "delta": 0.300, "ci": [0.143, 0.463]}) == "wider"
+    assert gap_word({"a": 0.1, "b": 0.05, "delta": -0.05, "ci": [-0.1, 0.02]}) == "no clear change"
+    assert gap_word({"a": None, "b": None, "delta": None, "ci": None}) == "not measurable"
+    assert auroc_word({"delta": 0.16, "ci": [0.02, 0.25]}) == "higher"
+    assert auroc_word({"delta": -0.28, "ci": [-0.41, -0.10]}) == "lower"

@@ -467,7 +467,8 @@ def test_a_search_whose_server_is_away_runs_and_track_sync_uploads_it_nested(ray
     # Ranked as tune_spaces/fairness.yaml ranks: by the downstream classifier's worst-group AUROC.
     space = tmp_path / "fair.yaml"
     space.write_text((tune.SPACE_DIR / "smoke.yaml").read_text().replace(
-        "metric: fd_ratio", "metric: fair_worst_auroc").replace("in_loop: final", "in_loop: every"))
+        "metric: fd_ratio", "metric: fair_worst_auroc").replace("mode: min", "mode: max").replace(
+        "in_loop: final", "in_loop: every"))
     res = tune.run(str(space), cfg)
     said = capsys.readouterr().out
     assert "does not answer: the search starts anyway" in said
