@@ -92,13 +92,16 @@ def test_synthetic_dark_lesions_narrow_the_gap_end_to_end(planted):
     assert dropped > 10 and n_syn > 50
     code = cli.main(["fairness", "--real", str(tmp / "shards"), "--synthetic", str(tmp / "synthetic"),
                      "--eval", f"ddi={tmp / 'ddi'}", "--out", str(tmp / "out"),
-                     "fairness.steps=300", "fairness.bootstrap=200",
+                     "fairness.steps=300", "fairness.bootstrap=200", "fairness.backbone=test_resnet",
                      f"track.tracking_uri=sqlite:///{tmp}/mlflow.db"])
     assert code == 0
     rep = json.loads((tmp / "out" / "fairness.json").read_text())
     comp = rep["training"]["real"]["V-VI"]
     assert comp["malignant"] < 0.05 * (comp["benign"] + comp["malignant"])  # planted, as read back
     real, mixed = (rep["results"]["ddi"]["models"][m] for m in ("real", "real+synthetic"))
+    # timm's 0.4M-parameter test ResNet (a ResNet-18 took 3.5 of this test's 4 minutes) still learns
+    # these plain lesions: the comparison below is between classifiers that work.
+    assert real["overall"]["auroc"]["value"] > 0.85 and mixed["overall"]["auroc"]["value"] > 0.85
     # Lesions this clear keep every group's AUROC near 1; what the imbalance can cost is sensitivity
     # on dark skin at the threshold chosen on (equally imbalanced) validation data - how much is the
     # seed's: the real-only model's V-VI sensitivity was 1.00, 0.53 and 1.00 at fairness.seed 0, 1, 2,
