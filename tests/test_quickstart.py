@@ -55,7 +55,15 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
         assert comparison["models"][setting]["n4"]["fd"]["value"] == pytest.approx(fd_judge, rel=0.05)
     assert "lesion shown @4: benign" in report and 0 <= comparison["models"]["1"]["n4"]["lesion_share"]["value"] <= 1
     assert set(comparison["models"]["1"]["n4"]) >= {"lesion_share_benign", "lesion_share_malignant", "fidelity_auroc_V-VI"}
-    for png in ("samples_setting1.png", "samples_setting2.png", "real.png", "curves.png"):
+    # Does it make a fairer classifier? (the smoke space measures it after each trial's last step):
+    # both settings' fill against real only, reweighted real and setting 1's, and the per-group plot.
+    fair = report.split("## Does it make a fairer classifier?")[1].split("\n## ")[0]
+    assert "The real-only classifier's light-dark gap: " in fair and "## Does it make a fairer" in r.stdout
+    assert "| real (baseline) |" in fair and "| real, reweighted (baseline) |" in fair
+    (row,) = [line for line in fair.splitlines() if line.startswith("| real + setting 2's samples")]
+    assert row.count("**") == 12  # six paired differences, each with its word
+    assert "- Setting 2's samples: worst-group AUROC " in fair and "against setting 1's samples" in fair
+    for png in ("samples_setting1.png", "samples_setting2.png", "real.png", "curves.png", "fairness.png"):
         assert (tmp_path / "report" / png).stat().st_size > 0
         assert f"({png})" in report
     assert len(list((tmp_path / "report" / "samples" / "setting1").rglob("*.png"))) == 8  # 4 a class
@@ -63,7 +71,8 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     exp = client.get_experiment_by_name("cnd_ray")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`cnd_ray.kind` = 'search'")
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "quickstart")}
-    assert {"quickstart/report.md", "quickstart/real.png", "quickstart/comparison.json"} <= logged
+    assert {"quickstart/report.md", "quickstart/real.png", "quickstart/comparison.json",
+            "quickstart/fairness.png"} <= logged
     assert "paper/setting2_fd_delta_n4" in client.get_run(parent.info.run_id).data.metrics
     # The evaluate command it prints next runs as printed (here at the debug scale), and logs into
     # the best trial's own MLflow run.
