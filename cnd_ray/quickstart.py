@@ -323,11 +323,19 @@ def auroc_word(d: dict) -> str:
     return "higher" if d["ci"][0] > 0 else "lower" if d["ci"][1] < 0 else "no clear change"
 
 
+def paired_cells(p: dict) -> list[str]:
+    """The worst-group AUROC and light-dark gap cells of a paired difference, each with its word."""
+    from cnd_ray.fairness import downstream as ds
+
+    return [f"{ds.interval(p['worst_group_auroc'])}: **{auroc_word(p['worst_group_auroc'])}**",
+            f"{ds.interval(p['light_dark_gap'])}: **{gap_word(p['light_dark_gap'])}**"]
+
+
 def fairness_table(fair: dict, cfg) -> tuple[str, dict]:
     """Markdown: the real-only and reweighted-real classifiers, then per setting the classifier on real
     + that setting's fill images: worst-group AUROC, light-dark gap, V-VI sensitivity (95% bootstrap
     intervals), and the paired differences from real-only, reweighted real and setting 1's samples.
-    Returns (table, {setting: {"vs_setting1": paired_delta}})."""
+    Returns (table, {setting: its paired_delta from setting 1's classifier})."""
     from cnd_ray.fairness import downstream as ds, metrics
 
     f = cfg.fairness
@@ -350,17 +358,13 @@ def fairness_table(fair: dict, cfg) -> tuple[str, dict]:
         row = [f"real + setting {name}'s samples ({int(got['metrics']['fair_synthetic'])})",
                *cells(got["models"][ds.MIXED])]
         for b in ds.BASELINES:
-            p = got["vs"][b]
-            row += [f"{ds.interval(p['worst_group_auroc'])}: **{auroc_word(p['worst_group_auroc'])}**",
-                    f"{ds.interval(p['light_dark_gap'])}: **{gap_word(p['light_dark_gap'])}**"]
+            row += paired_cells(got["vs"][b])
         if base is not None and name != BASELINE:
             t = got["test"]
-            p = metrics.paired_delta(t["labels"], base["test"]["scores"], t["scores"], t["groups"],
-                                     n_boot=f.bootstrap, seed=f.seed,
-                                     thresholds=(base["test"]["threshold"], t["threshold"]))
-            vs_base[name] = p
-            row += [f"{ds.interval(p['worst_group_auroc'])}: **{auroc_word(p['worst_group_auroc'])}**",
-                    f"{ds.interval(p['light_dark_gap'])}: **{gap_word(p['light_dark_gap'])}**"]
+            vs_base[name] = metrics.paired_delta(t["labels"], base["test"]["scores"], t["scores"], t["groups"],
+                                                 n_boot=f.bootstrap, seed=f.seed,
+                                                 thresholds=(base["test"]["threshold"], t["threshold"]))
+            row += paired_cells(vs_base[name])
         else:
             row += ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")

@@ -153,17 +153,9 @@ def prepare_judge(cfg, root: str) -> str | None:
     same storage and shards is judged by the same classifier."""
     if not cfg.eval.sample_metrics:
         return None
-    import ray
-
     from cnd_ray.evaluate import judge
 
-    path = judge.path_for(cfg, judge.cache_dir(root))
-    if judge.exists(path):
-        print(f"judge: reusing {path}", flush=True)
-        return path
-    gpu = cfg.scale.use_gpu
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_train_judge)
-    return ray.get(task.remote(cfg.to_dict(), path))
+    return _cached(cfg, judge.path_for(cfg, judge.cache_dir(root)), judge.prepare, "judge: reusing")
 
 
 def prepare_downstream(cfg, root: str, manifest: dict) -> str | None:
@@ -172,26 +164,30 @@ def prepare_downstream(cfg, root: str, manifest: dict) -> str | None:
     same storage and shards compares with the same real-only and reweighted classifiers."""
     if cfg.fairness.in_loop == "off":
         return None
+    from cnd_ray.fairness import downstream
+
+    return _cached(cfg, downstream.path_for(cfg, root, manifest), downstream.prepare,
+                   "fairness: reusing the baselines")
+
+
+def _cached(cfg, path: str, prepare, reusing: str) -> str:
+    """`path` when it exists (saying `reusing` it), else made by `prepare(cfg, shards, path, device,
+    say)` in a Ray task (a GPU one on GPU clusters) while the driver waits."""
+    if storage.is_file(path):
+        print(f"{reusing} {path}", flush=True)
+        return path
     import ray
 
-    from cnd_ray.fairness import downstream
-
-    path = downstream.path_for(cfg, root, manifest)
-    if storage.is_file(path):
-        print(f"fairness: reusing the baselines {path}", flush=True)
-        return path
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scale.use_gpu else 0)(_train_downstream)
-    return ray.get(task.remote(cfg.to_dict(), path))
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scale.use_gpu else 0)(_prepare_task)
+    return ray.get(task.remote(prepare, cfg.to_dict(), path))
 
 
-def _train_downstream(config: dict, path: str) -> str:
-    """Ray task: train the fairness baselines and write them to `path`."""
-    from cnd_ray.fairness import downstream
-
+def _prepare_task(prepare, config: dict, path: str) -> str:
+    """Ray task: `prepare` (judge.prepare, downstream.prepare) writes the file `path`."""
     cfg = config_lib.from_dict(config)
-    torch.set_num_threads(os.cpu_count() or 1)  # the driver waits on this
+    torch.set_num_threads(os.cpu_count() or 1)  # Ray gives tasks 1 thread; the driver waits on this
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    downstream.prepare(cfg, cfg.data.shards, path, device, say=worker.say)
+    prepare(cfg, cfg.data.shards, path, device, say=worker.say)
     return path
 
 
@@ -206,17 +202,6 @@ def log_judge(uri: str, run_id: str, judge_file: str | None) -> None:
                                        "cnd_ray.judge_backbone": meta["backbone"]})
     tracking.log_metrics(uri, run_id, {"judge_heldout_auroc": meta["heldout_auroc"],
                                        **{f"judge_floor_fd_{n}": f["fd"] for n, f in meta["floors"].items()}})
-
-
-def _train_judge(config: dict, path: str) -> str:
-    """Ray task: train the judge and write it to `path`."""
-    from cnd_ray.evaluate import judge
-
-    cfg = config_lib.from_dict(config)
-    torch.set_num_threads(os.cpu_count() or 1)  # Ray gives tasks 1 thread; the driver waits on this
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    judge.prepare(cfg, cfg.data.shards, path, device, say=worker.say)
-    return path
 
 
 def _git_commit() -> str:

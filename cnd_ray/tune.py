@@ -451,7 +451,8 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
         train.check_data(cfg, shardset.read_manifest(cfg.data.shards))
     session.connect()
     cfg = _prepare(train.with_shards(cfg))
-    train.check_data(cfg, shardset.read_manifest(cfg.data.shards))
+    manifest = shardset.read_manifest(cfg.data.shards)
+    train.check_data(cfg, manifest)
     n = trial_count(s)
     concurrent = concurrency(s, cfg, ray.cluster_resources(), n)
     cfg = share_cores(cfg, concurrent, ray)
@@ -474,7 +475,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     judge_file = train.prepare_judge(cfg, trials_storage)
     train.log_judge(uri, parent, judge_file)
     # Likewise the fairness baselines (real-only and reweighted), when trials measure fairness.
-    train.prepare_downstream(cfg, trials_storage, shardset.read_manifest(cfg.data.shards))
+    train.prepare_downstream(cfg, trials_storage, manifest)
     if server:
         tracking.push_spool(exp_path, uri)
     uploader = server and tracking.SpoolUploader(exp_path, server)  # the parent and the trials so far

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cnd_ray import storage
 from cnd_ray.errors import UserError
 
 
@@ -46,3 +47,23 @@ def load(source: str | Path | bytes, name: str = "", mmap: bool = False):
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:160]
+
+
+def read(path: str, name: str):
+    """load() of a file in a local folder or at a URI (judges, the fairness baselines); `name` is how
+    errors call it. A file that cannot be read is one UserError."""
+    fs, inner = storage.resolve(path)
+    try:
+        with fs.open_input_file(inner) as f:
+            data = f.read()
+    except (OSError, FileNotFoundError) as e:
+        raise UserError(f"{name}: cannot read {path} ({e})") from None
+    return load(data, name=f"{name} {path}")
+
+
+def write(path: str, blob) -> None:
+    """torch.save `blob` to a local folder or a URI, whole or not at all (trials may look for the
+    file meanwhile)."""
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    storage.write_bytes(path, buf.getvalue())

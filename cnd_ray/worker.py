@@ -376,9 +376,8 @@ class Evaluator:
             from cnd_ray.fairness import downstream
 
             base = downstream.load(downstream_file)
-            counts = downstream.fill_counts(base["meta"]["composition"], cfg.fairness.fill,
-                                            cfg.fairness.fill_ratio, cfg.fairness.fill_max)
-            self.fill_plan = downstream.fill_plan(counts, cfg.fairness.seed, cfg.eval.batch_size)
+            self.fill_plan = downstream.fill_plan(downstream.fill_for(cfg, base), cfg.fairness.seed,
+                                                  cfg.eval.batch_size)
             if rank == 0:
                 self.downstream = downstream.Downstream(cfg, cfg.data.shards, base)
 
@@ -391,11 +390,8 @@ class Evaluator:
         decoder = _decoder(cfg, str(self.device))
         grid = None
         if self.plan is not None:  # decoder is there: check_data made sure before the run
-            index, images = monitor.sample_images(state, self.plan, decoder, self.rank, self.world)
-            parts = distributed.gather((index, images), self.world)
+            images = self._draw(state, self.plan, decoder)
             if self.judge is not None:  # rank 0
-                order = np.argsort(np.concatenate([p[0] for p in parts]))
-                images = torch.cat([p[1] for p in parts])[order]
                 labels = self.plan["label"]
                 metrics.update(self.judge.measure(images, labels, cfg.eval.kid_subsets,
                                                   inception=self.inception))
@@ -417,16 +413,21 @@ class Evaluator:
                                                           if k in metrics))
         return distributed.gather(metrics, self.world)[0]  # rank 0's numbers, reported by every rank
 
+    def _draw(self, state, plan: dict, decoder) -> torch.Tensor:
+        """The plan's images from the EMA model: every rank draws its chunks (monitor.sample_images),
+        gathered in plan order; every rank must call it, each gets the whole set."""
+        index, images = monitor.sample_images(state, plan, decoder, self.rank, self.world)
+        parts = distributed.gather((index, images), self.world)
+        order = np.argsort(np.concatenate([p[0] for p in parts]))
+        return torch.cat([p[1] for p in parts])[order]
+
     def _fairness(self, state, step: int, decoder) -> dict[str, float]:
         """The downstream classifier on real + this model's fill images (cnd_ray/fairness/downstream.py):
         every rank draws its chunks of the fill plan, rank 0 trains and scores."""
         t0 = time.perf_counter()
-        index, images = monitor.sample_images(state, self.fill_plan, decoder, self.rank, self.world)
-        parts = distributed.gather((index, images), self.world)
+        images = self._draw(state, self.fill_plan, decoder)
         if self.downstream is None:
             return {}
-        order = np.argsort(np.concatenate([p[0] for p in parts]))
-        images = torch.cat([p[1] for p in parts])[order]
         out, detail = self.downstream.measure(images, self.fill_plan, self.device)
         out["fair_seconds"] = time.perf_counter() - t0  # drawing the fill images included
         self.fair = (step, {"step": step, "metrics": out, **detail})

@@ -340,7 +340,7 @@ def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ra
     ds, blob = downstream.Downstream.build(cfg, shards, say=lambda m: None)
     pool = downstream.read_real(str(tmp_path / "pool"), shardset.read_manifest(str(tmp_path / "pool")), "test", 32)
     picked, labels, tones = [], [], []
-    for (label, group), n in ds.fill().items():
+    for (label, group), n in downstream.fill_for(cfg, blob).items():
         at = [i for i, (y, g) in enumerate(zip(pool["labels"], pool["groups"])) if y == label and g == group][:n]
         assert len(at) == n, (label, group, n)
         picked += at

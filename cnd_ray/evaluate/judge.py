@@ -27,7 +27,6 @@ Plain PyTorch and numpy; the Ray layer decides where it runs.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 
@@ -80,13 +79,6 @@ def exists(path: str) -> bool:
     return storage.is_file(path)
 
 
-def _write(path: str, blob: dict) -> None:
-    """Whole or not at all (trials may look for it meanwhile)."""
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    storage.write_bytes(path, buf.getvalue())
-
-
 @dataclass
 class Judge:
     """The trained classifier, its provenance, and its view of the real images."""
@@ -109,7 +101,7 @@ class Judge:
 
     def save(self, path: str) -> None:
         self.meta["floors"] = {str(k): v for k, v in self.floors.items()}
-        _write(path, {"state_dict": {k: v.cpu() for k, v in self.model.state_dict().items()},
+        weights.write(path, {"state_dict": {k: v.cpu() for k, v in self.model.state_dict().items()},
                       # fidelity.load reads these two: a judge file is a fidelity classifier too
                       "meta": json.loads(json.dumps(self.meta)),
                       "real": {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
@@ -203,13 +195,7 @@ def inception_reference(cfg, device="cpu") -> tuple | None:
 
 def load(path: str, device="cpu") -> Judge:
     """The judge saved at `path` (a local file or URI)."""
-    fs, inner = storage.resolve(path)
-    try:
-        with fs.open_input_file(inner) as f:
-            data = f.read()
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"judge: cannot read {path} ({e})") from None
-    blob = weights.load(data, name=f"judge {path}")
+    blob = weights.read(path, "judge")
     model = fidelity.empty(blob["meta"]["backbone"])
     model.load_state_dict(blob["state_dict"])
     real = {k: v.numpy() for k, v in blob["real"].items()}

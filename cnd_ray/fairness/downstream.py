@@ -19,10 +19,8 @@ In a run (`fairness.in_loop`):
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -145,6 +143,12 @@ def fill_counts(comp: dict, policy: str, ratio: float, cap: int = 0) -> dict[tup
     return want
 
 
+def fill_for(cfg, baselines: dict) -> dict[tuple[int, str], int]:
+    """fill_counts of the real training split the baselines file describes, with cfg's policy."""
+    f = cfg.fairness
+    return fill_counts(baselines["meta"]["composition"], f.fill, f.fill_ratio, f.fill_max)
+
+
 def fill_plan(counts: dict, seed: int, batch_size: int) -> dict:
     """The generation plan of `counts` (generate.plan's columns): image i of label y asks for its
     cell's tone group (model.tone_groups=3: I-II / III-IV / V-VI = 0 / 1 / 2), from seed
@@ -197,23 +201,6 @@ def check_shards(cfg, manifest: dict) -> None:
                         "px; training images would be upsampled")
 
 
-@dataclass
-class Split:
-    """Real images of one split with labels and tone groups (read_real's), read once."""
-
-    images: torch.Tensor
-    labels: np.ndarray
-    groups: list
-
-    @classmethod
-    def read(cls, shards: str, manifest: dict, split: str, size: int, limit: int = 0) -> "Split":
-        r = read_real(shards, manifest, split, size, limit)
-        return cls(r["images"], r["labels"], r["groups"])
-
-    def as_dict(self) -> dict:
-        return {"images": self.images, "labels": self.labels, "groups": self.groups}
-
-
 class Downstream:
     """The real splits and the baselines' test scores: what every in-loop evaluation compares with."""
 
@@ -222,9 +209,10 @@ class Downstream:
         f = cfg.fairness
         self.size = size = f.image_size or int(manifest["image_size"])  # the classifier's input
         self.cfg, self.base = cfg, baselines
-        self.train = Split.read(shards, manifest, f.real_split, size, f.real_max)
-        self.val = Split.read(shards, manifest, f.val_split, size)
-        self.test = Split.read(shards, manifest, f.test_split, size)
+        # read_real's dicts: images, labels, groups
+        self.train = read_real(shards, manifest, f.real_split, size, f.real_max)
+        self.val = read_real(shards, manifest, f.val_split, size)
+        self.test = read_real(shards, manifest, f.test_split, size)
 
     @classmethod
     def build(cls, cfg, shards: str, device="cpu", say=print) -> tuple["Downstream", dict]:
@@ -232,11 +220,11 @@ class Downstream:
         self = cls(cfg, shards, {})
         t0 = time.time()
         blob = {"meta": {**settings(cfg), "shards": shards,
-                         "composition": composition(self.train.labels, self.train.groups)},
+                         "composition": composition(self.train["labels"], self.train["groups"])},
                 "models": {}}
         for name, balance in BASELINES.items():
             say(f"fairness: training the {name} baseline ({cfg.fairness.backbone}, {cfg.fairness.steps} steps)")
-            model = train_classifier(self.train.as_dict(), cfg.fairness, device, balance)
+            model = train_classifier(self.train, cfg.fairness, device, balance)
             blob["models"][name] = self._score(model, balance)
         blob["meta"]["seconds"] = round(time.time() - t0, 1)
         self.base = blob
@@ -244,26 +232,22 @@ class Downstream:
 
     def _score(self, model, balance: str) -> dict:
         """A trained model's threshold (on val) and test scores, with its report."""
-        t = float(metrics.choose_threshold(self.val.labels, fidelity.scores(model, self.val.images)))
-        s = fidelity.scores(model, self.test.images)
+        t = float(metrics.choose_threshold(self.val["labels"], fidelity.scores(model, self.val["images"])))
+        s = fidelity.scores(model, self.test["images"])
         f = self.cfg.fairness
         return {"balance": balance, "threshold": t, "test_scores": s.tolist(),
-                "report": metrics.report(self.test.labels, s, self.test.groups, t, n_boot=f.bootstrap, seed=f.seed)}
-
-    def fill(self) -> dict[tuple[int, str], int]:
-        f = self.cfg.fairness
-        return fill_counts(composition(self.train.labels, self.train.groups), f.fill, f.fill_ratio, f.fill_max)
+                "report": metrics.report(self.test["labels"], s, self.test["groups"], t, n_boot=f.bootstrap,
+                                         seed=f.seed)}
 
     def measure(self, images: torch.Tensor, plan: dict, device="cpu") -> tuple[dict[str, float], dict]:
         """Train on real + the synthetic `images` drawn for `plan` (fill_plan's), score on the test
         split: (flat metrics for Tune, MLflow and the console; the detail for a report)."""
-        t0 = time.time()
         f = self.cfg.fairness
         if len(images) and images.shape[-1] != self.size:  # the run's images, at the classifier's size
             images = torch.nn.functional.interpolate(images.float(), size=(self.size, self.size), mode="area",
                                                      ).round().clamp(0, 255).to(torch.uint8)
         syn = {"images": images, "labels": np.asarray(plan["label"]), "groups": measured_groups(images)}
-        model = train_classifier(mix(self.train.as_dict(), syn), f, device, f.balance)
+        model = train_classifier(mix(self.train, syn), f, device, f.balance)
         mine = self._score(model, f.balance)
         s = np.asarray(mine["test_scores"])
         out = {"fair_synthetic": float(len(images)),
@@ -272,19 +256,18 @@ class Downstream:
         out.update(headline(mine["report"], ""))
         # The test scores and items too: the quickstart compares two trials' classifiers paired.
         detail = {"models": {MIXED: mine["report"]}, "vs": {}, "synthetic": composition(syn["labels"], syn["groups"]),
-                  "test": {"labels": self.test.labels.tolist(), "groups": list(self.test.groups),
+                  "test": {"labels": self.test["labels"].tolist(), "groups": list(self.test["groups"]),
                            "scores": mine["test_scores"], "threshold": mine["threshold"]}}
         for name in BASELINES:
             b = self.base["models"][name]
             out.update(headline(b["report"], f"_{_short(name)}"))
-            paired = metrics.paired_delta(self.test.labels, np.asarray(b["test_scores"]), s, self.test.groups,
+            paired = metrics.paired_delta(self.test["labels"], np.asarray(b["test_scores"]), s, self.test["groups"],
                                           n_boot=f.bootstrap, seed=f.seed, thresholds=(b["threshold"], mine["threshold"]))
             detail["models"][name] = b["report"]
             detail["vs"][name] = paired
             for key, d in deltas(paired).items():
                 out[f"{key}_vs_{_short(name)}"] = d["delta"]
                 out[f"{key}_vs_{_short(name)}_lo"], out[f"{key}_vs_{_short(name)}_hi"] = d["ci"] or (None, None)
-        out["fair_seconds"] = time.time() - t0
         return {k: float("nan") if v is None else float(v) for k, v in out.items()}, detail
 
 
@@ -325,20 +308,12 @@ def deltas(paired: dict) -> dict:
 # --- the file -----------------------------------------------------------------------------------
 
 def save(path: str, blob: dict) -> None:
-    """Whole or not at all (trials may look for it meanwhile)."""
-    buf = io.BytesIO()
-    torch.save(json.loads(json.dumps(blob, default=float)), buf)
-    storage.write_bytes(path, buf.getvalue())
+    """Plain types only (through JSON: weights_only loading meets no numpy scalars)."""
+    weights.write(path, json.loads(json.dumps(blob, default=float)))
 
 
 def load(path: str) -> dict:
-    fs, inner = storage.resolve(path)
-    try:
-        with fs.open_input_file(inner) as f:
-            data = f.read()
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"fairness baselines: cannot read {path} ({e})") from None
-    return weights.load(data, name=f"fairness baselines {path}")
+    return weights.read(path, "fairness baselines")
 
 
 def prepare(cfg, shards: str, path: str, device="cpu", say=print) -> bool:
