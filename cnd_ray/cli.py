@@ -270,9 +270,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    # Before the server starts: on a new store both would create its tables at once, and the
+    # server died of the race ("Online migration expected to match one row").
+    urls = tracking.ui_urls(uri, base, cfg.track.experiment)
     proc = tracking.ui(uri, port)
-    urls = tracking.ui_urls(uri, f"http://127.0.0.1:{port}", cfg.track.experiment)
-    print(f"MLflow UI for {uri}: {urls['runs']} (Ctrl-C stops it)", flush=True)
+    try:  # the pages are printed once they answer, so a click on them works
+        up = tracking.wait_until_up(proc, base, timeout=tracking.UI_WAIT, say=lambda m: print(m, flush=True))
+    except BaseException:
+        tracking.stop_server(proc)
+        raise
+    print(f"MLflow UI for {uri}: {urls['runs']} (Ctrl-C stops it)" +
+          (f"; up in {up:.1f} s" if up is not None else f"; not answering after {tracking.UI_WAIT} s yet"), flush=True)
     if "search" in urls:
         print(f"latest search, its trials side by side: {urls['search']}", flush=True)
     if "parent" in urls:

@@ -715,17 +715,54 @@ def ui_command(uri: str) -> str:
     return f"cnd-ray ui track.tracking_uri={uri}"
 
 
-def ui(uri: str, port: int) -> subprocess.Popen:
+UI_WORKERS = 1  # one uvicorn process, no supervisor (see ui)
+UI_WAIT = 300  # seconds `cnd-ray ui` waits for its server to answer before printing its pages anyway
+
+
+def ui(uri: str, port: int, workers: int = UI_WORKERS) -> subprocess.Popen:
     """`mlflow ui` for the store at `uri`, bound to 127.0.0.1 (reach it through an SSH tunnel), in
-    its own process group: it starts uvicorn and job-runner children, which stop_server ends with it."""
+    its own process group: it starts uvicorn (and, with job execution on, job-runner children),
+    which stop_server ends with it.
+
+    One uvicorn worker and no job runner, for a laptop that is training: MLflow's default of 4
+    workers runs uvicorn's supervisor, which kills a worker that misses its 5 s health check; with a
+    training and a sampling job on 2 cores every worker missed it, over and over, and the UI never
+    answered (bench/ui_under_load.py). One worker has no supervisor, and one user browsing runs
+    needs no more. The job runner serves MLflow's GenAI jobs, which cnd_ray does not use; the access
+    log would print every page load (and every health check)."""
     import sys
 
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-            "--port", str(port)]
+            "--port", str(port), "--workers", str(workers), "--uvicorn-opts", "--no-access-log"]
     art = _artifact_location(uri)
     if art:
         args += ["--default-artifact-root", art]
-    return subprocess.Popen(args, start_new_session=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # The server's log goes to stderr: stdout carries cnd-ray's own lines (the pages to open).
+    return subprocess.Popen(args, start_new_session=True, env=env, stdout=2)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float, say=print) -> float | None:
+    """Seconds until the server `proc` answers `url`/health; None if it has not after `timeout`.
+    Raises UserError if it ends first. Says so, with the machine's load, every 30 s of waiting."""
+    import urllib.request
+
+    t0 = time.monotonic()
+    next_say = t0 + 30
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise UserError(f"the MLflow UI server ended with code {proc.returncode} before answering "
+                            f"{url} (its output is above)")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return time.monotonic() - t0
+        except OSError:
+            time.sleep(0.25)
+        if time.monotonic() >= next_say:
+            next_say += 30
+            say(f"MLflow UI still starting after {time.monotonic() - t0:.0f} s (load average "
+                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    return None
 
 
 def stop_server(proc: subprocess.Popen) -> None:

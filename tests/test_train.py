@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -214,34 +215,47 @@ def test_preflight_names_the_setting_instead_of_hanging(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_ui_serves_the_runs_over_rest(tmp_path):
+def test_ui_comes_up_beside_a_training_and_serves_the_runs_over_rest(tmp_path):
+    """`cnd-ray ui` while a quickstart-scale training runs on the same cores and logs to the same
+    store: it answers within 30 s (MLflow's default 4 workers never did under such load), prints the
+    page once it answers, serves the runs over REST, and leaves nothing running when stopped."""
     import psutil
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id, _ = tracking.start_run(uri, "cnd_ray", "ui-check", {"a": 1}, {})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "train.log", "w")
+    training = subprocess.Popen(
+        [sys.executable, "-m", "cnd_ray", "train", "--config", "quickstart", "train.steps=1000000",
+         f"train.storage={tmp_path}/runs", f"track.tracking_uri={uri}", "eval.sample_metrics=false",
+         "fairness.in_loop=off", "train.synthetic_images=200"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cnd_ray", "ui", f"track.tracking_uri={uri}",
-                             "--port", str(port)], stdout=subprocess.PIPE, text=True)
-    server = None
+    proc = server = None
     try:
-        # it lands on the runs table of the experiment, in the model-training view
-        assert f"http://127.0.0.1:{port}/#/experiments/1/runs?workflowType=machine_learning" in proc.stdout.readline()
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        assert wait_for(lambda: "[cnd-ray] step " in (tmp_path / "train.log").read_text(), timeout=300), \
+            (tmp_path / "train.log").read_text()[-3000:]
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "cnd_ray", "ui", f"track.tracking_uri={uri}",
+                                 "--port", str(port)], stdout=subprocess.PIPE, text=True)
+        # it lands on the runs table of the experiment, in the model-training view, once it answers
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments/1/runs?workflowType=machine_learning" in line
+        assert "up in" in line and time.monotonic() - t0 < 30, (line, os.getloadavg())
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
                                      data=json.dumps({"experiment_ids": ["1"]}).encode(),
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
-        assert [r["info"]["run_id"] for r in runs] == [run_id]
-        server = psutil.Process(proc.pid).children()[0]  # mlflow ui: uvicorn and job runners below it
+        assert run_id in [r["info"]["run_id"] for r in runs] and len(runs) == 2  # and the training's
+        server = psutil.Process(proc.pid).children()[0]  # mlflow ui: uvicorn below it
     finally:
-        proc.terminate()  # as a service manager stops it
-        proc.wait(timeout=60)
-    # ... and nothing it started is left running (its uvicorn workers and job consumers were)
+        if proc:
+            proc.terminate()  # as a service manager stops it
+            proc.wait(timeout=60)
+        os.killpg(training.pid, signal.SIGTERM)
+        training.wait(timeout=120)
+    # ... and nothing it started is left running (with MLflow's defaults its uvicorn workers and job
+    # consumers were)
     def group():
         out = []
         for p in psutil.process_iter(["pid"]):
