@@ -1,5 +1,6 @@
 """Every citation of the project's documents in code, tests, configs and docs resolves to a heading
-in docs/ (METHOD, DATA, GUARANTEES, DESIGN): a reader can follow each one from a fresh clone."""
+in docs/ (METHOD, DATA, GUARANTEES, DESIGN): a reader can follow each one from a fresh clone. The
+README stays a front page."""
 import re
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def citations(text: str) -> list[tuple[str, str]]:
 
 
 def test_the_cited_documents_exist_with_their_headings():
-    assert sorted(p.stem for p in DOCS.glob("*.md")) == sorted(NAMES + ("README",))
+    assert sorted(p.stem for p in DOCS.glob("*.md")) == sorted(NAMES + ("README", "USAGE"))
     headings = {name: _headings(name) for name in NAMES}
     found, missing = 0, []
     for path, text in _texts():
@@ -51,3 +52,13 @@ def test_citation_patterns_catch_what_the_code_writes():
     got = citations('METHOD.md section 3; GUARANTEES 14-16; (house rule 8); DATA.md ("Evaluation sets")')
     assert ("METHOD", "3.") in got and ("GUARANTEES", "15.") in got
     assert ("DESIGN", "House rule 8:") in got and ("DATA", "Evaluation sets") in got
+
+
+def test_the_readme_is_a_front_page_that_names_every_verb():
+    """At most ~150 lines (the manual is docs/USAGE.md), with an example of every verb --help lists."""
+    from cnd_ray import cli
+
+    text = (TOP / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    verbs = cli.build_parser()._subparsers._group_actions[0].choices
+    assert [v for v in verbs if f"`cnd-ray {v}" not in text] == []
