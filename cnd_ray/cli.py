@@ -271,11 +271,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    # Before the server starts: on a new store both would create its tables at once, and the
-    # server died of the race ("Online migration expected to match one row").
-    urls = tracking.ui_urls(uri, base, cfg.track.experiment)
+    # The pages are read while the server starts (both load MLflow: seconds on a busy laptop), but a
+    # new store is made first: both creating its tables at once killed the server ("Online
+    # migration expected to match one row").
+    new = uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):])
+    urls = tracking.ui_urls(uri, base, cfg.track.experiment) if new else None
     proc = tracking.ui(uri, port)
     try:  # the pages are printed once they answer, so a click on them works
+        urls = urls or tracking.ui_urls(uri, base, cfg.track.experiment)
         up = tracking.wait_until_up(proc, base, timeout=tracking.UI_WAIT, say=lambda m: print(m, flush=True))
     except BaseException:
         tracking.stop_server(proc)
