@@ -1,7 +1,7 @@
 """What does scaling training to N Ray workers cost? A simulated multi-node cluster on this machine.
 
 A `ray.cluster_utils.Cluster` (a head plus --nodes - 1 extra raylets, each declaring --node-cpus
-logical CPUs) runs `cnd_ray.train.run` side by side with an in-process loop, all on one config
+logical CPUs) runs `cnd_ray.launch.train.run` side by side with an in-process loop, all on one config
 (quickstart by default) at a FIXED global batch (strong scaling: N workers split the same batch),
 every process on 1 torch thread so the comparison is fair on 2 cores:
 
@@ -168,7 +168,7 @@ def ray_run(cfg, uri: str, keep: list[int]) -> dict:
     """train.run(cfg); its steady-state step time, data wait, checkpoint costs and worker nodes."""
     from mlflow.tracking import MlflowClient
 
-    from cnd_ray import identity, train
+    from cnd_ray.launch import identity, train
 
     t = time.perf_counter()
     out = train.run(cfg)

@@ -20,7 +20,8 @@ import torch
 
 from cnd_ray import config as config_lib
 from cnd_ray import engine
-from cnd_ray.data import augment, ingest, stream, synth
+from cnd_ray.data import augment, synth
+from cnd_ray.launch import ingest, stream
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from cnd_ray.data import image as image_lib
-from cnd_ray.data import ingest, synth, tone
+from cnd_ray.data import synth, tone
+from cnd_ray.launch import ingest
 
 ISIC_POOL = 57_964  # 2019 + 2020 after de-duplication (DATA.md)
 

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import torch
 
 from cnd_ray import config as config_lib
-from cnd_ray import engine, train
+from cnd_ray import engine
+from cnd_ray.launch import train
 from cnd_ray.data import augment, image, shardset
 
 

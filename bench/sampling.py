@@ -16,7 +16,7 @@ Three measurements in one run, variants side by side:
      machine a 2-thread forward slows 10-50x whenever another process takes a core (OpenMP threads
      wait on each other), which no side-by-side ratio survives. The forward's time at 1 and at all
      cores' threads (min and median of 10 calls) is printed so the figures can be scaled.
-  2. `cnd_ray.sample.run` with eval.actors=1 vs 2 (quickstart shape, dpm++ x 25, batch 32): wall
+  2. `cnd_ray.launch.sample.run` with eval.actors=1 vs 2 (quickstart shape, dpm++ x 25, batch 32): wall
      seconds including actor start-up, images/s from its `timing`, and whether the PNGs match.
   3. FD/KD, MS-SSIM and class-fidelity AUROC of each sampler vs ddpm x 250 on a trained quickstart
      model (`cnd_ray.evaluate.run.run`, one fidelity classifier judging all samplers). Without
@@ -159,8 +159,9 @@ def bench_speed(args) -> dict:
 
 
 def bench_actors(args, tmp: str) -> dict:
-    """Part 2: cnd_ray.sample.run with 1 vs 2 Ray actors on the same protocol."""
-    from cnd_ray import checkpoint, engine, sample
+    """Part 2: cnd_ray.launch.sample.run with 1 vs 2 Ray actors on the same protocol."""
+    from cnd_ray import checkpoint, engine
+    from cnd_ray.launch import sample
     from cnd_ray import config as config_lib
 
     cfg = config_lib.load("quickstart")
@@ -193,7 +194,8 @@ def bench_actors(args, tmp: str) -> dict:
 
 def trained_checkpoint(args, tmp: str) -> tuple[str, str]:
     """(--ckpt, --reference) as given, else a quickstart model trained here and its shards."""
-    from cnd_ray import checkpoint, train
+    from cnd_ray import checkpoint
+    from cnd_ray.launch import train
     from cnd_ray import config as config_lib
 
     if args.ckpt:
@@ -300,7 +302,7 @@ def print_speed(sp: dict) -> None:
 
 
 def print_actors(a: dict) -> None:
-    print(f"\n2. cnd_ray.sample.run, quickstart shape, dpm++ x 25, batch 32, {a['images']} images; "
+    print(f"\n2. cnd_ray.launch.sample.run, quickstart shape, dpm++ x 25, batch 32, {a['images']} images; "
           f"runs in order {a['order']} (best of each; wall includes actor start-up)")
     print(f"{'actors':>6s} {'wall s':>8s} {'images/s':>9s}   all runs' wall s")
     for k in (1, 2):

@@ -88,7 +88,8 @@ def _shards(folder: str) -> str:
     """The quickstart's synthetic shards (what `cnd-ray quickstart` trains on), made in `folder`."""
     import ray
 
-    from cnd_ray import config as config_lib, train
+    from cnd_ray import config as config_lib
+    from cnd_ray.launch import train
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     cfg = config_lib.load("quickstart", [f"train.storage={folder}"])
@@ -108,7 +109,8 @@ def main() -> None:
 
     import torch
 
-    from cnd_ray import config as config_lib, tune
+    from cnd_ray import config as config_lib
+    from cnd_ray.launch import tune
     from cnd_ray.evaluate import judge as judge_lib
 
     tmp = tempfile.mkdtemp(prefix="time_to_quality_")

@@ -56,8 +56,8 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as d:
         uri = f"sqlite:///{d}/mlflow.db"
-        run_id, _ = tracking.start_run(uri, "bench", "overhead", cfg.flat(), {})
-        on, off = tracking.MlflowTracker(uri, run_id), tracking.Tracker()
+        run, _ = tracking.start_run(uri, "bench", "overhead", cfg.flat(), {})
+        on, off = tracking.MlflowTracker(uri, run.id), tracking.Tracker()
         step = 1
         for every in (1, cfg.train.log_every):
             times = {"on": [], "off": []}
@@ -70,7 +70,7 @@ def main() -> None:
             print(f"logging every {every} step(s): tracking on {1e3 * med['on']:.2f} ms/step, "
                   f"off {1e3 * med['off']:.2f} ms/step, on / off {med['on'] / med['off']:.3f} (goal <= 1.02)")
         on.close()
-        logged = len(tracking.mlflow_client(uri).get_metric_history(run_id, "loss_diff"))
+        logged = len(tracking.mlflow_client(uri).get_metric_history(run.id, "loss_diff"))
         print(f"loss_diff values in MLflow: {logged}")
     print(json.dumps({"log_every": out, "logged": logged}))
 

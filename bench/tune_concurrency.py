@@ -33,7 +33,7 @@ def main() -> None:
     import ray
 
     from cnd_ray import config as config_lib
-    from cnd_ray import train, tune
+    from cnd_ray.launch import train, tune
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     cores = os.cpu_count() or 1

@@ -14,7 +14,7 @@ Defaults it adds (an override you give wins): train.storage=<metadata.cnd_ray.st
 verbs that train, and track.tracking_uri=http://<head address>:5000 (the head's MLflow server), with
 the login that server requires (cluster.mlflow_credentials) unless MLFLOW_TRACKING_USERNAME is set.
 It joins the cluster with its token (~/.ray/auth_token, which the config's file_mounts put on every
-node; cnd_ray.session): a missing or refused token is one line, not a traceback.
+node; cnd_ray.launch.session): a missing or refused token is one line, not a traceback.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def cluster_argv(argv: list[str], storage: str, head_ip: str, environ=os.environ
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from cnd_ray import cli, cluster, session
+    from cnd_ray import cli
+    from cnd_ray.launch import cluster, session
     from cnd_ray.errors import UserError
 
     try:

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from cnd_ray import config as config_lib
-from cnd_ray import driverlog
+from cnd_ray.launch import driverlog
 from cnd_ray.errors import UserError
 
 CONFIG_HELP = ("packaged config name ({names}) or a YAML path; dataclass defaults (the paper's "
@@ -55,7 +55,7 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cnd_ray.data import ingest
+    from cnd_ray.launch import ingest
 
     m = ingest.run(args.root, args.out, **_given(args, "labels", "image_size", "latent", "ak_malignant",
                                                  "val_fraction", "seed", "shard_mb", "overwrite", "test"))
@@ -71,7 +71,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from cnd_ray.data import stream
+    from cnd_ray.launch import stream
 
     good, problems = stream.verify(args.shards)
     for line in problems:
@@ -112,7 +112,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cnd_ray import train
+    from cnd_ray.launch import train
 
     cfg = config_lib.load(args.config, args.overrides)
     try:
@@ -128,7 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cnd_ray import tracking, tune
+    from cnd_ray import tracking
+    from cnd_ray.launch import tune
 
     cfg = config_lib.load(args.config, args.overrides)
     out = tune.run(args.space, cfg, resume=args.resume, name=args.name or "")
@@ -181,7 +182,7 @@ def sampling_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from cnd_ray import sample
+    from cnd_ray.launch import sample
 
     out = sample.run(args.ckpt, args.out, args.num_per_class, sampling_overrides(args), tone=args.tone)
     p = out["protocol"]

@@ -20,7 +20,7 @@ import yaml
 from cnd_ray.errors import UserError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# Shipped search spaces (cnd_ray.tune): inside the package once installed from a wheel
+# Shipped search spaces (cnd_ray.launch.tune): inside the package once installed from a wheel
 # (pyproject.toml maps them there), at the top of the repository in a checkout.
 SPACE_DIR = next((d for d in (Path(__file__).resolve().parent / "tune_spaces",
                               Path(__file__).resolve().parents[1] / "tune_spaces") if d.is_dir()),

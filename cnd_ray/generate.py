@@ -1,5 +1,5 @@
 """Many images, reproducibly: a plan of (index, seed, label, tone) rows cut into fixed chunks, and a
-`Generator` that turns one chunk into uint8 images. Plain PyTorch; `cnd_ray.sample` spreads the
+`Generator` that turns one chunk into uint8 images. Plain PyTorch; `cnd_ray.launch.sample` spreads the
 chunks over Ray actors.
 
 Why an image does not depend on who made it: image i's noise (the start and every step's) comes

@@ -33,7 +33,7 @@ PAPER = {"1": (69.10, 48.75, 45.77, 0.583), "2": (27.21, 15.94, 18.27, 0.372),
 def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SPACE, name: str = "") -> dict:
     """Data, search, samples, table, report; returns {"report", "search", "best", "shards",
     "comparison", "floors", "seconds"}. `name`: the search's (default: from the space and config)."""
-    from cnd_ray import session, train, tune
+    from cnd_ray.launch import session, train, tune
 
     t0 = time.time()
     if not cfg.eval.sample_metrics:
@@ -115,7 +115,8 @@ def _samples(rows: list[dict], out_dir: Path, cfg) -> dict[str, dict]:
     drawn from every trial's final EMA model with the search's sampler at each of `modes` (so the
     guided set's first eval.search_samples per class are the images the last evaluation judged), as
     PNG class folders `cnd-ray sample` would write."""
-    from cnd_ray import checkpoint, config as C, generate, monitor, sample
+    from cnd_ray import checkpoint, config as C, generate, monitor
+    from cnd_ray.launch import sample
     from cnd_ray.evaluate.run import read_samples
 
     got = {}
@@ -142,7 +143,7 @@ def _samples(rows: list[dict], out_dir: Path, cfg) -> dict[str, dict]:
 def _judged(ckpt: str, plan: dict) -> np.ndarray | None:
     """The images the trial's last evaluation drew and judged (worker.JUDGED in its final
     checkpoint) when they are this plan's, else None."""
-    from cnd_ray.worker import JUDGED
+    from cnd_ray.launch.worker import JUDGED
 
     path = Path(ckpt) / JUDGED
     if not path.exists():
@@ -297,7 +298,7 @@ def _baseline_fd(comp: dict, name: str, n: int) -> float:
 def fairness_results(rows: list[dict]) -> dict[str, dict]:
     """Trial key -> the in-loop fairness evaluation its final checkpoint holds (worker.FAIRNESS;
     fairness.in_loop), for the trials that have one."""
-    from cnd_ray.worker import FAIRNESS
+    from cnd_ray.launch.worker import FAIRNESS
 
     out = {}
     for r in rows:
@@ -614,20 +615,19 @@ def _report(search: dict, samples: dict, comparison: dict | None, judge, out_dir
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
+    parent = tracking.Run(uri, search["parent_run_id"])
     for f in [path, out_dir / "comparison.json", out_dir / "curves.png", out_dir / "fairness.png",
               *(out_dir / g for g in grids)]:
         if f.exists():  # the report beside the table in the search's MLflow parent run
-            tracking.log_file(uri, search["parent_run_id"], str(f), "quickstart")
+            parent.log_file(str(f), "quickstart")
     if comparison:
-        _log_comparison(uri, search["parent_run_id"], comparison)
+        _log_comparison(parent, comparison)
     return path
 
 
-def _log_comparison(uri: str, run_id: str, comparison: dict) -> None:
-    """The table's numbers as metrics of the parent run:
+def _log_comparison(parent, comparison: dict) -> None:
+    """The table's numbers as metrics of the parent run (tracking.Run):
     <mode>/setting<k>_<metric>_n<count>[_low|_high] (and _delta_n<count> against setting 1)."""
-    from cnd_ray import tracking
-
     flat = {}
     for mode, comp in comparison.items():
         for name, m in {**comp["models"], **comp["pools"]}.items():
@@ -638,4 +638,4 @@ def _log_comparison(uri: str, run_id: str, comparison: dict) -> None:
                     for end, x in (("", v["value"]), ("_low", v["low"]), ("_high", v["high"])):
                         if np.isfinite(x):
                             flat[f"{mode}/setting{name.replace(' ', '_').replace('@', '')}_{k}_{part}{end}"] = x
-    tracking.log_metrics(uri, run_id, flat)
+    parent.log_metrics(flat)

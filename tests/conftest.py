@@ -36,7 +36,7 @@ def isic_tree(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ingested(ray_local, isic_tree, tmp_path_factory):
     """The fixture tree ingested once per label mode at 32 px: mode -> (out folder, manifest)."""
-    from cnd_ray.data import ingest
+    from cnd_ray.launch import ingest
     from tests import isic_fixtures
 
     root, _ = isic_tree
@@ -52,7 +52,8 @@ def ingested(ray_local, isic_tree, tmp_path_factory):
 @pytest.fixture(scope="session")
 def latent_shards(ray_local, tmp_path_factory):
     """Synthetic images ingested at 64 px with a tiny random VAE: (folder, manifest, vae)."""
-    from cnd_ray.data import ingest, synth
+    from cnd_ray.data import synth
+    from cnd_ray.launch import ingest
     from tests.helpers import tiny_vae
 
     tmp = tmp_path_factory.mktemp("latent")
@@ -69,7 +70,8 @@ def latent_shards(ray_local, tmp_path_factory):
 def small_shards(ray_local, tmp_path_factory):
     """120 synthetic images of the easy set (classes a tiny judge learns in seconds) ingested at 16 px (the
     debug config's size), 30% held out, and its test set of 4 per skin-tone group: str folder."""
-    from cnd_ray.data import ingest, synth
+    from cnd_ray.data import synth
+    from cnd_ray.launch import ingest
 
     tmp = tmp_path_factory.mktemp("small")
     synth.run(str(tmp / "synth"), num_images=120, image_size=32, malignant_fraction=0.3, difficulty="easy",

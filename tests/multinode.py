@@ -17,7 +17,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cnd_ray import config as C
-from cnd_ray import identity, train, tune
+from cnd_ray.launch import identity, train, tune
 from tests.helpers import wait_for
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnd_ray import cluster
+from cnd_ray.launch import cluster
 from cnd_ray.errors import UserError
 from tests.helpers import free_port, healthy, wait_for
 
@@ -277,7 +277,7 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
         for cmd in cfg["worker_start_ray_commands"]:  # a second raylet plays the worker node
             r = sh(cmd)
             assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
-        count = ("from cnd_ray import session; import ray; session.connect(); "
+        count = ("from cnd_ray.launch import session; import ray; session.connect(); "
                  "print(sum(n['Alive'] for n in ray.nodes()))")
         r = sh(f"{sys.executable} -c \"{count}\"", env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
         assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "2", r.stdout + r.stderr
@@ -343,7 +343,7 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
 
 
 def test_a_driver_finds_the_token_where_ray_looks(home, tmp_path, monkeypatch):
-    from cnd_ray import session
+    from cnd_ray.launch import session
 
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(k, raising=False)
@@ -363,7 +363,7 @@ def test_a_driver_finds_the_token_where_ray_looks(home, tmp_path, monkeypatch):
 
 
 def test_joining_an_address_where_no_cluster_answers_is_one_line_within_seconds():
-    from cnd_ray import session
+    from cnd_ray.launch import session
 
     t0 = time.monotonic()
     with pytest.raises(UserError, match="no Ray cluster answers at"):
@@ -373,7 +373,7 @@ def test_joining_an_address_where_no_cluster_answers_is_one_line_within_seconds(
 
 LISTEN_PROBE = """
 import os, time, psutil, ray
-from cnd_ray import session
+from cnd_ray.launch import session
 session.connect()
 ray.get(ray.remote(num_cpus=0.5)(lambda: 1).remote())  # a worker process up, too
 time.sleep(3)  # the dashboard's and agents' servers

@@ -175,7 +175,7 @@ def test_search_samples_below_one_fail_in_one_line_naming_the_key(verb, value):
 def test_search_samples_the_data_cannot_hold_fail_before_ray_starts(small_shards, tmp_path):
     """The floor draws eval.search_samples real images per class: more than the shards' rarer class
     has is refused in one line, for a run and a search, and Ray is never started."""
-    code = ("import ray, sys; from cnd_ray import config, train, tune\n"
+    code = ("import ray, sys; from cnd_ray import config; from cnd_ray.launch import train, tune\n"
             "from cnd_ray.errors import UserError\n"
             f"cfg = config.load('debug', ['data.shards={small_shards}', 'eval.search_samples=500', "
             f"'train.storage={tmp_path}'])\n"

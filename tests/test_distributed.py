@@ -3,6 +3,7 @@ backward runs equal those averaged after it, for every kind of step."""
 import contextlib
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -52,6 +53,7 @@ def _run(overlap: bool) -> dict:
         return dict(out)
 
 
+@pytest.mark.slow
 def test_overlapped_averaging_equals_averaging_after_backward():
     after, during = _run(False), _run(True)
     assert after.keys() == during.keys()

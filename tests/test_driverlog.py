@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from cnd_ray import cli, driverlog, tracking
+from cnd_ray import cli, tracking
+from cnd_ray.launch import driverlog
 
 
 def _artifact(uri, run_id, folder="logs"):
@@ -40,17 +41,17 @@ def test_capture_tees_to_the_terminal_and_the_file(capfd):
 
 def test_save_at_exit_keeps_the_error_in_storage_and_mlflow(tmp_path, capfd):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_id, _ = tracking.start_run(uri, "cnd_ray", "log-check", {}, {})
+    run, _ = tracking.start_run(uri, "cnd_ray", "log-check", {}, {})
     with pytest.raises(KeyboardInterrupt):
         with driverlog.capture():
             print("step 1/10")
-            driverlog.save_at_exit(str(tmp_path / "run"), uri, run_id)
+            driverlog.save_at_exit(str(tmp_path / "run"), run)
             raise KeyboardInterrupt
     (stored,) = (tmp_path / "run" / "logs").iterdir()
     assert stored.name.startswith("driver-") and stored.name.endswith("Z.log")
     text = stored.read_text()
     assert "step 1/10" in text and "KeyboardInterrupt" in text  # the traceback, in the file only
-    assert _artifact(uri, run_id) == (stored.name, text)
+    assert _artifact(uri, run.id) == (stored.name, text)
     assert f"driver log: {tmp_path / 'run'}/logs/{stored.name}" in capfd.readouterr().err
 
 
@@ -58,11 +59,11 @@ def test_save_to_a_uri_and_without_a_capture(tmp_path):
     log = tmp_path / "driver-20250101T000000Z.log"
     log.write_text("hello\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_id, _ = tracking.start_run(uri, "cnd_ray", "uri-check", {}, {})
-    assert driverlog.save(str(log), (tmp_path / "bucket" / "search").as_uri(), uri, run_id)
+    run, _ = tracking.start_run(uri, "cnd_ray", "uri-check", {}, {})
+    assert driverlog.save(str(log), (tmp_path / "bucket" / "search").as_uri(), run)
     assert (tmp_path / "bucket" / "search" / "logs" / log.name).read_text() == "hello\n"
-    assert _artifact(uri, run_id) == (log.name, "hello\n")
-    driverlog.save_at_exit(str(tmp_path / "x"), uri, run_id)  # no capture (a trial's process): no-op
+    assert _artifact(uri, run.id) == (log.name, "hello\n")
+    driverlog.save_at_exit(str(tmp_path / "x"), run)  # no capture (a trial's process): no-op
     assert not (tmp_path / "x").exists()
 
 
@@ -72,7 +73,7 @@ def test_a_failing_save_warns_and_does_not_raise(tmp_path, capfd):
     with pytest.raises(ValueError, match="the user's real error"):
         with driverlog.capture() as cap:
             print("what went wrong")
-            driverlog.save_at_exit(str(tmp_path / "file"), uri, "no-such-run")  # a file, no run
+            driverlog.save_at_exit(str(tmp_path / "file"), tracking.Run(uri, "no-such-run"))  # a file, no run
             raise ValueError("the user's real error")
     err = capfd.readouterr().err
     warning = [line for line in err.splitlines() if "warning" in line]

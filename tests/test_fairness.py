@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from cnd_ray import cli, config as C
-from cnd_ray.data import ingest, synth, tone
+from cnd_ray.data import synth, tone
+from cnd_ray.launch import ingest
 from cnd_ray.errors import UserError
 from cnd_ray.fairness import downstream, run as fairness
 
@@ -194,7 +195,7 @@ def test_a_tone_conditioned_dit_draws_the_requested_skin_tone(ray_local, tmp_pat
     with model.tone_groups=3 on images whose tone the ingest measured; samples asked for the
     lightest and the darkest group read back, by ITA on their pixels, as what was asked."""
     from cnd_ray import config as C
-    from cnd_ray import sample, train
+    from cnd_ray.launch import sample, train
 
     synth.run(tmp_path / "src", num_images=300, image_size=64, malignant_fraction=0.3, seed=4, **EASY)
     ingest.run([str(tmp_path / "src")], str(tmp_path / "shards"), image_size=16, val_fraction=0.1,
@@ -308,7 +309,7 @@ def test_bad_fairness_keys_fail_in_one_line_naming_the_key(override, message, ca
 
 
 def test_shards_without_a_test_split_are_refused_before_ray_starts(small_shards):
-    from cnd_ray import train
+    from cnd_ray.launch import train
     from cnd_ray.data import shardset
 
     cfg = C.load("debug", [f"data.shards={small_shards}", "model.tone_groups=3", "fairness.in_loop=final"])
@@ -327,7 +328,7 @@ def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ra
     light-dark gap must narrow, paired interval excluding 0. A pipeline that cannot see this gain could
     not see a model's. (Measured here: real-only gap +0.152 [-0.006, +0.286]; oracle minus real-only
     -0.222 [-0.334, -0.113], worst-group AUROC +0.154 [+0.011, +0.271].)"""
-    from cnd_ray import train
+    from cnd_ray.launch import train
     from cnd_ray.data import shardset
 
     cfg = train.with_shards(C.load("quickstart", [f"train.storage={tmp_path}/runs"]))

@@ -1,4 +1,4 @@
-"""Run identity (cnd_ray.identity) and the key roles it is derived from (config field metadata)."""
+"""Run identity (cnd_ray.launch.identity) and the key roles it is derived from (config field metadata)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from cnd_ray import config as C
-from cnd_ray import identity
+from cnd_ray.launch import identity
 from cnd_ray.errors import UserError
 
 # The derived sets, pinned: a key that moves between roles must move here too, on purpose.
@@ -79,7 +79,16 @@ def test_storage_and_run_folders(tmp_path, monkeypatch):
     assert identity.run_dir(uri) == "s3://bucket/x/r"
     assert identity.trials_storage(uri, "smoke-1") == "s3://bucket/x/smoke-1-trials"
     assert identity.trial_run("smoke-1", "abc") == "smoke-1-abc"
-    assert identity.trial_name("abc", "2") == "abc-setting2" and identity.trial_name("abc", None) == "abc"
+
+
+def test_a_trial_is_named_by_what_it_varies():
+    assert identity.trial_label("4", {}) == "setting4"
+    label = identity.trial_label("", {"method.lambda_cls": 0.123456, "method.gamma_schedule": "periodic ramp"})
+    assert label == "gamma_schedule=periodic_ramp-lambda_cls=0.123"  # sorted keys, 3 digits, path-safe
+    assert identity.trial_label("2", {"method.gamma": 0.5}) == "setting2-gamma=0.5"
+    assert len(identity.trial_label("", {f"k{i}": 0.5 for i in range(20)})) == 60
+    assert identity.trial_run("paper-1", "c_00003", "setting4") == "setting4-paper-1-c_00003"
+    assert identity.trial_name("c_00003", "setting4") == "c_00003-setting4" and identity.trial_name("abc") == "abc"
 
 
 def test_resolve_checkpoint_names_what_it_is_not(tmp_path):

@@ -1,4 +1,5 @@
-"""House rule 1: the core is plain PyTorch - no ray, no mlflow; and modules meet through public names."""
+"""House rule 1: the core is plain PyTorch - no ray, no mlflow; Ray lives in launch/, MLflow in
+tracking/; and modules meet through public names."""
 import ast
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def test_core_imports_neither_ray_nor_mlflow():
     assert len(files) >= 8
     bad = {str(f.relative_to(root)): sorted(set(_imports(f)) & FORBIDDEN) for f in files}
     assert not {k: v for k, v in bad.items() if v}
+
+
+def test_ray_is_imported_in_launch_only_and_mlflow_in_tracking_only():
+    """The layers are folders: every module that imports Ray (at its top or inside a function) is in
+    cnd_ray/launch/, every one that imports MLflow in cnd_ray/tracking/ (DESIGN.md, "Layers")."""
+    root = Path(cnd_ray.__file__).parent
+    where = {"ray": "launch", "mlflow": "tracking"}
+    found = {lib: set() for lib in where}
+    for path in sorted(root.rglob("*.py")):
+        for lib in set(_imports(path)) & set(where):
+            found[lib].add(path.relative_to(root).parts[0])
+    assert found == {"ray": {"launch"}, "mlflow": {"tracking"}}
 
 
 def test_config_is_stdlib_and_yaml_only():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cnd_ray.data import image as image_lib
-from cnd_ray.data import ingest
+from cnd_ray.launch import ingest
 from tests import isic_fixtures
 
 MODES = isic_fixtures.MODES

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnd_ray import checkpoint, train
+from cnd_ray import checkpoint
+from cnd_ray.launch import train
 from cnd_ray import config as C
 
 
@@ -26,8 +27,9 @@ def _sd_vae(folder) -> None:
 def test_the_paper_config_trains_samples_and_evaluates_on_latents(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from cnd_ray import sample
-    from cnd_ray.data import ingest, synth
+    from cnd_ray.launch import sample
+    from cnd_ray.data import synth
+    from cnd_ray.launch import ingest
     from cnd_ray.evaluate import run as evaluate
 
     _sd_vae(tmp_path / "vae")

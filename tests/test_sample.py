@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnd_ray import checkpoint, config as C, generate, identity, sample
+from cnd_ray import checkpoint, config as C, generate
+from cnd_ray.launch import identity, sample
 from cnd_ray.errors import UserError
 from tests.helpers import random_checkpoint
 
@@ -36,6 +37,7 @@ def test_plan_labels_keep_their_shares_in_every_prefix():
     assert len(set(p["seed"].tolist())) == 50
 
 
+@pytest.mark.slow
 def test_two_actors_make_the_images_one_process_makes(ray_local, tmp_path, ckpt):
     over = ["eval.batch_size=4", "diffusion.sampler=ddpm", "diffusion.sample_steps=6"]
     out = sample.run(ckpt, str(tmp_path / "s"), num_per_class=7, overrides=over + ["eval.actors=2"],
@@ -59,6 +61,7 @@ def test_two_actors_make_the_images_one_process_makes(ray_local, tmp_path, ckpt)
     assert meta["protocol"]["steps"] == 6 and meta["counts"] == {"benign": 7, "malignant": 7}
 
 
+@pytest.mark.slow
 def test_rerun_finishes_and_extends_without_redoing(ray_local, tmp_path, ckpt):
     over = ["eval.batch_size=4", "diffusion.sample_steps=4", "eval.actors=1"]
     folder = tmp_path / "s"
@@ -94,6 +97,7 @@ def test_model_keys_are_fixed_by_the_checkpoint(ckpt):
         identity.resolve_checkpoint(os.path.dirname(ckpt) + "/missing")
 
 
+@pytest.mark.slow
 def test_tone_conditioned_model_samples_a_requested_group(ray_local, tmp_path):
     ck = random_checkpoint(tmp_path / "ck", overrides=["model.tone_groups=3"])
     out = sample.run(ck, str(tmp_path / "s"), num_per_class=2, tone=2, progress=False,
@@ -108,6 +112,7 @@ def test_tone_conditioned_model_samples_a_requested_group(ray_local, tmp_path):
                    overrides=["diffusion.sample_steps=3", "eval.actors=1"])
 
 
+@pytest.mark.slow
 def test_latent_checkpoint_samples_are_decoded_by_the_shards_vae(ray_local, tmp_path, latent_shards):
     shards, manifest, vae = latent_shards
     ck = random_checkpoint(tmp_path / "ck", overrides=[

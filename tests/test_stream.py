@@ -7,7 +7,8 @@ import torch
 
 from cnd_ray import config as C
 from cnd_ray.data import image as image_lib
-from cnd_ray.data import augment, shardset, stream
+from cnd_ray.data import augment, shardset
+from cnd_ray.launch import stream
 from cnd_ray.errors import UserError
 
 
@@ -231,7 +232,7 @@ def test_an_image_that_no_longer_decodes_is_named_by_its_id(ingested, tmp_path):
         stream.GroupCache(2 ** 20).get(str(bad), 0, ["row_id", "label", "fitzpatrick", "image"], "pixel")
     # As Ray hands it to a worker: the line is found inside the wrapped traceback.
     wrapped = RuntimeError(f'Traceback...\n    raise DamagedShard(f"damaged shard {{path}}")\n'
-                           f"cnd_ray.data.stream.DamagedShard: damaged shard {bad}, row group 0: x\n")
+                           f"cnd_ray.launch.stream.DamagedShard: damaged shard {bad}, row group 0: x\n")
     assert stream.damaged(wrapped) == f"damaged shard {bad}, row group 0: x"
     assert stream.damaged(RuntimeError("something else")) is None
 

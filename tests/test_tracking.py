@@ -10,22 +10,22 @@ from cnd_ray import tracking
 
 def _spool_with_a_run(tmp_path):
     spool = tracking.spool_uri(str(tmp_path / "run"), "http://127.0.0.1:9")
-    run_id, _ = tracking.start_run(spool, "cnd_ray", "r1", {"optim.lr": 0.001}, {"data.shards": "S"})
+    run, _ = tracking.start_run(spool, "cnd_ray", "r1", {"optim.lr": 0.001}, {"data.shards": "S"})
     for step in (5, 10, 15):
-        tracking.log_metrics(spool, run_id, {"loss_diff": 1.0 / step, "gamma": 0.5}, step)
-    tracking.log_text(spool, run_id, "model: {}\n", "config.yaml")
-    return spool, run_id
+        run.log_metrics({"loss_diff": 1.0 / step, "gamma": 0.5}, step)
+    run.log_text("model: {}\n", "config.yaml")
+    return spool, run
 
 
 def test_a_spool_records_its_server_and_uploads_each_value_once(tmp_path):
-    spool, run_id = _spool_with_a_run(tmp_path)
+    spool, spooled = _spool_with_a_run(tmp_path)
     assert tracking.spooled(str(tmp_path / "run")) == (spool, "http://127.0.0.1:9")
     assert tracking.spool_runs(spool) == [("cnd_ray", "r1")]
     server = f"sqlite:///{tmp_path}/server.db"
     first = tracking.sync(spool, server, "cnd_ray", "r1")
     # More steps after a first upload (the run went on), then the upload again, twice.
-    tracking.log_metrics(spool, run_id, {"loss_diff": 0.01}, 20)
-    tracking.finish_run(spool, run_id, "FINISHED", {"final_checkpoint": "c"})
+    spooled.log_metrics({"loss_diff": 0.01}, 20)
+    spooled.finish("FINISHED", {"final_checkpoint": "c"})
     assert tracking.sync(spool, server, "cnd_ray", "r1") == first
     assert tracking.sync(spool, server, "cnd_ray", "r1") == first
     client = tracking.mlflow_client(server)
@@ -81,20 +81,20 @@ def test_a_spool_at_a_uri_is_a_working_copy_pushed_to_its_storage(tmp_path):
     on_disk = tmp_path / "run" / tracking.SPOOL
     spool = tracking.spool_uri(run_dir, "http://127.0.0.1:9")
     assert str(tmp_path) not in spool  # SQLite works on a local file, not on the storage
-    run_id, _ = tracking.start_run(spool, "cnd_ray", "r1", {"optim.lr": 0.001}, {},
-                                   tracking.spool_artifacts(run_dir))
-    tracking.log_text(spool, run_id, "model: {}\n", "config.yaml")
+    run, _ = tracking.start_run(spool, "cnd_ray", "r1", {"optim.lr": 0.001}, {},
+                                tracking.spool_artifacts(run_dir))
+    run.log_text("model: {}\n", "config.yaml")
     assert list(on_disk.joinpath("mlartifacts").rglob("config.yaml"))  # in the storage already
     assert tracking.spooled(run_dir) is None  # nothing pushed yet
     tracking.push_spool(run_dir, spool)
     rank0 = tracking.spooled(run_dir)[0]  # rank 0 on another node: its own copy of what was pushed
     assert rank0 != spool
     for step in (5, 10):
-        tracking.log_metrics(rank0, run_id, {"loss_diff": 1.0 / step}, step)
+        tracking.Run(rank0, run.id).log_metrics({"loss_diff": 1.0 / step}, step)
     tracking.push_spool(run_dir, rank0)
     later, server = tracking.spooled(run_dir)
     assert server == "http://127.0.0.1:9"
-    assert sorted(m.step for m in tracking.mlflow_client(later).get_metric_history(run_id, "loss_diff")) == [5, 10]
+    assert sorted(m.step for m in tracking.mlflow_client(later).get_metric_history(run.id, "loss_diff")) == [5, 10]
     dest = f"sqlite:///{tmp_path}/server.db"
     assert tracking.upload(run_dir, to=dest)[1].keys() == {"r1"}
     client = tracking.mlflow_client(dest)
@@ -118,9 +118,9 @@ def test_the_uploader_of_a_search_uploads_its_trials_as_they_go_keeping_the_spoo
     for trial in ("s-a", "s-b"):
         run_dir = f"{trials}/{trial}"
         t = tracking.spool_uri(run_dir, server)
-        run_id, _ = tracking.start_run(t, "cnd_ray", trial, {}, {tracking.PARENT_TAG: parent},
-                                       tracking.spool_artifacts(run_dir))
-        tracking.log_metrics(t, run_id, {"loss_diff": 0.5}, 5)
+        run, _ = tracking.start_run(t, "cnd_ray", trial, {}, {tracking.PARENT_TAG: parent.id},
+                                    tracking.spool_artifacts(run_dir))
+        run.log_metrics({"loss_diff": 0.5}, 5)
         tracking.push_spool(run_dir, t)
     dest = f"sqlite:///{tmp_path}/server.db"  # a store that answers, standing in for the server
     uploader = tracking.SpoolUploader(search, dest, every=0.2)
@@ -169,9 +169,9 @@ def test_the_experiment_describes_itself_and_the_ui_urls_land_on_its_runs(tmp_pa
     time.sleep(0.01)
     latest, _ = tracking.start_run(uri, "cnd_ray", "s2", {}, {"cnd_ray.kind": "search"})
     urls = tracking.ui_urls(uri, "http://h:1", "cnd_ray")
-    assert urls["parent"] == f"http://h:1/#/experiments/{exp.experiment_id}/runs/{latest}?workflowType=machine_learning"
+    assert urls["parent"] == f"http://h:1/#/experiments/{exp.experiment_id}/runs/{latest.id}?workflowType=machine_learning"
     assert "search" not in urls  # no saved view yet: the search saves it when it ends
-    tracking.save_search_view(uri, "cnd_ray", latest, "k1", "fd_ratio", True, ["method.lambda_cls"])
+    tracking.save_search_view(latest, "cnd_ray", "k1", "fd_ratio", True, ["method.lambda_cls"])
     assert tracking.ui_urls(uri, "http://h:1", "cnd_ray")["search"] == f"{runs}&viewStateShareKey=k1"
     import json
 
@@ -189,10 +189,10 @@ def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):
                 "shards": [{"file": "train-00000.parquet", "split": "train", "sha256": "a"},
                            {"file": "val-00000.parquet", "split": "val", "sha256": "b"}]}
     uri = f"sqlite:///{tmp_path}/m.db"
-    run_id, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
+    run, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
     for _ in range(2):  # a resume logs again: nothing doubles
-        tracking.log_dataset(uri, run_id, str(tmp_path / "shards-32"), manifest)
-    inputs = tracking.mlflow_client(uri).get_run(run_id).inputs.dataset_inputs
+        run.log_dataset(str(tmp_path / "shards-32"), manifest)
+    inputs = tracking.mlflow_client(uri).get_run(run.id).inputs.dataset_inputs
     assert sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context") == ["train", "val"]
     d = next(i.dataset for i in inputs if json.loads(i.dataset.profile)["split"] == "train")
     assert d.name == "shards-32" and d.digest == tracking.shards_digest(manifest, "train") and d.source_type == "local"
@@ -212,14 +212,14 @@ def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):
 
 
 def test_a_finished_run_is_a_logged_model_and_a_registered_one_resolves_to_its_checkpoint(tmp_path):
-    from cnd_ray import identity
+    from cnd_ray.launch import identity
     from cnd_ray.errors import UserError
 
     uri = f"sqlite:///{tmp_path}/m.db"
     ckpt = tmp_path / "run" / "checkpoint_00000010"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text("{}")
-    run_id, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
+    run_id = tracking.start_run(uri, "cnd_ray", "r", {}, {})[0].id
     model_id = tracking.start_model(uri, "cnd_ray", run_id, "r", {"model.size": "T"})
     assert tracking.start_model(uri, "cnd_ray", run_id, "r", {}) == model_id  # a resume: the same one
     tracker = tracking.MlflowTracker(uri, run_id, model_id=model_id)
@@ -243,7 +243,7 @@ def test_a_finished_run_is_a_logged_model_and_a_registered_one_resolves_to_its_c
 
 def test_system_metrics_are_sampled_per_node_and_never_into_a_spool(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
-    run_id, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
+    run_id = tracking.start_run(uri, "cnd_ray", "r", {}, {})[0].id
     info = {"uri": uri, "run_id": run_id}
     assert tracking.system_monitor({**info, "spooled": True}, 0, 1.0) is None
     assert tracking.system_monitor(info, 0, 0.0) is None  # off

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnd_ray import checkpoint, identity, tracking, train, worker
+from cnd_ray import checkpoint, tracking
+from cnd_ray.launch import identity, train, worker
 from cnd_ray import config as C
 from tests.helpers import MlflowServer, assert_row_accounting, free_port, wait_for
 
@@ -68,6 +69,7 @@ def _assert_equal_weights(a, b):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
+@pytest.mark.slow
 def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp_path, capsys):
     from cnd_ray.errors import UserError
 
@@ -93,6 +95,7 @@ def test_a_relaunch_that_changes_training_is_refused_unless_asked(ray_local, tmp
     assert [g["lr"] for g in state.opt_cls.param_groups] == [0.5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, tmp_path, small_shards, workers):
     """Whichever rank meets the damage, every rank stops at the same step: no retries, no rank
@@ -184,7 +187,8 @@ def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_
     assert {p.split("+")[2] for p in images if p.endswith(".png")} == {"5", "10"}  # a grid per step
     # The final checkpoint keeps the images its evaluation judged (both ranks' shares): what the
     # quickstart writes out instead of redrawing, so they must be the checkpoint's own draw.
-    from cnd_ray import checkpoint, monitor, sample
+    from cnd_ray import checkpoint, monitor
+    from cnd_ray.launch import sample
     from cnd_ray.evaluate.run import read_samples
 
     kept = np.load(os.path.join(out["checkpoint"], worker.JUDGED))
@@ -222,7 +226,7 @@ def test_ui_comes_up_beside_a_training_and_serves_the_runs_over_rest(tmp_path):
     import psutil
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_id, _ = tracking.start_run(uri, "cnd_ray", "ui-check", {"a": 1}, {})
+    run_id = tracking.start_run(uri, "cnd_ray", "ui-check", {"a": 1}, {})[0].id
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "train.log", "w")
     training = subprocess.Popen(
@@ -351,7 +355,9 @@ def test_a_server_away_at_start_gets_the_run_when_it_answers(ray_local, tmp_path
     the run's spool; the server comes up mid-run and gets the metrics while the run goes on, and
     at the end everything, each value once; the spool is gone."""
     server = MlflowServer(tmp_path)  # its port, nothing listening yet
-    monkeypatch.setattr(tracking, "UPLOAD_EVERY_S", 1.0)
+    from cnd_ray.tracking import spool
+
+    monkeypatch.setattr(spool, "UPLOAD_EVERY_S", 1.0)
     # ~50 steps/s here: long enough to outlast the server's start-up
     cfg = _cfg(tmp_path, **{"train.name": "away", "train.steps": 3000, "train.log_every": 50,
                             "train.checkpoint_every": 1000, "track.tracking_uri": server.uri})
@@ -428,6 +434,7 @@ def test_a_server_that_never_answers_leaves_a_spool_that_track_sync_uploads(ray_
         assert cli.main(["track-sync", run_dir]) == 2  # nothing left to upload
 
 
+@pytest.mark.slow
 def test_latent_run_logs_decoded_sample_grids(ray_local, tmp_path, latent_shards):
     """Latent space: grids are decoded by the VAE the shards record (64 px tiles, not 8 px latents),
     and the spooled artifact copies are cleaned up once uploaded."""

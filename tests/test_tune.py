@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cnd_ray import config as C
-from cnd_ray import identity, tracking, tune
+from cnd_ray import tracking
+from cnd_ray.launch import identity, tune
 
 SHIPPED = sorted(p.stem for p in tune.SPACE_DIR.glob("*.yaml"))
 
@@ -152,7 +153,7 @@ def test_the_ui_shows_the_search_as_users_open_it_in_a_real_browser(smoke_search
         runs_url, search_url = said.values()
         assert runs_url.endswith("/runs?workflowType=machine_learning") and "viewStateShareKey=" in search_url
         assert wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), timeout=240)
-        trials = sorted(r["trial"] for r in out["rows"])
+        trials = sorted(r["run"] for r in out["rows"])
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 2400, "height": 1000})
@@ -163,7 +164,7 @@ def test_the_ui_shows_the_search_as_users_open_it_in_a_real_browser(smoke_search
             assert "Model training" in text and "Traces 0" not in text  # the runs table, not the GenAI view
             assert "cnd_ray: Class-N-Diff" in text  # the experiment's description
             page.goto(search_url)
-            page.wait_for_selector(f"text={identity.trial_run(out['name'], trials[0])}", timeout=120_000)
+            page.wait_for_selector(f"text={trials[0]}", timeout=120_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=str(shots / "search.png"))
             # ag-grid draws only the columns in view: scroll across, as a user does, and collect them.
@@ -186,7 +187,8 @@ def test_the_ui_shows_the_search_as_users_open_it_in_a_real_browser(smoke_search
             browser.close()
         # quality and fairness side by side (the smoke trials measure it after their last step)
         assert {"Dataset", "Models", "fd_ratio", "fair_worst_auroc", "fair_gap", *tune.varying(out["rows"])} <= headers
-        by_metric = [identity.trial_run(out["name"], r["trial"]) for r in out["rows"]]  # best first
+        by_metric = [r["run"] for r in out["rows"]]  # best first, each named by its setting
+        assert sorted(n.split("-")[0] for n in by_metric) == ["setting1", "setting2"]
         assert [n.strip() for n in named] == by_metric + [out["name"]]  # children by fd_ratio, then the parent
         child = tracking.find_run(out["store"], "cnd_ray", by_metric[0])
         shards = tracking.mlflow_client(out["store"]).get_run(child).data.tags["data.shards"]
@@ -217,6 +219,8 @@ def test_smoke_search_is_one_parent_with_a_child_per_trial_over_rest(smoke_searc
     children = [r for r in runs if r["info"]["run_id"] != parent]
     assert {_tags(c)["mlflow.parentRunId"] for c in children} == {parent}
     assert sorted(_tags(c)["cnd_ray.setting"] for c in children) == ["1", "2"]
+    # the runs table reads without the log: each child is named by its setting first
+    assert sorted(c["info"]["run_name"].split("-")[0] for c in children) == ["setting1", "setting2"]
     for c in children:
         assert c["info"]["status"] == "FINISHED"
         want = {"1": "off", "2": "constant"}[_tags(c)["cnd_ray.setting"]]

@@ -6,7 +6,7 @@ protocol leaves out (GUARANTEES 14-18).
        reused from the run's storage when its training or search made one, else trained
     3. real features: every extractor over the reference split, the memorisation space over the
        held-out split
-    4. generate max(num_samples) images with `cnd_ray.sample` (Ray actors; the reference's class mix;
+    4. generate max(num_samples) images with `cnd_ray.launch.sample` (Ray actors; the reference's class mix;
        resumable), then their features
     5. metrics at each sample count, overall and per class; diversity; class fidelity; memorisation
     6. OUT/metrics.json, OUT/metrics.md and plots, logged to the checkpoint's MLflow run (or a new one)
@@ -24,7 +24,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, generate, identity, sample, storage
+from cnd_ray import checkpoint, generate, storage
+from cnd_ray.launch import identity, sample
 from cnd_ray.config import ConfigError
 from cnd_ray.data import shardset, tone
 from cnd_ray.data.shards import READ_BATCH, iter_split, read_rows, split_labels
@@ -345,18 +346,17 @@ def _log(cfg, res: dict, out: Path) -> str | None:
     name = identity.run_name(cfg)
     run_id = tracking.find_run(uri, cfg.track.experiment, name)
     new = run_id is None
-    if new:
-        run_id, _ = tracking.start_run(uri, cfg.track.experiment, f"evaluate-{name}", {},
-                                       {"cnd_ray.evaluates": name})
+    run = tracking.start_run(uri, cfg.track.experiment, f"evaluate-{name}", {},
+                             {"cnd_ray.evaluates": name})[0] if new else tracking.Run(uri, run_id)
     step = res["protocol"]["step"]
-    tracking.log_metrics(uri, run_id, _flat_metrics(res), step=step)
+    run.log_metrics(_flat_metrics(res), step=step)
     folder = f"evaluation/step{step:07d}"
     for f in ["metrics.json", "metrics.md"] + [Path(q).name for q in res["plots"]]:
-        tracking.log_file(uri, run_id, str(out / f), folder)
+        run.log_file(str(out / f), folder)
     if new:
-        tracking.finish_run(uri, run_id, "FINISHED")
-    res["mlflow"] = {"tracking_uri": uri, "run_id": run_id, "new_run": new}
-    return run_id
+        run.finish("FINISHED")
+    res["mlflow"] = {"tracking_uri": uri, "run_id": run.id, "new_run": new}
+    return run.id
 
 
 # --- the verb ----------------------------------------------------------------------------------

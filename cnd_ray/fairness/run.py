@@ -96,7 +96,8 @@ class Joint:
     directly in pixel space, through the run's VAE encoder in latent space."""
 
     def __init__(self, ckpt: str, device):
-        from cnd_ray import checkpoint, identity
+        from cnd_ray import checkpoint
+        from cnd_ray.launch import identity
         from cnd_ray import vae as vae_lib
         from cnd_ray.models.classifier import build_classifier
 
@@ -278,13 +279,13 @@ def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", c
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
     uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    run_id, _ = tracking.start_run(uri, cfg.track.experiment, report["name"], cfg.flat() | {"real": real},
-                                   {"cnd_ray.kind": "fairness"})
-    tracking.log_metrics(uri, run_id, _flat(results))
+    run, _ = tracking.start_run(uri, cfg.track.experiment, report["name"], cfg.flat() | {"real": real},
+                                {"cnd_ray.kind": "fairness"})
+    run.log_metrics(_flat(results))
     for path in written:
-        tracking.log_file(uri, run_id, str(path))
-    tracking.finish_run(uri, run_id, "FINISHED")
-    report["mlflow_run_id"], report["out"] = run_id, str(out_dir)
+        run.log_file(str(path))
+    run.finish("FINISHED")
+    report["mlflow_run_id"], report["out"] = run.id, str(out_dir)
     return report
 
 

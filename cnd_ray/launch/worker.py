@@ -20,10 +20,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, distributed, engine, identity, monitor, objective, storage, tracking
+from cnd_ray import checkpoint, distributed, engine, monitor, objective, storage, tracking
+from cnd_ray.launch import identity
 from cnd_ray import config as config_lib
 from cnd_ray import vae as vae_lib
-from cnd_ray.data import augment, stream
+from cnd_ray.data import augment
+from cnd_ray.launch import stream
 from cnd_ray.errors import UserError
 
 GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation

@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 from ray import tune
 
-from cnd_ray import config as config_lib, identity, storage
+from cnd_ray import config as config_lib, storage
+from cnd_ray.launch import identity
 from cnd_ray.errors import UserError, did_you_mean
 
 SPACE_DIR = config_lib.SPACE_DIR
@@ -307,7 +308,7 @@ def scheduler(s: Space, steps: int):
 
 def _trial_cpus(cfg) -> float:
     """CPUs one trial holds: its workers, its data decode tasks, the trial actor's token."""
-    from cnd_ray.data import stream
+    from cnd_ray.launch import stream
 
     return (cfg.scale.num_workers * cfg.scale.cpus_per_worker
             + stream.DATA_TASK_CPUS * max(2, cfg.data.decode_tasks) + 0.01)
@@ -377,8 +378,14 @@ def share_cores(cfg, concurrent: int, ray):
     return config_lib.override(cfg, {"scale.threads_per_worker": max(1, (os.cpu_count() or 1) // per_node)})
 
 
+def _label(config: dict) -> str:
+    """What a trial varies (identity.trial_label), from its Tune config."""
+    setting = str(config.get(SETTING, ""))
+    return identity.trial_label(setting, {k: _plain(v) for k, v in config.items() if k != SETTING})
+
+
 def _trial_name(trial) -> str:
-    return identity.trial_name(trial.trial_id, trial.config.get(SETTING))
+    return identity.trial_name(trial.trial_id, _label(trial.config))
 
 
 def _plain(v):
@@ -393,74 +400,67 @@ def _overrides(config: dict, settings: dict) -> tuple[str, dict]:
                      **{k: _plain(v) for k, v in config.items() if k != SETTING}}
 
 
-def _trial(config: dict, base: dict, settings: dict, search: str, trials_storage: str,
+def _trial(config: dict, launch, settings: dict, search: str, trials_storage: str,
            parent_run_id: str, spool_for: str | None) -> None:
-    """One trial = one `cnd-ray train` run with the trial's overrides, a child of the parent run
-    (`spool_for`: the server the search spools for, or None)."""
+    """One trial = the driver of `cnd-ray train` (train.drive) on the search's launch with the
+    trial's overrides, a child of the parent run (`spool_for`: the server the search spools for, or
+    None)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cnd_ray import train, tracking
+    from cnd_ray import tracking
+    from cnd_ray.launch import train
 
     trial_id = tune.get_context().get_trial_id()
     setting, overrides = _overrides(config, settings)
-    cfg = config_lib.override(config_lib.from_dict(base), {
-        **overrides, "train.name": identity.trial_run(search, trial_id), "train.storage": trials_storage})
     tags = {tracking.PARENT_TAG: parent_run_id, "cnd_ray.search": search, "cnd_ray.trial_id": trial_id,
             "cnd_ray.overrides": json.dumps(overrides, sort_keys=True)}
     if setting:
         tags["cnd_ray.setting"] = setting
-    train.run(cfg, callbacks=[TuneReportCallback()], tags=tags, spool_for=spool_for)
+    trial = launch.trial(overrides, identity.trial_run(search, trial_id, _label(config)), trials_storage)
+    train.drive(trial, callbacks=[TuneReportCallback()], tags=tags, spool_for=spool_for)
 
 
-def _prepare(cfg):
-    """The base config every trial starts from: evaluations at every report (so every report
-    carries the search metric), and a val split to evaluate on."""
-    from cnd_ray.data import shardset
-
+def _every_report_evaluates(cfg):
+    """The base config every trial starts from: evaluations at every report, so that every report
+    carries the search metric."""
     tr = cfg.train
     if not tr.eval_every:
-        cfg = config_lib.override(cfg, {"train.eval_every": tr.checkpoint_every})
-    elif tr.checkpoint_every % tr.eval_every:
+        return config_lib.override(cfg, {"train.eval_every": tr.checkpoint_every})
+    if tr.checkpoint_every % tr.eval_every:
         raise UserError(f"train.checkpoint_every ({tr.checkpoint_every}) must be a multiple of "
                         f"train.eval_every ({tr.eval_every}) in a search: every report to Tune "
                         "must carry the metric")
-    if not shardset.read_manifest(cfg.data.shards)["splits"].get("val"):
-        raise UserError(f"data.shards: {cfg.data.shards} has no val split to evaluate trials on "
-                        "(ingest with --val-fraction > 0)")
     return cfg
 
 
 def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     """Run (or resume) the search `space` over `cfg`; returns {"name", "rows", "best", "path",
     "parent_run_id", "table", "space", "tracking_uri", "judge"} (judge: its file, or None)."""
+    import dataclasses
+
     import ray
 
-    from cnd_ray import driverlog, session, tracking, train
-    from cnd_ray.data import shardset
+    from cnd_ray import tracking
+    from cnd_ray.launch import driverlog, train
 
     s = load_space(space, cfg)
-    cfg = config_lib.override(cfg, s.fixed)
+    cfg = _every_report_evaluates(config_lib.override(cfg, s.fixed))
     search = name or identity.search_name(s.name, s.text, cfg)
-    root = identity.storage_path(cfg)
-    exp_path = storage.join(root, search)
+    exp_path = storage.join(identity.storage_path(cfg), search)
     trials_storage = identity.trials_storage(cfg, search)
     restoring = tune.Tuner.can_restore(exp_path)
     if resume and not restoring:
         raise UserError(f"--resume: no search to resume at {exp_path}")
-    if cfg.data.shards:  # what the data decides, before Ray starts (synthetic shards: once made)
-        train.check_data(cfg, shardset.read_manifest(cfg.data.shards))
-    session.connect()
-    cfg = _prepare(train.with_shards(cfg))
-    manifest = shardset.read_manifest(cfg.data.shards)
-    train.check_data(cfg, manifest)
+    # The data checked, Ray connected, one judge (and fairness baselines) for every trial, made
+    # before the first one and found again on a restore: train.prepare, as `cnd-ray train` does.
+    launch = train.prepare(cfg, search=search)
     n = trial_count(s)
-    concurrent = concurrency(s, cfg, ray.cluster_resources(), n)
-    cfg = share_cores(cfg, concurrent, ray)
-
-    uri, server = train.tracking_store(cfg, exp_path, search, what="search", children=trials_storage)
-    # Resolved here: trials run in their own working directories (and, while the search spools,
-    # each spools in its run's folder: they may run on any node).
-    cfg = config_lib.override(cfg, {"track.tracking_uri": server or uri})
+    concurrent = concurrency(s, launch.cfg, ray.cluster_resources(), n)
+    uri, server = train.tracking_store(launch.cfg, exp_path, search, what="search", children=trials_storage)
+    # The tracking URI resolved here: trials run in their own working directories (and, while the
+    # search spools, each spools in its run's folder: they may run on any node).
+    cfg = config_lib.override(share_cores(launch.cfg, concurrent, ray), {"track.tracking_uri": server or uri})
+    launch = dataclasses.replace(launch, cfg=cfg)
     parent, _ = tracking.start_run(
         uri, cfg.track.experiment, search,
         params={"space": s.name, "search": s.search, "metric": s.metric, "mode": s.mode,
@@ -468,24 +468,21 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
         tags={"cnd_ray.kind": "search", "cnd_ray.space_file": s.path},
         artifacts=tracking.spool_artifacts(exp_path) if server else None)
     if not server:  # the trials' output reaches this driver's log (a spool saves it at the end)
-        driverlog.save_at_exit(exp_path, uri, parent)
-    tracking.log_text(uri, parent, s.text, f"space/{Path(s.path).name}")
-    tracking.log_text(uri, parent, cfg.to_yaml(), "base_config.yaml")
-    # One judge for every trial, made before the first one (and found again on a restore).
-    judge_file = train.prepare_judge(cfg, trials_storage)
-    train.log_judge(uri, parent, judge_file)
-    # Likewise the fairness baselines (real-only and reweighted), when trials measure fairness.
-    train.prepare_downstream(cfg, trials_storage, manifest)
+        driverlog.save_at_exit(exp_path, parent)
+    parent.log_text(s.text, f"space/{Path(s.path).name}")
+    parent.log_text(cfg.to_yaml(), "base_config.yaml")
+    judge_file = launch.judge
+    train.log_judge(parent, judge_file)
     if server:
         tracking.push_spool(exp_path, uri)
     uploader = server and tracking.SpoolUploader(exp_path, server)  # the parent and the trials so far
     print(f"search {search}: {n} trials of {s.name}, {concurrent} at a time, metric {s.metric} "
-          f"({s.mode}); {'resuming ' if restoring else ''}{exp_path}; MLflow parent run {parent} at {uri}",
+          f"({s.mode}); {'resuming ' if restoring else ''}{exp_path}; MLflow parent run {parent.id} at {uri}",
           flush=True)
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), settings=s.settings, search=search,
-                             trials_storage=trials_storage, parent_run_id=parent, spool_for=server),
+        tune.with_parameters(_trial, launch=launch, settings=s.settings, search=search,
+                             trials_storage=trials_storage, parent_run_id=parent.id, spool_for=server),
         {"cpu": 0.01})  # the trial actor only drives its Train run; 0 is rejected (DESIGN.md)
     t0 = time.time()
     try:
@@ -502,45 +499,47 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
                     scheduler=scheduler(s, cfg.train.steps), trial_name_creator=_trial_name,
                     trial_dirname_creator=_trial_name),
                 # Tune's own tables would drown the workers' progress lines: one line per event.
-                run_config=tune.RunConfig(name=search, storage_path=root, verbose=0,
+                run_config=tune.RunConfig(name=search, storage_path=identity.storage_path(cfg), verbose=0,
                                           callbacks=[_Progress(n, s.metric)]))
         grid = tuner.fit()
     except Exception as e:
-        tracking.finish_run(uri, parent, "FAILED", {"error": repr(e)[:500]})
+        parent.finish("FAILED", {"error": repr(e)[:500]})
         if server:
             uploader.close()
             tracking.push_spool(exp_path, uri)
-            train.upload_spool(exp_path, search, parent)
+            train.upload_spool(exp_path, search, parent.id)
         raise
     rows = _rows(grid, s, cfg, search, trials_storage)
     table = format_table(rows, s)
     best = rows[0] if rows and rows[0]["status"] != "error" else None
-    _log_parent(uri, parent, s, rows, table, best, time.time() - t0, cfg)
-    registered = None if server or not best else _register_best(uri, cfg, s, search, best, parent)
+    _log_parent(parent, s, rows, table, best, time.time() - t0, cfg)
+    registered = None if server or not best else _register_best(parent, cfg, s, search, best)
     if server:  # the parent and every trial's run, or where they stay
         uploader.close()
         tracking.push_spool(exp_path, uri)
-        uploaded = train.upload_spool(exp_path, search, parent)
-        uri, parent = (server, uploaded) if uploaded != parent else (uri, parent)
-    return {"name": search, "rows": rows, "best": best, "path": exp_path, "parent_run_id": parent,
-            "table": table, "space": s, "tracking_uri": uri, "judge": judge_file, "registered": registered}
+        uploaded = train.upload_spool(exp_path, search, parent.id)
+        if uploaded != parent.id:
+            parent = tracking.Run(server, uploaded)
+    return {"name": search, "rows": rows, "best": best, "path": exp_path, "parent_run_id": parent.id,
+            "table": table, "space": s, "tracking_uri": parent.uri, "judge": judge_file, "registered": registered}
 
 
-def _register_best(uri: str, cfg, s: Space, search: str, best: dict, parent: str) -> str | None:
+def _register_best(parent, cfg, s: Space, search: str, best: dict) -> str | None:
     """The best trial's logged model, registered under the search's name (alias "best") with its
     metric and config; the reference `cnd-ray sample --ckpt` takes (models:/<search>@best)."""
     from cnd_ray import checkpoint, tracking
 
-    run_id = tracking.find_run(uri, cfg.track.experiment, identity.trial_run(search, best["trial"]))
+    uri = parent.uri
+    run_id = tracking.find_run(uri, cfg.track.experiment, best["run"])
     model_id = run_id and tracking.mlflow_client(uri).get_run(run_id).data.tags.get(tracking.MODEL_TAG)
     if not model_id or not best["checkpoint"]:
         return None
     version = tracking.register_model(
         uri, search, model_id, run_id, description=checkpoint.read_config(best["checkpoint"]).to_yaml(),
         tags={"cnd_ray.metric": s.metric, s.metric: best.get(s.metric), "cnd_ray.trial": best["trial"],
-              "cnd_ray.search_run": parent})
+              "cnd_ray.search_run": parent.id})
     ref = f"models:/{search}@best"
-    tracking.set_tags(uri, parent, {"cnd_ray.registered": f"{ref} (version {version})"})
+    parent.set_tags({"cnd_ray.registered": f"{ref} (version {version})"})
     print(f"best trial registered as {ref} (version {version}): `cnd-ray sample --ckpt {ref}`", flush=True)
     return ref
 
@@ -563,16 +562,18 @@ def _rows(grid, s: Space, cfg, search: str, trials_storage: str) -> list[dict]:
     rows = []
     for r in grid:
         m = r.metrics or {}
-        trial_id = Path(r.path).name.split("-setting")[0]
+        trial_id = Path(r.path).name.split("-")[0]  # its folder: identity.trial_name
         setting, overrides = _overrides(r.config or {}, s.settings)
+        label = _label(r.config or {})
+        run = identity.trial_run(search, trial_id, label)
         step = int(m.get("step", 0))
         status = "error" if r.error else "finished" if step >= cfg.train.steps else "stopped"
         rows.append({
-            "trial": trial_id, "setting": setting, "overrides": overrides,
+            "trial": trial_id, "label": label, "run": run, "setting": setting, "overrides": overrides,
             **{k: m[k] for k in (*METRICS, *SHOWN) if k in m},
             "step": step, "status": status, "error": error_line(r.error) if r.error else "",
             "seconds": round(float(m.get("time_total_s", 0.0)), 1),
-            "checkpoint": identity.latest_checkpoint(storage.join(trials_storage, identity.trial_run(search, trial_id))),
+            "checkpoint": identity.latest_checkpoint(storage.join(trials_storage, run)),
             "curves": {k: _curve(r, k) for k in dict.fromkeys((s.metric, *CURVES))},
         })
 
@@ -624,7 +625,7 @@ def format_table(rows: list[dict], s: Space) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _log_curves(uri: str, parent: str, s: Space, rows: list[dict]) -> None:
+def _log_curves(parent, s: Space, rows: list[dict]) -> None:
     """The ranking metric over training steps, one line per trial, as the parent's curves.png."""
     curves = [(r, r["curves"].get(s.metric) or []) for r in rows]
     if not any(c for _, c in curves):
@@ -634,12 +635,10 @@ def _log_curves(uri: str, parent: str, s: Space, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnd_ray import tracking
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for r, c in curves:
         if c:
-            ax.plot(*zip(*c), marker="o", label=f"{r['trial']}" + (f" (setting {r['setting']})" if r["setting"] else ""))
+            ax.plot(*zip(*c), marker="o", label=r["label"] or r["trial"])
     ax.set_xlabel("step")
     ax.set_ylabel(f"{s.metric} ({'lower' if s.mode == 'min' else 'higher'} is better)")
     ax.legend(fontsize=7)
@@ -650,18 +649,18 @@ def _log_curves(uri: str, parent: str, s: Space, rows: list[dict]) -> None:
         path = os.path.join(d, "curves.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        tracking.log_file(uri, parent, path)
+        parent.log_file(path)
 
 
-def _log_parent(uri: str, parent: str, s: Space, rows: list[dict], table: str, best: dict | None,
+def _log_parent(parent, s: Space, rows: list[dict], table: str, best: dict | None,
                 seconds: float, cfg) -> None:
     """The parent run holds the answer: the table, every row as JSON, the best trial as tags."""
     from cnd_ray import tracking
 
-    tracking.log_text(uri, parent, table, "summary.md")
-    tracking.log_text(uri, parent, json.dumps(rows, indent=1, default=str), "trials.json")
-    _log_curves(uri, parent, s, rows)
-    tracking.save_search_view(uri, cfg.track.experiment, parent, hashlib.sha256(parent.encode()).hexdigest()[:16],
+    parent.log_text(table, "summary.md")
+    parent.log_text(json.dumps(rows, indent=1, default=str), "trials.json")
+    _log_curves(parent, s, rows)
+    tracking.save_search_view(parent, cfg.track.experiment, hashlib.sha256(parent.id.encode()).hexdigest()[:16],
                               s.metric, s.mode == "min", varying(rows),
                               tuple(k for k in ("fd_ratio", "fair_worst_auroc", "fair_gap")
                                     if k != s.metric and any(k in r for r in rows)))
@@ -680,6 +679,6 @@ def _log_parent(uri: str, parent: str, s: Space, rows: list[dict], table: str, b
         tags.update({f"best.{k}": v for k, v in best["overrides"].items()})
         if best.get(s.metric) is not None:
             metrics[f"best_{s.metric}"] = best[s.metric]
-    tracking.log_metrics(uri, parent, metrics)
+    parent.log_metrics(metrics)
     status = "FINISHED" if not tags["trials_failed"] else "FAILED"
-    tracking.finish_run(uri, parent, status, tags)
+    parent.finish(status, tags)

@@ -3,7 +3,7 @@ checkpoint a folder means. Train, tune, sample, evaluate, fairness, quickstart a
 
 Names are deterministic (house rule 7): a run is named by a hash of the keys that change what it
 trains (config.TRAINS), a search by its space file and the keys that change what its trials are
-ranked on (TRAINS and JUDGES), a trial by Tune's trial id. Rerunning a command therefore finds,
+ranked on (TRAINS and JUDGES), a trial by what it varies and Tune's trial id. Rerunning a command therefore finds,
 and resumes, what it started.
 """
 from __future__ import annotations
@@ -49,16 +49,30 @@ def search_name(space_name: str, space_text: str, cfg) -> str:
     return f"{space_name}-{_digest([space_text, {k: v for k, v in cfg.flat().items() if k in keep}], 8)}"
 
 
-def trial_name(trial_id: str, setting: str | None) -> str:
-    """A trial's name in Tune's table and its folder: its id, and the settings bundle it runs (spaces
-    and other characters a path would not take as they are become _)."""
-    return f"{trial_id}-setting{re.sub(r'[^A-Za-z0-9._-]+', '_', setting)}" if setting else trial_id
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def trial_run(search: str, trial_id: str) -> str:
-    """The training run a trial is (`train.name`): the same on a restored search, so Ray Train
-    resumes its checkpoint and MLflow its child run."""
-    return f"{search}-{trial_id}"
+def trial_label(setting: str | None, values: dict) -> str:
+    """What a trial varies, as a name a runs table reads: its settings bundle ("setting4"), then each
+    value the space draws or grids over, by its last key part ("lambda_cls=0.3"). Characters a path
+    would not take become _; at most 60 characters. A pure function of the trial's config, so a
+    restored search names its trials as before (resume finds runs by name)."""
+    parts = [f"setting{setting}"] if setting else []
+    parts += [f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in sorted(values.items())]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "-".join(parts))[:60]
+
+
+def trial_name(trial_id: str, label: str = "") -> str:
+    """A trial's name in Tune's table and its folder: its id, then its label (trial_label)."""
+    return f"{trial_id}-{label}" if label else trial_id
+
+
+def trial_run(search: str, trial_id: str, label: str = "") -> str:
+    """The training run a trial is (`train.name`, its MLflow run name): its label first, so the runs
+    table reads as what each trial varies, then the search and the trial id, which keep it unique. The
+    same on a restored search, so Ray Train resumes its checkpoint and MLflow its child run."""
+    return f"{label}-{search}-{trial_id}" if label else f"{search}-{trial_id}"
 
 
 def resume_changes(old, new) -> tuple[list[str], list[str]]:

@@ -498,7 +498,7 @@ def _run_pipeline(ordered, groups, image_size, vae, writer, ledger, progress) ->
     from ray.data import DataContext
     from tqdm import tqdm
 
-    from cnd_ray import session
+    from cnd_ray.launch import session
 
     session.connect()
     logging.getLogger("ray.data").setLevel(logging.WARNING)

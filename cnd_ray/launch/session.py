@@ -20,8 +20,8 @@ import ray
 from cnd_ray.errors import UserError
 
 # Ray's default token file; cluster.TOKEN_MOUNT names the same path on the nodes. Not imported from
-# there: with ~ on sys.path, `cnd_ray.cluster` can resolve to the project's cluster/ folder (~/cnd_ray
-# on the head), and this module must import wherever a driver runs.
+# there: this module must import wherever a driver runs (when cluster.py sat at the package's top,
+# `cnd_ray.cluster` could resolve to the project's cluster/ folder with ~ on sys.path).
 DEFAULT_TOKEN = "~/.ray/auth_token"
 PROBE_TIMEOUT_S = 5.0
 # What MLflow's client reads to log in to a server that asks (basic auth, a bearer token).

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnd_ray import checkpoint, config as config_lib, generate, identity
+from cnd_ray import checkpoint, config as config_lib, generate
+from cnd_ray.launch import identity
 from cnd_ray.config import ConfigError
 from cnd_ray.errors import UserError
 
@@ -130,7 +131,8 @@ def generate_images(cfg, ckpt: str, step: int, ema: dict, rows: dict, out: Path,
     import ray
     from tqdm import tqdm
 
-    from cnd_ray import session, vae as vae_lib
+    from cnd_ray import vae as vae_lib
+    from cnd_ray.launch import session
 
     requested = sorted({int(t) for t in rows["tone"]} - {generate.NO_TONE})
     assert len(requested) <= 1, requested  # plans ask for one tone, or none

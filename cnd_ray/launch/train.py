@@ -8,6 +8,7 @@ fit it reads how the run ended (finished, stopped itself, interrupted) and close
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -17,10 +18,12 @@ import time
 
 import torch
 
-from cnd_ray import checkpoint, driverlog, identity, storage, tracking, worker
+from cnd_ray import checkpoint, storage, tracking
+from cnd_ray.launch import driverlog, identity, worker
 from cnd_ray import vae as vae_lib
 from cnd_ray import config as config_lib
-from cnd_ray.data import shardset, stream
+from cnd_ray.data import shardset
+from cnd_ray.launch import stream
 from cnd_ray.errors import UserError
 
 # Held-out share of synthetic data: the judge's FD compares samples with these images, per class
@@ -86,7 +89,8 @@ def _synthetic_shards(cfg, root: str) -> str:
     if cfg.data.space != "pixel":
         raise UserError("data.shards: empty, and synthetic data exists only in pixel space "
                         "(set data.space=pixel, or ingest real data with --latent)")
-    from cnd_ray.data import ingest, synth
+    from cnd_ray.data import synth
+    from cnd_ray.launch import ingest
 
     # made on this machine and read by Ray's tasks here: beside a local run storage, else ./ray_results
     base = os.path.join(os.path.abspath("ray_results") if storage.is_uri(root) else root, "data")
@@ -129,8 +133,12 @@ def _preflight(cfg, ray) -> None:
                         f"the cluster has {res.get('GPU', 0)}")
 
 
-def check_data(cfg, manifest: dict) -> None:
-    """Refuse shards this config cannot train or judge on, naming the setting (or the damaged file)."""
+def check_data(cfg, manifest: dict, search: bool = False) -> None:
+    """Refuse shards this config cannot train or judge on (a search: rank its trials on), naming the
+    setting (or the damaged file)."""
+    if search and not manifest["splits"].get("val"):
+        raise UserError(f"data.shards: {cfg.data.shards} has no val split to evaluate trials on "
+                        "(ingest with --val-fraction > 0)")
     shardset.check(manifest, cfg, cfg.data.shards)
     shardset.check_files(cfg.data.shards, manifest)
     if cfg.eval.sample_metrics:
@@ -191,16 +199,16 @@ def _prepare_task(prepare, config: dict, path: str) -> str:
     return path
 
 
-def log_judge(uri: str, run_id: str, judge_file: str | None) -> None:
+def log_judge(run, judge_file: str | None) -> None:
     """The judge a run or search is scored by, in its MLflow run: file, held-out AUROC, floor."""
     if not judge_file:
         return
     from cnd_ray.evaluate import judge
 
     meta = judge.load(judge_file).meta
-    tracking.set_tags(uri, run_id, {"cnd_ray.judge": judge_file,
+    run.set_tags({"cnd_ray.judge": judge_file,
                                        "cnd_ray.judge_backbone": meta["backbone"]})
-    tracking.log_metrics(uri, run_id, {"judge_heldout_auroc": meta["heldout_auroc"],
+    run.log_metrics({"judge_heldout_auroc": meta["heldout_auroc"],
                                        **{f"judge_floor_fd_{n}": f["fd"] for n, f in meta["floors"].items()}})
 
 
@@ -214,36 +222,77 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | None = None) -> dict:
-    """Train `cfg` on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id", "model_id"}.
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What a launch starts from, built once by `prepare`: `cnd-ray train` drives it (`drive`), and
+    `cnd-ray tune` prepares one for its search and derives each trial's from it (`trial`) without
+    reading the data, training the judge or connecting again."""
+    cfg: config_lib.Config  # final: data.shards absolute (made when empty), train.name set for a run
+    name: str  # the run's or the search's name
+    folder: str  # its folder (or URI): a run's checkpoints, a search's Tune state
+    manifest: dict  # the shard set's, read once
+    judge: str | None  # the judge file every run and trial on these shards is scored by
+    downstream: str | None  # the fairness baselines file, when runs measure fairness
+
+    def trial(self, overrides: dict, name: str, storage_root: str) -> "Launch":
+        """A trial's run: the search's launch with the trial's overrides, named `name` under
+        `storage_root`; the same shards, judge and baselines."""
+        cfg = config_lib.override(self.cfg, {**overrides, "train.name": name, "train.storage": storage_root})
+        return dataclasses.replace(self, cfg=cfg, name=name, folder=storage.join(storage_root, name))
+
+
+def prepare(cfg, search: str = "") -> Launch:
+    """Everything a launch needs, once: its name and folder, the data (checked, or made synthetic),
+    Ray (connected, its resources checked), the judge and the fairness baselines. A run is named
+    by what it trains (identity.run_name); a search by `search`, its judge and baselines kept
+    beside its trials' runs, and its shards must have a val split to rank the trials on."""
+    import ray
+
+    from cnd_ray.launch import session
+
+    root = identity.storage_path(cfg)
+    if search:
+        name, folder, shared = search, storage.join(root, search), identity.trials_storage(cfg, search)
+    else:
+        name = identity.run_name(cfg)
+        folder, shared = storage.join(root, name), root
+        # Named in its own config, so the checkpoint names its run: data.shards is made absolute
+        # below, and sampling or evaluating a checkpoint finds the run by the config it holds.
+        cfg = config_lib.override(cfg, {"train.name": name})
+    if cfg.train.log_rows and storage.is_uri(root):
+        raise UserError(f"train.log_rows: writes to a local run folder, and train.storage is a URI ({root})")
+    # Given shards are checked before Ray starts; synthetic ones once made. Checked once: each
+    # shard's footer is read, a request per file on S3.
+    manifest = shardset.read_manifest(cfg.data.shards) if cfg.data.shards else None
+    if manifest:
+        check_data(cfg, manifest, search=bool(search))
+    session.connect()
+    _preflight(cfg, ray)
+    cfg = with_shards(cfg)
+    if not manifest:
+        manifest = shardset.read_manifest(cfg.data.shards)
+        check_data(cfg, manifest, search=bool(search))
+    return Launch(cfg, name, folder, manifest, prepare_judge(cfg, shared), prepare_downstream(cfg, shared, manifest))
+
+
+def run(cfg) -> dict:
+    """`cnd-ray train`: prepare the launch, then drive it."""
+    return drive(prepare(cfg))
+
+
+def drive(launch: Launch, callbacks: tuple = (), tags: dict | None = None, spool_for: str | None = None) -> dict:
+    """Train a prepared launch on Ray; returns {"checkpoint", "metrics", "run_name", "mlflow_run_id",
+    "model_id"}. The one driver function: `cnd-ray train` runs it, and Tune wraps it as each trial.
 
     `callbacks` go to Ray Train's RunConfig (Tune passes its report callback); `tags` are added to
     the MLflow run (Tune passes the parent run id and the trial's setting); `spool_for`: the
     tracking server a search spools for (its trials spool too, and the search uploads them)."""
     import ray
 
-    from cnd_ray import __version__, session
+    from cnd_ray import __version__
 
-    root = identity.storage_path(cfg)
-    name = identity.run_name(cfg)
-    # Named in its own config, so the checkpoint names its run: data.shards is made absolute below,
-    # and sampling or evaluating a checkpoint finds the run by the config it holds.
-    cfg = config_lib.override(cfg, {"train.name": name})
-    if cfg.train.log_rows and storage.is_uri(root):
-        raise UserError(f"train.log_rows: writes to a local run folder, and train.storage is a URI ({root})")
-    given = bool(cfg.data.shards)
-    if given:  # what the data decides, before Ray starts (synthetic shards: once made)
-        check_data(cfg, shardset.read_manifest(cfg.data.shards))
-    session.connect()
-    _preflight(cfg, ray)
-    cfg = with_shards(cfg)
-    manifest = shardset.read_manifest(cfg.data.shards)
-    if not given:  # checked once: each shard's footer is read, a request per file on S3
-        check_data(cfg, manifest)
-    judge_file = prepare_judge(cfg, root)
-    downstream_file = prepare_downstream(cfg, root, manifest)
-
-    run_dir = storage.join(root, name)
+    cfg, name, run_dir, manifest = launch.cfg, launch.name, launch.folder, launch.manifest
+    judge_file, downstream_file = launch.judge, launch.downstream
     latest = identity.latest_checkpoint(run_dir)
     if latest:
         _check_resume(cfg, name, latest)
@@ -254,21 +303,21 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
     tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
             "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
             "data.shards": cfg.data.shards, **(tags or {})}
-    run_id, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags,
+    run, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags,
                                              tracking.spool_artifacts(run_dir) if server else None)
     if server is None:  # however the run ends (a no-op in Tune's trials); a spool saves it at the end
-        driverlog.save_at_exit(run_dir, uri, run_id)
-    tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
-    tracking.log_dataset(uri, run_id, cfg.data.shards, manifest)
+        driverlog.save_at_exit(run_dir, run)
+    run.log_text(cfg.to_yaml(), "config.yaml")
+    run.log_dataset(cfg.data.shards, manifest)
     # The run's logged model, which its metrics link to (MLflow 3's Models); a spooled run gets none:
     # the upload copies runs, not models.
     model_id = None if server else tracking.start_model(
-        uri, cfg.track.experiment, run_id, name, {k: v for k, v in cfg.flat().items() if identity.trains(k)})
-    log_judge(uri, run_id, judge_file)
+        uri, cfg.track.experiment, run.id, name, {k: v for k, v in cfg.flat().items() if identity.trains(k)})
+    log_judge(run, judge_file)
     if server:  # rank 0, on any node, logs to a copy of what the storage holds now
         tracking.push_spool(run_dir, uri)
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
-          f"storage {run_dir}; MLflow run {run_id} at {uri}", flush=True)
+          f"storage {run_dir}; MLflow run {run.id} at {uri}", flush=True)
 
     # Ctrl-C: every rank looks for the request at every step, a file check that is free only locally
     request = None if storage.is_uri(run_dir) else os.path.join(run_dir, identity.INTERRUPT_FILE)
@@ -276,7 +325,7 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         "config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file, "downstream": downstream_file,
         "interrupt": request or "",
         "stream_start": list(start),
-        "tracking": {"uri": uri, "run_id": run_id, "after_step": last_logged, "model_id": model_id,
+        "tracking": {"uri": uri, "run_id": run.id, "after_step": last_logged, "model_id": model_id,
                      "spooled": bool(server),
                      "mirror": run_dir if server and storage.is_uri(run_dir) else None}})
     if request:
@@ -293,13 +342,14 @@ def run(cfg, callbacks: tuple = (), tags: dict | None = None, spool_for: str | N
         now = tracking.pull_spool(run_dir) if server else uri  # with what rank 0 logged
         if model_id and status != "KILLED":  # interrupted: it goes on at the relaunch
             tracking.finish_model(now, model_id, ckpt, step, cfg.to_yaml())
-        tracking.finish_run(now, run_id, status, tags)
+        ended = tracking.Run(now, run.id)
+        ended.finish(status, tags)
         if text:
-            tracking.log_text(now, run_id, text, "final_checkpoint.txt")
+            ended.log_text(text, "final_checkpoint.txt")
         if not server:
-            return run_id
+            return run.id
         tracking.push_spool(run_dir, now)
-        return run_id if spool_for else upload_spool(run_dir, name, run_id)
+        return run.id if spool_for else upload_spool(run_dir, name, run.id)
 
     try:
         with _interruptible(request):
@@ -399,7 +449,7 @@ def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str |
             run_id = done[1].get(name)
             print(f"MLflow: the spool is uploaded to {server} ({len(done[1])} run(s))", flush=True)
             if run_id:
-                driverlog.save_at_exit(run_dir, server, run_id)
+                driverlog.save_at_exit(run_dir, tracking.Run(server, run_id))
             return run_id
     except Exception as e:  # the run's outcome matters more: keep the spool
         why = f"failed the upload ({str(e).splitlines()[0][:200]})"
@@ -408,5 +458,5 @@ def upload_spool(run_dir: str, name: str, spool_run: str | None = None) -> str |
     print(f"MLflow at {server} {why}: the run stays logged in {where}; upload it with "
           f"`cnd-ray track-sync {run_dir}`", flush=True)
     if spool_run:
-        driverlog.save_at_exit(run_dir, spool, spool_run)
+        driverlog.save_at_exit(run_dir, tracking.Run(spool, spool_run))
     return spool_run

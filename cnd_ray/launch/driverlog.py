@@ -4,9 +4,9 @@ On a cluster the driver runs on the head node (`ray submit`), and Ray forwards e
 trial's output to the driver's stdout/stderr (`log_to_driver`), so that one stream tells what went
 wrong. `capture()` tees the Python-level sys.stdout and sys.stderr into a local file (the terminal
 still gets everything); a run that has opened its MLflow run calls `save_at_exit(storage folder,
-tracking uri, run id)`, and when the capture ends - success, error, Ctrl-C - the log goes to
+MLflow run)`, and when the capture ends - success, error, Ctrl-C - the log goes to
 `<folder>/logs/driver-<UTC time>.log` and to the MLflow run as `logs/driver-<UTC time>.log`.
-Trials call `train.run` in their own processes, where no capture is active: only the driver saves.
+Trials run `train.drive` in their own processes, where no capture is active: only the driver saves.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Capture:
         # Line-buffered: a killed driver leaves every finished line on disk.
         self._file = open(self.path, "w", buffering=1, encoding="utf-8", errors="replace")
         self._lock = threading.Lock()  # Ray's log thread prints while the main thread does
-        self.targets: list[tuple[str, str, str]] = []  # (storage folder, tracking uri, run id)
+        self.targets: list[tuple] = []  # (storage folder, MLflow run)
 
     def write(self, s: str) -> None:
         with self._lock:
@@ -68,15 +68,13 @@ class Capture:
             self._file.close()
 
 
-def save(path: str, folder: str, uri: str, run_id: str) -> bool:
+def save(path: str, folder: str, run) -> bool:
     """Copy the log at `path` to `<folder>/logs/` (a local path or a pyarrow URI) and attach it to
-    the MLflow run as `logs/<file name>`; on failure print one warning line, never raise."""
-    from cnd_ray import tracking
-
+    the MLflow run (tracking.Run) as `logs/<file name>`; on failure print one warning line, never raise."""
     name = os.path.basename(path)
     dest = storage.join(folder, "logs", name)
     steps = [(dest, lambda: _copy(path, folder, name)),
-             (f"MLflow run {run_id}", lambda: tracking.log_file(uri, run_id, path, "logs"))]
+             (f"MLflow run {run.id}", lambda: run.log_file(path, "logs"))]
     failed = []
     for where, step in steps:
         try:
@@ -87,7 +85,7 @@ def save(path: str, folder: str, uri: str, run_id: str) -> bool:
         print(f"cnd-ray: warning: could not save the driver log to {'; '.join(failed)}; "
               f"it is at {path}", file=sys.stderr, flush=True)
     else:
-        print(f"driver log: {dest} (also in MLflow run {run_id} as logs/{name})",
+        print(f"driver log: {dest} (also in MLflow run {run.id} as logs/{name})",
               file=sys.stderr, flush=True)
     return not failed
 
@@ -96,11 +94,11 @@ def _copy(path: str, folder: str, name: str) -> None:
     storage.upload(path, storage.join(folder, "logs", name))
 
 
-def save_at_exit(folder: str, uri: str, run_id: str) -> None:
-    """Save this process's captured log to `folder` and the MLflow run when the capture ends; a
-    no-op without a capture (a notebook, a Tune trial's process)."""
+def save_at_exit(folder: str, run) -> None:
+    """Save this process's captured log to `folder` and the MLflow run (tracking.Run) when the
+    capture ends; a no-op without a capture (a notebook, a Tune trial's process)."""
     if _active is not None:
-        _active.targets.append((folder, uri, run_id))
+        _active.targets.append((folder, run))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""The launch layer: every module that imports Ray (DESIGN.md, "Layers")."""
