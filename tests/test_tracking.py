@@ -243,11 +243,11 @@ def test_a_finished_run_is_a_logged_model_and_a_registered_one_resolves_to_its_c
 
 def test_system_metrics_are_sampled_per_node_and_never_into_a_spool(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
-    run_id = tracking.start_run(uri, "cnd_ray", "r", {}, {})[0].id
-    info = {"uri": uri, "run_id": run_id}
-    assert tracking.system_monitor({**info, "spooled": True}, 0, 1.0) is None
-    assert tracking.system_monitor(info, 0, 0.0) is None  # off
-    monitor = tracking.system_monitor(info, 3, 0.3)
+    run, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
+    run_id, target = run.id, tracking.Target(run)
+    assert tracking.system_monitor(tracking.Target(run, spooled=True), 0, 1.0) is None
+    assert tracking.system_monitor(target, 0, 0.0) is None  # off
+    monitor = tracking.system_monitor(target, 3, 0.3)
     time.sleep(1.5)
     monitor.finish()
     metrics = tracking.mlflow_client(uri).get_run(run_id).data.metrics

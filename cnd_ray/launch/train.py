@@ -1,9 +1,11 @@
 """`cnd-ray train`, the driver: the one place a TorchTrainer is built.
 
-`run` names the run from its config (identity.py: the same config resumes), makes or checks the data,
-finds or trains the judge, opens or finds the MLflow run (or a spool when the server is away),
-checks the cluster's resources, and fits a TorchTrainer whose workers run `worker.main`. After the
+`prepare` builds a `Launch` once: the run's name from its config (identity.py: the same config
+resumes), the data made or checked, Ray connected and its resources checked, the judge and the
+fairness baselines found or trained. `drive` opens or finds the MLflow run (or a spool when the
+server is away) and fits a TorchTrainer whose workers run `worker.main` on a `worker.Plan`; after the
 fit it reads how the run ended (finished, stopped itself, interrupted) and closes the MLflow run.
+`cnd-ray tune` prepares one launch for its search and drives each trial from it.
 """
 from __future__ import annotations
 
@@ -321,13 +323,12 @@ def drive(launch: Launch, callbacks: tuple = (), tags: dict | None = None, spool
 
     # Ctrl-C: every rank looks for the request at every step, a file check that is free only locally
     request = None if storage.is_uri(run_dir) else os.path.join(run_dir, identity.INTERRUPT_FILE)
-    trainer = _trainer(cfg, manifest, (start_step, *start), callbacks, {
-        "config": cfg.to_dict(), "run_dir": run_dir, "judge": judge_file, "downstream": downstream_file,
-        "interrupt": request or "",
-        "stream_start": list(start),
-        "tracking": {"uri": uri, "run_id": run.id, "after_step": last_logged, "model_id": model_id,
-                     "spooled": bool(server),
-                     "mirror": run_dir if server and storage.is_uri(run_dir) else None}})
+    plan = worker.Plan(
+        config=cfg.to_dict(), run_dir=run_dir, judge=judge_file, downstream=downstream_file,
+        interrupt=request or "", stream_start=start,
+        tracking=tracking.Target(run, last_logged, model_id, spooled=bool(server),
+                                 mirror=run_dir if server and storage.is_uri(run_dir) else None))
+    trainer = _trainer(cfg, manifest, (start_step, *start), callbacks, plan)
     if request:
         # Ray Train's own Ctrl-C handler (installed inside fit) aborts the workers where they are,
         # losing the steps since the last checkpoint; ours, installed here, keeps them.
@@ -377,10 +378,10 @@ def drive(launch: Launch, callbacks: tuple = (), tags: dict | None = None, spool
             "model_id": model_id}
 
 
-def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, loop_config: dict):
-    """The one TorchTrainer: workers run worker.main(loop_config) on the train stream from `start`
-    (step, epoch, row) and the val split; checkpoints go to the run's folder (train.name, pinned by
-    run) in train.storage."""
+def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, plan):
+    """The one TorchTrainer: workers run worker.main on `plan` (a worker.Plan), on the train stream
+    from `start` (step, epoch, row) and the val split; checkpoints go to the run's folder (train.name,
+    pinned by prepare) in train.storage."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -400,7 +401,7 @@ def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, loop_c
     s = cfg.scale
     return TorchTrainer(
         worker.main,
-        train_loop_config=loop_config,
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker,
                                                            **({"GPU": 1} if s.use_gpu else {})},

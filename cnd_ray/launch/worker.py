@@ -8,6 +8,7 @@ that do anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -21,12 +22,11 @@ import numpy as np
 import torch
 
 from cnd_ray import checkpoint, distributed, engine, monitor, objective, storage, tracking
-from cnd_ray.launch import identity
 from cnd_ray import config as config_lib
 from cnd_ray import vae as vae_lib
 from cnd_ray.data import augment
-from cnd_ray.launch import stream
 from cnd_ray.errors import UserError
+from cnd_ray.launch import identity, stream
 
 GRID_PER_CLASS = 8  # images per class in the sample grid of an evaluation
 CPU_GRID_PER_CLASS = 2  # on a CPU, where a DiT-L draws one image in about a minute
@@ -63,13 +63,28 @@ class Console:
             say(f"stopped: {line}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the driver (train.drive) hands every worker: the run's config (as a dict: what
+    checkpoints store), its folder, the judge and fairness baselines files, the Ctrl-C request file
+    ("" off), the data position the stream starts at (epoch, row) and where rank 0 logs."""
+    config: dict
+    run_dir: str
+    judge: str | None
+    downstream: str | None
+    interrupt: str
+    stream_start: tuple[int, int]
+    tracking: tracking.Target | None
+
+
 def main(config: dict) -> None:
-    """TorchTrainer's train_loop_per_worker; `config` is what train.run puts in train_loop_config."""
+    """TorchTrainer's train_loop_per_worker: `config` is train_loop_config, {"plan": Plan}."""
     import ray
     import ray.train
     from accelerate import Accelerator
 
-    cfg = config_lib.from_dict(config["config"])
+    plan: Plan = config["plan"]
+    cfg = config_lib.from_dict(plan.config)
     # Ray Data's per-execution and Ray Train's per-report INFO lines would bury rank 0's progress.
     for name in ("ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -92,11 +107,11 @@ def main(config: dict) -> None:
         state.dit.compile()
     rt = distributed.runtime(acc.autocast, acc.scaler, acc.device, world,
                              overlap=state.dit if cfg.scale.grad_overlap else None)
-    tracker = tracking.open_tracker(config["tracking"], rank)
+    tracker = tracking.open_tracker(plan.tracking, rank)
     # One per node: its first worker samples the node's CPU, memory and GPUs into the run.
     system = ctx.get_local_rank() == 0 and tracking.system_monitor(
-        config["tracking"], ctx.get_node_rank(), cfg.track.system_metrics_every)
-    console = Console(rank, config["run_dir"])
+        plan.tracking, ctx.get_node_rank(), cfg.track.system_metrics_every)
+    console = Console(rank, plan.run_dir)
     # Which Ray nodes hold the ranks (rank order), so a multi-node run says where it ran and a
     # restart after losing a node shows where it went.
     nodes = distributed.gather(ray.get_runtime_context().get_node_id(), world)
@@ -105,10 +120,9 @@ def main(config: dict) -> None:
     tracker.tag("autocast_dtype", acc.mixed_precision)
     tracker.tag("worker_nodes", ",".join(nodes))
     try:
-        evaluator = Evaluator(cfg, state, tracker, console, rank, world, config["judge"],
-                              config.get("downstream"))
-        loop(cfg, state, rt, tracker, console, rank, world, consumed, tuple(config["stream_start"]),
-             evaluator, config.get("interrupt", ""))
+        evaluator = Evaluator(cfg, state, tracker, console, rank, world, plan.judge, plan.downstream)
+        loop(cfg, state, rt, tracker, console, rank, world, consumed, tuple(plan.stream_start),
+             evaluator, plan.interrupt)
     finally:
         tracker.close()
         if system:

@@ -10,6 +10,6 @@ from cnd_ray.tracking.spool import (PUSH_EVERY_S, SPOOL, UPLOAD_EVERY_S, SpoolUp
                                     spool_uri, spooled, sync, upload)
 from cnd_ray.tracking.store import (DEFAULT_DB, PARENT_TAG, PROBE_TIMEOUT_S, RUN_NAME_TAG,
                                     mlflow_client, reachable, resolve_uri)
-from cnd_ray.tracking.tracker import MlflowTracker, Tracker, open_tracker, system_monitor
+from cnd_ray.tracking.tracker import MlflowTracker, Target, Tracker, open_tracker, system_monitor
 from cnd_ray.tracking.ui import (RUNS_VIEW, SHARED_VIEW, UI_WAIT, UI_WORKERS, VIEW_TAG, save_search_view,
                                  stop_server, ui, ui_command, ui_urls, wait_until_up)

@@ -4,12 +4,14 @@ outage only delays metrics (failed batches are kept and retried); other ranks ge
 do-nothing `Tracker` (house rule 8). And each node's system metrics."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 import threading
 import time
 
+from cnd_ray.tracking.runs import Run
 from cnd_ray.tracking.spool import PUSH_EVERY_S, drop_copy, pull_spool, push_spool
 from cnd_ray.tracking.store import mlflow_client
 
@@ -155,27 +157,39 @@ class MlflowTracker(Tracker):
             drop_copy(self.mirror, "")  # in the storage now: this node's copy has done its work
 
 
-def open_tracker(info: dict | None, rank: int) -> Tracker:
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where the workers of a run log, as the driver opened it: the run, the last step it holds (a
+    resume logs none twice), its logged model, whether it is a spool, and for a spool at a URI the
+    run folder whose spool each node logs to a copy of (`mirror`)."""
+    run: Run
+    after_step: int = -1
+    model_id: str | None = None
+    spooled: bool = False
+    mirror: str | None = None
+
+
+def open_tracker(target: Target | None, rank: int) -> Tracker:
     """The tracker for this rank: MLflow on rank 0 when the driver opened a run, else nothing."""
-    if rank != 0 or not info:
+    if rank != 0 or not target:
         return Tracker()
-    mirror = info.get("mirror")  # a spool at a URI: log to a copy of it on this node
-    return MlflowTracker(pull_spool(mirror) if mirror else info["uri"], info["run_id"],
-                         info.get("after_step", -1), mirror=mirror, model_id=info.get("model_id"))
+    m = target.mirror  # a spool at a URI: log to a copy of it on this node
+    return MlflowTracker(pull_spool(m) if m else target.run.uri, target.run.id, target.after_step,
+                         mirror=m, model_id=target.model_id)
 
 
-def system_monitor(info: dict | None, node: int, every: float):
+def system_monitor(target: Target | None, node: int, every: float):
     """MLflow's system metrics (CPU, memory; GPU use and memory where NVML finds GPUs) of this node,
     logged under the run as system/node<node>/..., or None: off (every 0), no run, or a spool (its
     store is a per-node copy that only rank 0's pushes). Call on one rank per node; `.finish()`."""
-    if not info or not every or info.get("spooled"):
+    if not target or not every or target.spooled:
         return None
     import logging
 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # "no GPU" on CPU nodes
-    monitor = SystemMetricsMonitor(info["run_id"], sampling_interval=every, resume_logging=True,
-                                   node_id=f"node{node}", tracking_uri=info["uri"])
+    monitor = SystemMetricsMonitor(target.run.id, sampling_interval=every, resume_logging=True,
+                                   node_id=f"node{node}", tracking_uri=target.run.uri)
     monitor.start()
     return monitor
