@@ -1,20 +1,20 @@
 """`cnd-ray <verb> [--config X] [section.key=value ...]`: the only argv parser.
 
-Verb modules are imported lazily, so `cnd-ray --help` imports neither torch nor ray. Flags are only
-for paths; anything that changes what is trained is a config field given as section.key=value.
+It parses and dispatches: each verb is a function of verbs.py, whose result prints itself. Verb
+modules are imported lazily, so `cnd-ray --help` imports neither torch nor ray. Flags are only for
+paths; anything that changes what is trained is a config field given as section.key=value.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import inspect
-import os
-import signal
 import sys
 
 from cnd_ray import config as config_lib
-from cnd_ray.launch import driverlog
+from cnd_ray import verbs
 from cnd_ray.errors import UserError
+from cnd_ray.launch import driverlog
 
 CONFIG_HELP = ("packaged config name ({names}) or a YAML path; dataclass defaults (the paper's "
                "setup) when omitted")
@@ -27,18 +27,6 @@ def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None
                    f"packaged config name ({names}) or a YAML path (default: {default})")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. method.lambda_cls=0.3 model.size=S")
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(args.config, args.overrides)
-    print(cfg.to_yaml(), end="")
-    if args.params:
-        from cnd_ray.models import params  # imports torch only when asked for
-
-        counts = params.count(cfg)
-        print(f"dit_params: {counts['dit']}")
-        print(f"classifier_params: {counts['classifier']}")
-    return 0
 
 
 def _default(where, name: str):
@@ -54,123 +42,6 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
     return {n: getattr(args, n) for n in names if hasattr(args, n)}
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from cnd_ray.launch import ingest
-
-    m = ingest.run(args.root, args.out, **_given(args, "labels", "image_size", "latent", "ak_malignant",
-                                                 "val_fraction", "seed", "shard_mb", "overwrite", "test"))
-    splits = ", ".join(f"{s} {c['benign'] + c['malignant']} ({c['malignant']} malignant)"
-                       for s, c in m["splits"].items())
-    print(f"ingested {m['num_images']} images ({m['classes']['benign']} benign, "
-          f"{m['classes']['malignant']} malignant; {splits}) in {m['seconds']} s")
-    reasons = ", ".join(f"{n} {r}" for r, n in m["rejects_by_reason"].items()) or "none"
-    print(f"rejected {m['num_rejected']} inputs ({reasons}) and merged {m['num_duplicates']} "
-          "duplicates: see rejects.csv and duplicates.csv")
-    print(f"shards: {os.path.abspath(args.out)}")
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from cnd_ray.launch import stream
-
-    good, problems = stream.verify(args.shards)
-    for line in problems:
-        print(line)
-    print(f"{good} rows read and decoded; {len(problems)} problem(s)"
-          + (f": re-ingest {args.shards}" if problems else ""))
-    return 1 if problems else 0
-
-
-def cmd_track_sync(args: argparse.Namespace) -> int:
-    from cnd_ray import tracking
-
-    left = tracking.spool_server(args.run_dir)
-    if left is None:
-        raise UserError(f"{args.run_dir}: no MLflow spool here ({tracking.SPOOL}/): nothing waits for upload")
-    done = tracking.upload(args.run_dir, to=args.to)
-    if done is None:
-        raise UserError(f"MLflow at {args.to or left} does not answer: start it and run this again "
-                        "(or --to URI)")
-    for name, run_id in done[1].items():
-        print(f"uploaded run {name} to {done[0]} (run {run_id})")
-    return 0
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from cnd_ray.data import synth
-
-    s = synth.run(args.out, **_given(args, "num_images", "image_size", "malignant_fraction", "seed",
-                                     "difficulty", "test_per_tone"))
-    tones = ", ".join(f"{g} {n}" for g, n in s["tone_groups"].items())
-    print(f"wrote {s['num_images']} synthetic images ({s['benign']} benign, {s['malignant']} "
-          f"malignant; skin tones {tones}; {s['difficulty']} difficulty) in the ISIC 2020 layout to "
-          f"{s['out']} in {s['seconds']:.1f} s")
-    if s["test_out"]:
-        print(f"and a test set of {s['test_images']} images, every skin-tone group alike, to {s['test_out']}")
-        print(f"next: cnd-ray ingest --root {s['out']} --test {s['test_out']} --out SHARDS")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from cnd_ray.launch import train
-
-    cfg = config_lib.load(args.config, args.overrides)
-    try:
-        out = train.run(cfg)
-    except train.TrainingStopped as e:
-        print(f"cnd-ray train: stopped: {e}", file=sys.stderr)
-        return 1
-    except train.TrainingInterrupted as e:
-        print(f"cnd-ray train: {e}", file=sys.stderr)
-        return 130  # as a shell reports a Ctrl-C
-    print(f"checkpoint: {out['checkpoint']}")
-    return 0
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from cnd_ray import tracking
-    from cnd_ray.launch import tune
-
-    cfg = config_lib.load(args.config, args.overrides)
-    out = tune.run(args.space, cfg, resume=args.resume, name=args.name or "")
-    print(f"\nsearch {out['name']} ({out['path']}), best first:\n")
-    print(out["table"])
-    best = out["best"]
-    if best:
-        print(f"best trial: {best['trial']}" + (f" (setting {best['setting']})" if best["setting"] else "")
-              + f"; checkpoint: {best['checkpoint']}")
-    print(f"MLflow parent run {out['parent_run_id']}; browse it with: "
-          f"{tracking.ui_command(out['tracking_uri'])}")
-    return 0 if best else 1
-
-
-def cmd_quickstart(args: argparse.Namespace) -> int:
-    from cnd_ray import quickstart, tracking
-
-    cfg = config_lib.load(args.config, args.overrides)
-    out = quickstart.run(cfg, **_given(args, "out", "space"))
-    search = out["search"]
-    print(f"\n{search['table']}")
-    for mode, comp in (out["comparison"] or {}).items():
-        title = quickstart.mode_title(mode, comp["scale"])
-        print(f"## The paper's table, at this scale, {title} (95% intervals)\n\n"
-              f"{quickstart.paper_table(comp, out['floors'], out['real_lesion_share'])}")
-        print(f"## Each setting against setting {quickstart.BASELINE}, {title}\n\n{quickstart.verdict_table(comp)}")
-    if out["comparison"]:
-        print("\n".join(quickstart.verdicts(out["comparison"])) + "\n")
-    if out["fairness"]:
-        print(out["fairness"])
-    print(f"time:    {out['seconds'] / 60:.1f} minutes")
-    print(f"report:  {out['report']}")
-    print(f"search:  {search['path']}")
-    if out["best"]:
-        print(f"best:    {out['best']['checkpoint']}")
-        print(f"next:    cnd-ray evaluate --ckpt {out['best']['checkpoint']} --reference "
-              f"{out['shards']} --num-samples 1000 eval.extractors=fidelity")
-    print(f"MLflow:  {tracking.ui_command(search['tracking_uri'])}")
-    return 0 if out["best"] else 1
-
-
 # Sampling flags the issue's users type, and the config key each one sets.
 SAMPLING_FLAGS = {"sampler": "diffusion.sampler", "steps": "diffusion.sample_steps",
                   "cfg_scale": "diffusion.guidance_scale", "seed": "eval.seed"}
@@ -179,38 +50,6 @@ SAMPLING_FLAGS = {"sampler": "diffusion.sampler", "steps": "diffusion.sample_ste
 def sampling_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={getattr(args, flag)}" for flag, key in SAMPLING_FLAGS.items()
             if getattr(args, flag, None) is not None] + list(args.overrides)
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from cnd_ray.launch import sample
-
-    out = sample.run(args.ckpt, args.out, args.num_per_class, sampling_overrides(args), tone=args.tone)
-    p = out["protocol"]
-    t = out["timing"]
-    rate = f", {t['images_per_s']} img/s on {t['actors']} {t['device']} actors" if out["generated"] else ""
-    print(f"{out['images']} images ({out['generated']} new{rate}) from step {p['step']} with "
-          f"{p['sampler']} x {p['steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']}")
-    if out.get("tone_check"):
-        c = out["tone_check"]
-        print(f"skin tone read back (ITA on the pixels): {100 * c['match']:.0f}% of {c['images']} images "
-              f"in the requested group {c['requested']}; by group: {c['read_back']} "
-              f"({c['groups']} = unknown)")
-    print(f"samples: {out['out']}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnd_ray.evaluate import run as evaluate
-
-    counts = [f"eval.num_samples={args.num_samples}"] if args.num_samples else []
-    res = evaluate.run(args.ckpt, args.reference, out=args.out or "",
-                       overrides=counts + sampling_overrides(args))
-    print()
-    print(evaluate.report(res), end="")
-    m = res["mlflow"]
-    print(f"\nmetrics: {res['out']}/metrics.json and metrics.md")
-    print(f"MLflow run {m['run_id']}{' (new)' if m['new_run'] else ''} at {m['tracking_uri']}")
-    return 0
 
 
 def _named_paths(values: list[str]) -> dict[str, str]:
@@ -223,17 +62,6 @@ def _named_paths(values: list[str]) -> dict[str, str]:
             raise UserError(f"--eval {name}: given twice ({out[name]} and {path})")
         out[name] = path
     return out
-
-
-def cmd_fairness(args: argparse.Namespace) -> int:
-    from cnd_ray.fairness import run as fairness
-
-    res = fairness.run(args.real, args.synthetic, _named_paths(args.eval), out=args.out or "",
-                       ckpt=args.ckpt or "", overrides=args.overrides)
-    print()
-    print(fairness.markdown(res), end="")
-    print(f"\nreport: {res['out']}/fairness.json and fairness.md; MLflow run {res['mlflow_run_id']}")
-    return 0
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -256,60 +84,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="sampling settings: diffusion.eta, data.vae, eval.batch_size, eval.actors, ...")
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    import socket
-
-    from cnd_ray import tracking
-
-    cfg = config_lib.load(args.config, args.overrides)
-    uri = tracking.resolve_uri(cfg.track.tracking_uri)
-    if uri.startswith("http"):
-        print(f"MLflow UI: {uri} (a tracking server already serves it)")
-        return 0
-    port = args.port
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    # The pages are read while the server starts (both load MLflow: seconds on a busy laptop), but a
-    # new store is made first: both creating its tables at once killed the server ("Online
-    # migration expected to match one row").
-    new = uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):])
-    urls = tracking.ui_urls(uri, base, cfg.track.experiment) if new else None
-    proc = tracking.ui(uri, port)
-    try:  # the pages are printed once they answer, so a click on them works
-        urls = urls or tracking.ui_urls(uri, base, cfg.track.experiment)
-        up = tracking.wait_until_up(proc, base, timeout=tracking.UI_WAIT, say=lambda m: print(m, flush=True))
-    except BaseException:
-        tracking.stop_server(proc)
-        raise
-    print(f"MLflow UI for {uri}: {urls['runs']} (Ctrl-C stops it)" +
-          (f"; up in {up:.1f} s" if up is not None else f"; not answering after {tracking.UI_WAIT} s yet"), flush=True)
-    if "search" in urls:
-        print(f"latest search, its trials side by side: {urls['search']}", flush=True)
-    if "parent" in urls:
-        print(f"latest search's parent run: {urls['parent']}", flush=True)
-
-    def _stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # Killed (SIGTERM) or its terminal closed (SIGHUP): stop the server too, not only on Ctrl-C.
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGHUP, _stop)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        tracking.stop_server(proc)
-
-
-def _add_ingest(verbs) -> None:
+def _add_ingest(sub) -> None:
     from cnd_ray.data import layouts  # numpy/pyarrow only: --help stays free of torch/ray
 
     run = config_lib.IngestConfig
-    p = verbs.add_parser(
+    p = sub.add_parser(
         "ingest", help="ISIC archives (2016-2020, HAM10000, Archive exports) -> Parquet shards",
         description="Find every ISIC layout under the roots (recursively), label, de-duplicate, split "
                     "by patient/lesion, decode and resize through Ray Data, and write Parquet shards "
@@ -342,12 +121,12 @@ def _add_ingest(verbs) -> None:
                    help=f"payload per Parquet shard (default: {_default(run, 'shard_mb')})")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
                    help="replace a non-empty --out (atomically, once the new one is complete)")
-    p.set_defaults(func=cmd_ingest)
+    p.set_defaults(run=lambda a: verbs.ingest(a.root, a.out, **_given(a, "labels", "image_size", "latent", "ak_malignant", "val_fraction", "seed", "shard_mb", "overwrite", "test")))
 
 
-def _add_synth(verbs) -> None:
+def _add_synth(sub) -> None:
     run = config_lib.SynthConfig
-    p = verbs.add_parser(
+    p = sub.add_parser(
         "synth", help="write a synthetic dermoscopy data set in the ISIC 2020 layout",
         description="Dermoscopy-like images (vignette, hairs, a lesion painted from a severity: benign "
                     "small, round, even brown; malignant larger, asymmetric, irregular, several colours) "
@@ -367,33 +146,33 @@ def _add_synth(verbs) -> None:
     p.add_argument("--difficulty", choices=config_lib.SYNTH_DIFFICULTIES, default=argparse.SUPPRESS,
                    help=f"isic: class cues and skin tones as on ISIC; easy: every lesion plain, every "
                         f"tone alike (default: {_default(run, 'difficulty')})")
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(run=lambda a: verbs.synth(a.out, **_given(a, "num_images", "image_size", "malignant_fraction", "seed", "difficulty", "test_per_tone")))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnd-ray",
         description="Class-N-Diff: a DiT trained jointly with a benign/malignant classifier.")
-    verbs = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
 
-    p = verbs.add_parser("config", help="print the resolved, validated config as YAML",
+    p = sub.add_parser("config", help="print the resolved, validated config as YAML",
                          description="Resolve defaults <- --config <- overrides, validate, and "
                                      "print the result as YAML (exit code 2 on a bad key/value).")
     _config_args(p)
     p.add_argument("--params", action="store_true",
                    help="also print dit_params and classifier_params (all parameters)")
-    p.set_defaults(func=cmd_config)
-    _add_ingest(verbs)
-    p = verbs.add_parser(
+    p.set_defaults(run=lambda a: verbs.config(a.config, a.overrides, params=a.params))
+    _add_ingest(sub)
+    p = sub.add_parser(
         "verify", help="read ingested shards back in full: checksums, footers, every row decoded",
         description="Check every shard the manifest lists: its sha256 against the manifest's, its "
                     "footer and row count, every Parquet page's CRC, and every row decoded. Prints "
                     "one line per shard and one per problem (file, row group, image id); exit 1 "
                     "when any is found.")
     p.add_argument("shards", metavar="SHARDS", help="folder (or URI) written by `cnd-ray ingest`")
-    p.set_defaults(func=cmd_verify)
-    _add_synth(verbs)
-    p = verbs.add_parser(
+    p.set_defaults(run=lambda a: verbs.verify(a.shards))
+    _add_synth(sub)
+    p = sub.add_parser(
         "track-sync", help="upload a run's MLflow spool (kept while the tracking server was away)",
         description="A run whose tracking server did not answer at start logs to an MLflow store "
                     "in its folder (mlflow-spool/, in a local folder or at a URI such as s3://) and "
@@ -404,16 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a search's (train.storage/<search name>): its parent run and trials")
     p.add_argument("--to", metavar="URI", default="", help="another tracking server than the one the "
                    "run was started with")
-    p.set_defaults(func=cmd_track_sync)
-    p = verbs.add_parser(
+    p.set_defaults(run=lambda a: verbs.track_sync(a.run_dir, to=a.to))
+    p = sub.add_parser(
         "train", help="train Class-N-Diff on Ray Train workers, logged to MLflow",
         description="Train on scale.num_workers Ray Train workers (the cluster in RAY_ADDRESS, else a "
                     "local Ray) from data.shards (synthetic shards are made when it is empty). The run "
                     "is named from its config (or train.name): rerunning the same command resumes "
                     "from the latest checkpoint in train.storage. Prints `checkpoint: <path>` last.")
     _config_args(p)
-    p.set_defaults(func=cmd_train)
-    p = verbs.add_parser(
+    p.set_defaults(run=lambda a: verbs.train(a.config, a.overrides))
+    p = sub.add_parser(
         "tune", help="search the gamma schedule, lambda and step period with Ray Tune",
         description="Run the search a space file describes (tune_spaces/README.md): every trial is a "
                     "full `cnd-ray train` run of the base config with the trial's overrides, a child "
@@ -427,10 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="require an interrupted search to resume (without it: resume if there is one)")
     p.add_argument("--name", default="", help="search name (default: <space>-<hash of space and config>)")
-    p.set_defaults(func=cmd_tune)
+    p.set_defaults(run=lambda a: verbs.tune(a.space, a.config, a.overrides, resume=a.resume, name=a.name or ""))
     from cnd_ray import quickstart  # stdlib + config only: --help stays free of torch/ray
 
-    p = verbs.add_parser(
+    p = sub.add_parser(
         "quickstart", help="the main job: data, the paper's five settings, samples, a report",
         description="Synthesise and ingest a small data set (unless data.shards is given), train the "
                     "judge, run the paper_settings search (METHOD.md section 4: five Class-N-Diff "
@@ -448,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"search space (default: {_default(quickstart.run, 'space')})")
     p.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
                    help=f"report folder (default: {_default(quickstart.run, 'out')})")
-    p.set_defaults(func=cmd_quickstart)
-    p = verbs.add_parser(
+    p.set_defaults(run=lambda a: verbs.quickstart(a.config, a.overrides, **_given(a, "out", "space")))
+    p = sub.add_parser(
         "sample", help="class folders of PNGs from a checkpoint's EMA model, on Ray actors",
         description="Generate --num-per-class images of every class from the checkpoint's EMA weights "
                     "(decoded by the run's VAE in latent space) on a pool of Ray actors, one model "
@@ -462,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or one to finish)")
     p.add_argument("--tone", type=int, default=None, metavar="G",
                    help="skin-tone group to request (models trained with model.tone_groups > 0)")
-    p.set_defaults(func=cmd_sample)
-    p = verbs.add_parser(
+    p.set_defaults(run=lambda a: verbs.sample(a.ckpt, a.out, a.num_per_class, sampling_overrides(a), tone=a.tone))
+    p = sub.add_parser(
         "evaluate", help="FID/KID at 5k/10k/20k samples, MS-SSIM, class fidelity, memorisation",
         description="Reproduce the paper's table for a checkpoint (METHOD.md section 4): generate the "
                     "largest --num-samples count with `cnd-ray sample` (the reference split's class "
@@ -483,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "5000,10000,20000)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: evaluation/<run name>-step<step>)")
-    p.set_defaults(func=cmd_evaluate)
-    p = verbs.add_parser(
+    p.set_defaults(run=lambda a: verbs.evaluate(a.ckpt, a.reference, a.out or "", ([f"eval.num_samples={a.num_samples}"] if a.num_samples else []) + sampling_overrides(a)))
+    p = sub.add_parser(
         "fairness", help="downstream classifiers on real vs real+synthetic data, per skin tone",
         description="Train a benign/malignant classifier (fairness.backbone) on the --real shards "
                     "alone and on them plus the --synthetic images (rebalanced by fairness.balance: "
@@ -509,13 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: fairness-<hash>)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="fairness.* (backbone, steps, balance, ...) and track.* settings")
-    p.set_defaults(func=cmd_fairness)
-    p = verbs.add_parser("ui", help="open the MLflow UI for the configured tracking store",
+    p.set_defaults(run=lambda a: verbs.fairness(a.real, a.synthetic, _named_paths(a.eval), a.out or "", a.ckpt or "", a.overrides))
+    p = sub.add_parser("ui", help="open the MLflow UI for the configured tracking store",
                          description="Start `mlflow ui` on 127.0.0.1 (a free port unless --port) for "
                                      "track.tracking_uri / $MLFLOW_TRACKING_URI / ./mlflow.db.")
     _config_args(p)
     p.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
-    p.set_defaults(func=cmd_ui)
+    p.set_defaults(run=lambda a: verbs.ui(a.config, a.overrides, port=a.port))
     return parser
 
 
@@ -540,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     with driverlog.capture() if args.verb in LOGGED_VERBS else contextlib.nullcontext():
         try:
-            return args.func(args)
+            result = args.run(args)
+            if str(result):
+                print(result, flush=True)
+            if result.err:
+                print(result.err, file=sys.stderr)
+            return result.code
         except UserError as e:  # config, paths, data: one line, exit code 2
             print(f"cnd-ray {args.verb}: error: {e}", file=sys.stderr)
             return 2

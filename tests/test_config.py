@@ -195,3 +195,19 @@ def test_the_quickstart_recipe_is_its_own_and_the_paper_keeps_the_papers():
     assert q.diffusion.guidance_scale > 1 and q.eval.sample_metrics
     assert (p.diffusion.loss_weighting, p.optim.warmup_steps, p.optim.ema_warmup, p.optim.grad_clip,
             p.diffusion.guidance_scale) == ("uniform", 0, False, 0.0, 1.0)
+
+
+def test_every_verb_is_one_function_of_verbs_py_whose_result_prints_itself():
+    """cli.py only parses and dispatches: each verb of `cnd-ray --help` is the function of the same
+    name in verbs.py, and what a verb prints is its result's str."""
+    import inspect
+
+    from cnd_ray import cli, verbs
+
+    names = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    functions = {n.replace("_", "-") for n, f in vars(verbs).items()
+                 if inspect.isfunction(f) and f.__module__ == verbs.__name__ and not n.startswith("_")}
+    assert names == functions
+    done = verbs.Verified(code=1, shards="S", good=7, problems=["S/train-0.parquet: row group 2: bad"])
+    assert str(done) == "S/train-0.parquet: row group 2: bad\n7 rows read and decoded; 1 problem(s): re-ingest S"
+    assert str(verbs.Trained(code=1, err="cnd-ray train: stopped: x")) == ""  # the error goes to stderr
