@@ -114,11 +114,16 @@ def _synthetic_shards(cfg, root: str) -> str:
     return shards
 
 
-def with_shards(cfg):
-    """`cfg` with data.shards absolute (Ray workers run elsewhere), or made synthetic when empty."""
+def shards_for(cfg) -> str:
+    """cfg's data.shards, absolute (Ray workers run elsewhere), or synthetic ones made when empty."""
     if not cfg.data.shards:
-        return config_lib.override(cfg, {"data.shards": _synthetic_shards(cfg, identity.storage_path(cfg))})
-    return config_lib.override(cfg, {"data.shards": storage.absolute(cfg.data.shards)})
+        return _synthetic_shards(cfg, identity.storage_path(cfg))
+    return storage.absolute(cfg.data.shards)
+
+
+def with_shards(cfg):
+    """`cfg` with data.shards as shards_for gives it."""
+    return config_lib.override(cfg, {"data.shards": shards_for(cfg)})
 
 
 def _preflight(cfg, ray) -> None:
@@ -243,43 +248,38 @@ class Launch:
         return dataclasses.replace(self, cfg=cfg, name=name, folder=storage.join(storage_root, name))
 
 
-def prepare(cfg, search: str = "") -> Launch:
-    """Everything a launch needs, once: its name and folder, the data (checked, or made synthetic),
-    Ray (connected, its resources checked), the judge and the fairness baselines. A run is named
-    by what it trains (identity.run_name); a search by `search`, its judge and baselines kept
-    beside its trials' runs, and its shards must have a val split to rank the trials on."""
+def prepare(cfg, name: str, search: bool = False) -> Launch:
+    """Everything a launch named `name` needs, once: its folder, the data (checked, or made
+    synthetic), Ray (connected, its resources checked), the judge and the fairness baselines. A run
+    (named by identity.run_name: what it trains) keeps its name in its config, so that its
+    checkpoints name it; a search (`search`) keeps its judge and baselines beside its trials' runs,
+    and its shards must have a val split to rank the trials on."""
     import ray
 
     from cnd_ray.launch import session
 
     root = identity.storage_path(cfg)
-    if search:
-        name, folder, shared = search, storage.join(root, search), identity.trials_storage(cfg, search)
-    else:
-        name = identity.run_name(cfg)
-        folder, shared = storage.join(root, name), root
-        # Named in its own config, so the checkpoint names its run: data.shards is made absolute
-        # below, and sampling or evaluating a checkpoint finds the run by the config it holds.
-        cfg = config_lib.override(cfg, {"train.name": name})
+    shared = identity.trials_storage(cfg, name) if search else root
     if cfg.train.log_rows and storage.is_uri(root):
         raise UserError(f"train.log_rows: writes to a local run folder, and train.storage is a URI ({root})")
     # Given shards are checked before Ray starts; synthetic ones once made. Checked once: each
     # shard's footer is read, a request per file on S3.
     manifest = shardset.read_manifest(cfg.data.shards) if cfg.data.shards else None
     if manifest:
-        check_data(cfg, manifest, search=bool(search))
+        check_data(cfg, manifest, search)
     session.connect()
     _preflight(cfg, ray)
-    cfg = with_shards(cfg)
+    cfg = config_lib.override(cfg, {"data.shards": shards_for(cfg), **({} if search else {"train.name": name})})
     if not manifest:
         manifest = shardset.read_manifest(cfg.data.shards)
-        check_data(cfg, manifest, search=bool(search))
-    return Launch(cfg, name, folder, manifest, prepare_judge(cfg, shared), prepare_downstream(cfg, shared, manifest))
+        check_data(cfg, manifest, search)
+    return Launch(cfg, name, storage.join(root, name), manifest, prepare_judge(cfg, shared),
+                  prepare_downstream(cfg, shared, manifest))
 
 
 def run(cfg) -> dict:
-    """`cnd-ray train`: prepare the launch, then drive it."""
-    return drive(prepare(cfg))
+    """`cnd-ray train`: prepare the launch of the run its config names, then drive it."""
+    return drive(prepare(cfg, identity.run_name(cfg)))
 
 
 def drive(launch: Launch, callbacks: tuple = (), tags: dict | None = None, spool_for: str | None = None) -> dict:
@@ -301,21 +301,16 @@ def drive(launch: Launch, callbacks: tuple = (), tags: dict | None = None, spool
     meta = checkpoint.read_meta(latest) if latest else {}
     start_step, start = meta.get("step", 0), (meta.get("epoch", 0), meta.get("pos", 0))
 
-    uri, server = tracking_store(cfg, run_dir, name, spool_for=spool_for)
     tags = {"cnd_ray.version": __version__, "git_commit": _git_commit(),
             "cluster_resources": json.dumps(ray.cluster_resources(), sort_keys=True),
             "data.shards": cfg.data.shards, **(tags or {})}
-    run, last_logged = tracking.start_run(uri, cfg.track.experiment, name, cfg.flat(), tags,
-                                             tracking.spool_artifacts(run_dir) if server else None)
-    if server is None:  # however the run ends (a no-op in Tune's trials); a spool saves it at the end
-        driverlog.save_at_exit(run_dir, run)
-    run.log_text(cfg.to_yaml(), "config.yaml")
+    run, server, last_logged = open_run(launch, cfg.flat(), tags, "config.yaml", spool_for=spool_for)
+    uri = run.uri
     run.log_dataset(cfg.data.shards, manifest)
     # The run's logged model, which its metrics link to (MLflow 3's Models); a spooled run gets none:
     # the upload copies runs, not models.
     model_id = None if server else tracking.start_model(
         uri, cfg.track.experiment, run.id, name, {k: v for k, v in cfg.flat().items() if identity.trains(k)})
-    log_judge(run, judge_file)
     if server:  # rank 0, on any node, logs to a copy of what the storage holds now
         tracking.push_spool(run_dir, uri)
     print(f"run {name}: {'resuming at step ' + str(start_step) if latest else 'fresh start'}; "
@@ -412,6 +407,24 @@ def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, plan):
                              callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+
+
+def open_run(launch: Launch, params: dict, tags: dict, config_file: str, what: str = "run",
+             children: str | None = None, spool_for: str | None = None):
+    """(the MLflow run of `launch`, the server it spools for or None, its last logged step): found
+    again by name on a resume, else started with `params` and `tags`; its config logged as
+    `config_file` and the judge it is scored by. The driver's log is kept with it (a spooled run's:
+    at its upload). A run's and a search's parent run open here alike (`what`, `children`: see
+    tracking_store); what the caller logs next reaches a spool at a URI with its push_spool."""
+    cfg = launch.cfg
+    uri, server = tracking_store(cfg, launch.folder, launch.name, what, children, spool_for)
+    run, last = tracking.start_run(uri, cfg.track.experiment, launch.name, params, tags,
+                                   tracking.spool_artifacts(launch.folder) if server else None)
+    if server is None:  # however the run ends (a no-op in Tune's trials); a spool saves it at the end
+        driverlog.save_at_exit(launch.folder, run)
+    run.log_text(cfg.to_yaml(), config_file)
+    log_judge(run, launch.judge)
+    return run, server, last
 
 
 def tracking_store(cfg, folder: str, name: str, what: str = "run", children: str | None = None,

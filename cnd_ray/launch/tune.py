@@ -441,7 +441,7 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     import ray
 
     from cnd_ray import tracking
-    from cnd_ray.launch import driverlog, train
+    from cnd_ray.launch import train
 
     s = load_space(space, cfg)
     cfg = _every_report_evaluates(config_lib.override(cfg, s.fixed))
@@ -453,28 +453,23 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
         raise UserError(f"--resume: no search to resume at {exp_path}")
     # The data checked, Ray connected, one judge (and fairness baselines) for every trial, made
     # before the first one and found again on a restore: train.prepare, as `cnd-ray train` does.
-    launch = train.prepare(cfg, search=search)
+    launch = train.prepare(cfg, search, search=True)
     n = trial_count(s)
     concurrent = concurrency(s, launch.cfg, ray.cluster_resources(), n)
-    uri, server = train.tracking_store(launch.cfg, exp_path, search, what="search", children=trials_storage)
-    # The tracking URI resolved here: trials run in their own working directories (and, while the
-    # search spools, each spools in its run's folder: they may run on any node).
-    cfg = config_lib.override(share_cores(launch.cfg, concurrent, ray), {"track.tracking_uri": server or uri})
-    launch = dataclasses.replace(launch, cfg=cfg)
-    parent, _ = tracking.start_run(
-        uri, cfg.track.experiment, search,
-        params={"space": s.name, "search": s.search, "metric": s.metric, "mode": s.mode,
-                "num_trials": n, "scheduler": s.scheduler},
-        tags={"cnd_ray.kind": "search", "cnd_ray.space_file": s.path},
-        artifacts=tracking.spool_artifacts(exp_path) if server else None)
-    if not server:  # the trials' output reaches this driver's log (a spool saves it at the end)
-        driverlog.save_at_exit(exp_path, parent)
+    launch = dataclasses.replace(launch, cfg=share_cores(launch.cfg, concurrent, ray))
+    parent, server, _ = train.open_run(
+        launch, {"space": s.name, "search": s.search, "metric": s.metric, "mode": s.mode,
+                 "num_trials": n, "scheduler": s.scheduler},
+        {"cnd_ray.kind": "search", "cnd_ray.space_file": s.path}, "base_config.yaml",
+        what="search", children=trials_storage)
     parent.log_text(s.text, f"space/{Path(s.path).name}")
-    parent.log_text(cfg.to_yaml(), "base_config.yaml")
-    judge_file = launch.judge
-    train.log_judge(parent, judge_file)
+    uri, judge_file = parent.uri, launch.judge
     if server:
         tracking.push_spool(exp_path, uri)
+    # The tracking URI resolved here: trials run in their own working directories (and, while the
+    # search spools, each spools in its run's folder: they may run on any node).
+    cfg = config_lib.override(launch.cfg, {"track.tracking_uri": server or uri})
+    launch = dataclasses.replace(launch, cfg=cfg)
     uploader = server and tracking.SpoolUploader(exp_path, server)  # the parent and the trials so far
     print(f"search {search}: {n} trials of {s.name}, {concurrent} at a time, metric {s.metric} "
           f"({s.mode}); {'resuming ' if restoring else ''}{exp_path}; MLflow parent run {parent.id} at {uri}",
