@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from cnd_ray import config as C
-from cnd_ray import quickstart
+from cnd_ray.jobs import quickstart
 
 SPACE = "critic_ablation"
 NAME = "critic_ablation-v2"  # fixed, so the report can be made again from the finished search

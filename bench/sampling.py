@@ -19,7 +19,7 @@ Three measurements in one run, variants side by side:
   2. `cnd_ray.launch.sample.run` with eval.actors=1 vs 2 (quickstart shape, dpm++ x 25, batch 32): wall
      seconds including actor start-up, images/s from its `timing`, and whether the PNGs match.
   3. FD/KD, MS-SSIM and class-fidelity AUROC of each sampler vs ddpm x 250 on a trained quickstart
-     model (`cnd_ray.evaluate.run.run`, one fidelity classifier judging all samplers). Without
+     model (`cnd_ray.jobs.evaluate.run`, one fidelity classifier judging all samplers). Without
      --ckpt a quickstart model is trained for --train-steps first. Inception weights are not
      downloaded: with --inception PATH, FID/KID are added.
 
@@ -214,7 +214,7 @@ def trained_checkpoint(args, tmp: str) -> tuple[str, str]:
 
 def bench_quality(args, tmp: str) -> dict:
     """Part 3: evaluate each sampler with the same fidelity classifier."""
-    from cnd_ray.evaluate import run as evaluate
+    from cnd_ray.jobs import evaluate
 
     ckpt, ref = trained_checkpoint(args, tmp)
     extractors = "fidelity,timm:resnet18" + (",inception" if args.inception else "")

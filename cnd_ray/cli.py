@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require an interrupted search to resume (without it: resume if there is one)")
     p.add_argument("--name", default="", help="search name (default: <space>-<hash of space and config>)")
     p.set_defaults(run=lambda a: verbs.tune(a.space, a.config, a.overrides, resume=a.resume, name=a.name or ""))
-    from cnd_ray import quickstart  # stdlib + config only: --help stays free of torch/ray
+    from cnd_ray.jobs import quickstart  # stdlib + config only: --help stays free of torch/ray
 
     p = sub.add_parser(
         "quickstart", help="the main job: data, the paper's five settings, samples, a report",

@@ -196,7 +196,8 @@ class Quickstarted(Result):
     run: dict = dataclasses.field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        from cnd_ray import quickstart, tracking
+        from cnd_ray import tracking
+        from cnd_ray.jobs import quickstart
 
         o, search = self.run, self.run["search"]
         out = ["", search["table"]]
@@ -221,8 +222,8 @@ class Quickstarted(Result):
 
 
 def quickstart(config_name: str | None, overrides: list[str], **given) -> Quickstarted:
-    """`cnd-ray quickstart`: data, the paper's settings as a search, samples, the report (quickstart.py)."""
-    from cnd_ray import quickstart as quickstart_lib
+    """`cnd-ray quickstart`: data, the paper's settings as a search, samples, the report (jobs/quickstart.py)."""
+    from cnd_ray.jobs import quickstart as quickstart_lib
 
     out = quickstart_lib.run(config_lib.load(config_name, overrides), **given)
     return Quickstarted(code=0 if out["best"] else 1, run=out)
@@ -260,7 +261,7 @@ class Evaluated(Result):
     res: dict = dataclasses.field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        from cnd_ray.evaluate import run as evaluate_lib
+        from cnd_ray.jobs import evaluate as evaluate_lib
 
         m = self.res["mlflow"]
         return ["", evaluate_lib.report(self.res).rstrip("\n"), "",
@@ -269,8 +270,8 @@ class Evaluated(Result):
 
 
 def evaluate(ckpt: str, reference: str, out: str, overrides: list[str]) -> Evaluated:
-    """`cnd-ray evaluate`: the paper's table for a checkpoint (evaluate/run.py)."""
-    from cnd_ray.evaluate import run as evaluate_lib
+    """`cnd-ray evaluate`: the paper's table for a checkpoint (jobs/evaluate.py)."""
+    from cnd_ray.jobs import evaluate as evaluate_lib
 
     return Evaluated(res=evaluate_lib.run(ckpt, reference, out=out, overrides=overrides))
 
@@ -280,7 +281,7 @@ class Fair(Result):
     report: dict = dataclasses.field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        from cnd_ray.fairness import run as fairness_lib
+        from cnd_ray.jobs import fairness as fairness_lib
 
         r = self.report
         return ["", fairness_lib.markdown(r).rstrip("\n"), "",
@@ -289,8 +290,8 @@ class Fair(Result):
 
 def fairness(real: str, synthetic: list[str], evals: dict[str, str], out: str, ckpt: str,
              overrides: list[str]) -> Fair:
-    """`cnd-ray fairness`: downstream classifiers on real vs real + synthetic (fairness/run.py)."""
-    from cnd_ray.fairness import run as fairness_lib
+    """`cnd-ray fairness`: downstream classifiers on real vs real + synthetic (jobs/fairness.py)."""
+    from cnd_ray.jobs import fairness as fairness_lib
 
     return Fair(report=fairness_lib.run(real, synthetic, evals, out=out, ckpt=ckpt, overrides=overrides))
 

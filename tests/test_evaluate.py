@@ -12,7 +12,7 @@ from PIL import Image
 from cnd_ray import config as C
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, metrics
-from cnd_ray.evaluate import run as evaluate
+from cnd_ray.jobs import evaluate
 from cnd_ray.data import shards as shards_lib
 from tests.helpers import MlflowServer, random_checkpoint
 

@@ -16,7 +16,8 @@ from cnd_ray import cli, config as C
 from cnd_ray.data import synth, tone
 from cnd_ray.launch import ingest
 from cnd_ray.errors import UserError
-from cnd_ray.fairness import downstream, run as fairness
+from cnd_ray.fairness import downstream
+from cnd_ray.jobs import fairness
 
 DARK_ITA = 19.0  # Fitzpatrick V-VI below this (DATA.md)
 # Every skin tone alike and plain lesions: the imbalance is planted by hand here.
@@ -360,7 +361,7 @@ def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ra
 
 
 def test_the_report_calls_a_gap_narrower_only_when_it_shrank_towards_0():
-    from cnd_ray.quickstart import auroc_word, gap_word
+    from cnd_ray.jobs.quickstart import auroc_word, gap_word
 
     # The quickstart's own rows: real only +0.152 -> setting 1's -0.013 narrowed it; setting 1's -0.013
     # -> setting 2's +0.287 widened it, though the difference is positive and setting 1's gap negative.

@@ -6,9 +6,7 @@ from pathlib import Path
 import cnd_ray
 
 CORE = ["config.py", "diffusion.py", "objective.py", "engine.py", "checkpoint.py", "models", "generate.py",
-        "distributed.py",
-        "monitor.py", "vae.py", "storage.py", "evaluate/metrics.py", "evaluate/features.py", "evaluate/fidelity.py",
-        "fairness/downstream.py"]
+        "distributed.py", "monitor.py", "vae.py", "weights.py", "storage.py", "evaluate", "fairness"]
 FORBIDDEN = {"ray", "mlflow"}
 
 

@@ -30,7 +30,7 @@ def test_the_paper_config_trains_samples_and_evaluates_on_latents(ray_local, tmp
     from cnd_ray.launch import sample
     from cnd_ray.data import synth
     from cnd_ray.launch import ingest
-    from cnd_ray.evaluate import run as evaluate
+    from cnd_ray.jobs import evaluate
 
     _sd_vae(tmp_path / "vae")
     synth.run(str(tmp_path / "img"), num_images=16, image_size=256, malignant_fraction=0.5, test_per_tone=0,

@@ -189,7 +189,7 @@ def test_every_rank_reports_the_sample_metrics_at_the_same_steps(ray_local, tmp_
     # quickstart writes out instead of redrawing, so they must be the checkpoint's own draw.
     from cnd_ray import checkpoint, monitor
     from cnd_ray.launch import sample
-    from cnd_ray.evaluate.run import read_samples
+    from cnd_ray.jobs.evaluate import read_samples
 
     kept = np.load(os.path.join(out["checkpoint"], worker.JUDGED))
     cfg, ema, step = checkpoint.load_ema(out["checkpoint"])

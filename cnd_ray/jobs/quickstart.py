@@ -117,7 +117,7 @@ def _samples(rows: list[dict], out_dir: Path, cfg) -> dict[str, dict]:
     PNG class folders `cnd-ray sample` would write."""
     from cnd_ray import checkpoint, config as C, generate, monitor
     from cnd_ray.launch import sample
-    from cnd_ray.evaluate.run import read_samples
+    from cnd_ray.jobs.evaluate import read_samples
 
     got = {}
     for row in rows:
