@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import sys
 
 from cnd_ray import config as config_lib
@@ -29,12 +28,9 @@ def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None
                    help="config overrides, e.g. method.lambda_cls=0.3 model.size=S")
 
 
-def _default(where, name: str):
-    """The default of `name`: a field of a config section (IngestConfig, SynthConfig), else a keyword
-    of a verb's run() (quickstart's folder and space)."""
-    if isinstance(where, type):
-        return getattr(where, name)
-    return inspect.signature(where).parameters[name].default
+def _default(section: type, name: str):
+    """The default of `name`: a field of a config section (IngestConfig, SynthConfig)."""
+    return getattr(section, name)
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:
@@ -224,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "About 38 minutes on this project's 2-core CPU machines; rerunning resumes.")
     _config_args(p, default="quickstart")
     p.add_argument("--space", default=argparse.SUPPRESS, metavar="NAME|FILE",
-                   help=f"search space (default: {_default(quickstart.run, 'space')})")
+                   help=f"search space (default: {quickstart.DEFAULT_SPACE})")
     p.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
-                   help=f"report folder (default: {_default(quickstart.run, 'out')})")
+                   help=f"report folder (default: {quickstart.DEFAULT_OUT})")
     p.set_defaults(run=lambda a: verbs.quickstart(a.config, a.overrides, **_given(a, "out", "space")))
     p = sub.add_parser(
         "sample", help="class folders of PNGs from a checkpoint's EMA model, on Ray actors",

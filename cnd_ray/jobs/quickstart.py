@@ -22,6 +22,7 @@ from cnd_ray import config as config_lib
 from cnd_ray.errors import UserError
 
 DEFAULT_SPACE = "paper_settings"
+DEFAULT_OUT = "quickstart"  # the report folder, under the working directory
 GRID_PER_CLASS = 8  # samples per class in each setting's grid
 BOOTS = 200  # bootstrap resamples for the table's intervals
 BASELINE = "1"  # the plain conditional DiT: what settings 2-5 are compared with
@@ -30,7 +31,7 @@ PAPER = {"1": (69.10, 48.75, 45.77, 0.583), "2": (27.21, 15.94, 18.27, 0.372),
          "3": (3.93, 2.71, 2.42, 0.316), "4": (2.69, 2.64, 2.75, 0.462), "5": (4.29, 3.90, 2.43, 0.285)}
 
 
-def run(cfg: config_lib.Config, out: str = "quickstart", space: str = DEFAULT_SPACE, name: str = "") -> dict:
+def run(cfg: config_lib.Config, out: str = DEFAULT_OUT, space: str = DEFAULT_SPACE, name: str = "") -> dict:
     """Data, search, samples, table, report; returns {"report", "search", "best", "shards",
     "comparison", "floors", "seconds"}. `name`: the search's (default: from the space and config)."""
     from cnd_ray.launch import session, train, tune
