@@ -277,9 +277,10 @@ def prepare(cfg, name: str, search: bool = False) -> Launch:
                   prepare_downstream(cfg, shared, manifest))
 
 
-def run(cfg) -> dict:
-    """`cnd-ray train`: prepare the launch of the run its config names, then drive it."""
-    return drive(prepare(cfg, identity.run_name(cfg)))
+def run(cfg, callbacks: tuple = ()) -> dict:
+    """`cnd-ray train`: prepare the launch of the run its config names, then drive it (`callbacks`:
+    Ray Train's, see drive)."""
+    return drive(prepare(cfg, identity.run_name(cfg)), callbacks)
 
 
 def drive(launch: Launch, callbacks: tuple = (), tags: dict | None = None, spool_for: str | None = None) -> dict:
