@@ -61,14 +61,18 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "MlflowServer":
+        import os
         import subprocess
         import sys
 
+        # One worker and no job runner, as `cnd-ray ui` starts it (tracking/ui.py): MLflow's 4
+        # workers under uvicorn's 5 s health check never came up beside a training here.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
              f"sqlite:///{self.folder}/server.db", "--artifacts-destination", str(self.folder / "art"),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         assert wait_for(self.up, 120), "mlflow server did not start"
         return self
 
