@@ -21,12 +21,11 @@ import time
 import torch
 
 from cnd_ray import checkpoint, storage, tracking
-from cnd_ray.launch import driverlog, identity, worker
-from cnd_ray import vae as vae_lib
 from cnd_ray import config as config_lib
+from cnd_ray import vae as vae_lib
 from cnd_ray.data import shardset
-from cnd_ray.launch import stream
 from cnd_ray.errors import UserError
+from cnd_ray.launch import driverlog, identity, stream, worker
 
 # Held-out share of synthetic data: the judge's FD compares samples with these images, per class
 # (2000 images: ~120 malignant ones instead of ~60 at ingest's default 0.1).
@@ -213,10 +212,9 @@ def log_judge(run, judge_file: str | None) -> None:
     from cnd_ray.evaluate import judge
 
     meta = judge.load(judge_file).meta
-    run.set_tags({"cnd_ray.judge": judge_file,
-                                       "cnd_ray.judge_backbone": meta["backbone"]})
+    run.set_tags({"cnd_ray.judge": judge_file, "cnd_ray.judge_backbone": meta["backbone"]})
     run.log_metrics({"judge_heldout_auroc": meta["heldout_auroc"],
-                                       **{f"judge_floor_fd_{n}": f["fd"] for n, f in meta["floors"].items()}})
+                     **{f"judge_floor_fd_{n}": f["fd"] for n, f in meta["floors"].items()}})
 
 
 def _git_commit() -> str:
