@@ -436,8 +436,6 @@ def _every_report_evaluates(cfg):
 def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     """Run (or resume) the search `space` over `cfg`; returns {"name", "rows", "best", "path",
     "parent_run_id", "table", "space", "tracking_uri", "judge"} (judge: its file, or None)."""
-    import dataclasses
-
     import ray
 
     from cnd_ray import tracking
