@@ -1,15 +1,16 @@
 """How long `cnd-ray ui`'s server takes to answer on a laptop that is training, side by side in one
 run: MLflow's default server (4 uvicorn workers under a supervisor that kills a worker missing its
-5 s health check, plus the GenAI job runner) against the one cnd_ray starts (tracking.ui: one
-worker, no job runner).
+5 s health check, plus the GenAI job runner), `mlflow ui` with one worker and no job runner (two
+processes: MLflow's CLI, then uvicorn importing MLflow again), and the server cnd_ray starts
+(tracking.ui: the same, with uvicorn in the CLI's process - tracking/serve.py).
 
 The load: a quickstart-scale training (`cnd-ray train --config quickstart`, synthetic shards, no
 judge) on a local Ray, logging to the store the UI serves, plus --burners CPU-bound processes (a
-sampling job or a bench beside it). The two servers start in alternating order, --repeats times
-each, on a fresh port; each gets --cap seconds. Printed: seconds to the first answer of /health (or
-"no answer"), medians and their ratio.
+sampling job or a bench beside it). The servers start in rotating order, --repeats times each, on a
+fresh port; each gets --cap seconds. Printed: seconds to the first answer of /health (or "no
+answer"), medians and their ratios to cnd-ray ui's.
 
-    python bench/ui_under_load.py                 # one training beside it, ~6 minutes on 2 cores
+    python bench/ui_under_load.py                 # one training beside it, ~8 minutes on 2 cores
     python bench/ui_under_load.py --burners 4     # a training and 4 busy processes
 """
 from __future__ import annotations
@@ -42,6 +43,14 @@ def mlflow_default(uri: str, port: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
                              "127.0.0.1", "--port", str(port)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def mlflow_one_worker(uri: str, port: int) -> subprocess.Popen:
+    """`mlflow ui` as cnd_ray started it before serve.py: one worker, no job runner, two processes."""
+    return subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
+                             "127.0.0.1", "--port", str(port), "--workers", "1"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 def time_to_answer(start, uri: str, cap: float) -> float | None:
@@ -80,10 +89,12 @@ def main() -> None:
                 time.sleep(2)
             print(f"load: a quickstart training (started in {time.time() - t0:.0f} s) + {args.burners} "
                   f"busy processes on {os.cpu_count()} cores", flush=True)
-            got = {"mlflow default (4 workers, job runner)": [], "cnd-ray ui (1 worker)": []}
-            starts = dict(zip(got, (mlflow_default, tracking.ui)))
+            got = {"mlflow default (4 workers, job runner)": [], "mlflow ui, 1 worker (2 processes)": [],
+                   "cnd-ray ui (1 worker, 1 process)": []}
+            starts = dict(zip(got, (mlflow_default, mlflow_one_worker, tracking.ui)))
+            names = list(got)
             for i in range(args.repeats):
-                for name in (list(got) if i % 2 == 0 else list(got)[::-1]):
+                for name in names[i % 3:] + names[:i % 3]:
                     s = time_to_answer(starts[name], uri, args.cap)
                     got[name].append(s)
                     print(f"  {name}: {'no answer' if s is None else f'{s:.1f} s'} "
@@ -99,9 +110,10 @@ def main() -> None:
         med[name] = statistics.median(ok) if ok else None
         print(f"{name}: answered {len(ok)}/{len(xs)} within {args.cap:.0f} s; median "
               f"{'-' if med[name] is None else f'{med[name]:.1f} s'}")
-    a, b = med.values()
-    if a and b:
-        print(f"mlflow default / cnd-ray ui: {a / b:.2f}x")
+    ours = med[names[-1]]
+    for name in names[:-1]:
+        if med[name] and ours:
+            print(f"{name} / cnd-ray ui: {med[name] / ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -303,6 +303,7 @@ def ui(config_name: str | None, overrides: list[str], port: int = 0) -> Result:
     It prints its pages once they answer, then serves: its output comes as it goes."""
     import signal
     import socket
+    import time
 
     from cnd_ray import tracking
 
@@ -321,10 +322,12 @@ def ui(config_name: str | None, overrides: list[str], port: int = 0) -> Result:
     # migration expected to match one row").
     new = uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):])
     urls = tracking.ui_urls(uri, base, cfg.track.experiment) if new else None
+    started = time.monotonic()
     proc = tracking.ui(uri, port)
     try:  # the pages are printed once they answer, so a click on them works
         urls = urls or tracking.ui_urls(uri, base, cfg.track.experiment)
-        up = tracking.wait_until_up(proc, base, timeout=tracking.UI_WAIT, say=lambda m: print(m, flush=True))
+        up = tracking.wait_until_up(proc, base, timeout=tracking.UI_WAIT, say=lambda m: print(m, flush=True),
+                                    since=started)
     except BaseException:
         tracking.stop_server(proc)
         raise

@@ -65,10 +65,11 @@ class MlflowServer:
         import subprocess
         import sys
 
-        # One worker and no job runner, as `cnd-ray ui` starts it (tracking/ui.py): MLflow's 4
-        # workers under uvicorn's 5 s health check never came up beside a training here.
+        # As `cnd-ray ui` starts it (tracking/ui.py): one worker, no job runner, uvicorn in MLflow
+        # CLI's process (tracking/serve.py); MLflow's 4 workers under uvicorn's 5 s health check
+        # never came up beside a training here.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+            [sys.executable, "-m", "cnd_ray.tracking.serve", "server", "--backend-store-uri",
              f"sqlite:///{self.folder}/server.db", "--artifacts-destination", str(self.folder / "art"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

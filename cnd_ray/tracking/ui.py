@@ -72,11 +72,13 @@ def ui(uri: str, port: int, workers: int = UI_WORKERS) -> subprocess.Popen:
     workers runs uvicorn's supervisor, which kills a worker that misses its 5 s health check; with a
     training and a sampling job on 2 cores every worker missed it, over and over, and the UI never
     answered (bench/ui_under_load.py). One worker has no supervisor, and one user browsing runs
-    needs no more. The job runner serves MLflow's GenAI jobs, which cnd_ray does not use; the access
+    needs no more, and so it can run in one process instead of MLflow's two (serve.py: half the
+    CPU to start). The job runner serves MLflow's GenAI jobs, which cnd_ray does not use; the access
     log would print every page load (and every health check)."""
     import sys
 
-    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+    # MLflow's `mlflow ui` command line, run with its uvicorn in the same process (serve.py)
+    args = [sys.executable, "-m", "cnd_ray.tracking.serve", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
             "--port", str(port), "--workers", str(workers), "--uvicorn-opts", "--no-access-log"]
     art = artifact_location(uri)
     if art:
@@ -86,12 +88,14 @@ def ui(uri: str, port: int, workers: int = UI_WORKERS) -> subprocess.Popen:
     return subprocess.Popen(args, start_new_session=True, env=env, stdout=2)
 
 
-def wait_until_up(proc: subprocess.Popen, url: str, timeout: float, say=print) -> float | None:
-    """Seconds until the server `proc` answers `url`/health; None if it has not after `timeout`.
-    Raises UserError if it ends first. Says so, with the machine's load, every 30 s of waiting."""
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float, say=print,
+                  since: float | None = None) -> float | None:
+    """Seconds since `since` (a time.monotonic() taken when `proc` started; default now) until the
+    server `proc` answers `url`/health; None if it has not `timeout` seconds after `since`. Raises
+    UserError if it ends first. Says so, with the machine's load, every 30 s of waiting."""
     import urllib.request
 
-    t0 = time.monotonic()
+    t0 = time.monotonic() if since is None else since
     next_say = t0 + 30
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
