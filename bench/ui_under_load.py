@@ -38,19 +38,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _mlflow_ui(uri: str, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
+                             "127.0.0.1", "--port", str(port), *extra], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
 def mlflow_default(uri: str, port: int) -> subprocess.Popen:
     """`mlflow ui` as MLflow ships it: 4 workers, job execution on."""
-    return subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
-                             "127.0.0.1", "--port", str(port)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _mlflow_ui(uri, port)
 
 
 def mlflow_one_worker(uri: str, port: int) -> subprocess.Popen:
     """`mlflow ui` as cnd_ray started it before serve.py: one worker, no job runner, two processes."""
-    return subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
-                             "127.0.0.1", "--port", str(port), "--workers", "1"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    return _mlflow_ui(uri, port, "--workers", "1", env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 def time_to_answer(start, uri: str, cap: float) -> float | None:

@@ -251,7 +251,8 @@ def test_ui_comes_up_beside_a_training_and_serves_the_runs_over_rest(tmp_path):
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
         assert run_id in [r["info"]["run_id"] for r in runs] and len(runs) == 2  # and the training's
-        server = psutil.Process(proc.pid).children()[0]  # mlflow ui: uvicorn below it
+        server = psutil.Process(proc.pid).children()[0]  # mlflow ui, serving in its own process:
+        assert not server.children()  # no second Python for uvicorn (tracking/serve.py)
     finally:
         if proc:
             proc.terminate()  # as a service manager stops it

@@ -19,7 +19,8 @@ _spawn = mlflow.server._exec_cmd  # MLflow's way of starting uvicorn, kept for w
 
 
 class _Ended:
-    """What MLflow's CLI waits on in place of the uvicorn process: by then uvicorn has ended."""
+    """What MLflow's CLI waits on in place of the uvicorn process: by then uvicorn has ended, so its
+    signal forwarder finds poll() set and forwards nothing."""
 
     def __init__(self, code: int):
         self.returncode = code
@@ -29,9 +30,6 @@ class _Ended:
 
     def wait(self, timeout: float | None = None) -> int:
         return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        pass
 
 
 def _one_worker(cmd) -> bool:

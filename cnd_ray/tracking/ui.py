@@ -78,8 +78,9 @@ def ui(uri: str, port: int, workers: int = UI_WORKERS) -> subprocess.Popen:
     import sys
 
     # MLflow's `mlflow ui` command line, run with its uvicorn in the same process (serve.py)
-    args = [sys.executable, "-m", "cnd_ray.tracking.serve", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-            "--port", str(port), "--workers", str(workers), "--uvicorn-opts", "--no-access-log"]
+    args = [sys.executable, "-m", "cnd_ray.tracking.serve", "ui", "--backend-store-uri", uri,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+            "--uvicorn-opts", "--no-access-log"]
     art = artifact_location(uri)
     if art:
         args += ["--default-artifact-root", art]
