@@ -258,7 +258,7 @@ def test_a_latent_joint_classifier_scores_images_through_the_runs_vae(latent_sha
 
 # --- fairness in the loop (cnd_ray/fairness/downstream.py) ----------------------------------------
 
-# The quickstart benchmark's real training split (cnd-ray synth's default, ingested): V-VI ~3%.
+# A real training split like the quickstart benchmark's before its V-VI share fell to ~1% (3.3% here).
 QUICKSTART_TRAIN = {"I-II": {"benign": 726, "malignant": 281}, "III-IV": {"benign": 373, "malignant": 149},
                     "V-VI": {"benign": 32, "malignant": 21}}
 
@@ -327,8 +327,8 @@ def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ra
     """The oracle: on the quickstart's benchmark and with its fairness settings, fill the cells the real
     training split lacks with held-out real images of those cells instead of a model's samples: the
     light-dark gap must narrow, paired interval excluding 0. A pipeline that cannot see this gain could
-    not see a model's. (Measured here: real-only gap +0.152 [-0.006, +0.286]; oracle minus real-only
-    -0.222 [-0.334, -0.113], worst-group AUROC +0.154 [+0.011, +0.271].)"""
+    not see a model's. (Measured here: real-only gap +0.087 [+0.026, +0.153]; oracle minus real-only
+    -0.052 [-0.088, -0.018], worst-group AUROC +0.057 [+0.021, +0.090].)"""
     from cnd_ray.launch import train
     from cnd_ray.data import shardset
 
@@ -336,7 +336,7 @@ def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ra
     shards = cfg.data.shards
     # Held-out real images of every tone group: another draw of the benchmark's tone-balanced test set.
     synth.run(tmp_path / "pool_src", num_images=20, image_size=64, malignant_fraction=0.3, seed=11,
-              test_per_tone=200, progress=False)
+              test_per_tone=300, progress=False)
     ingest.run([str(tmp_path / "pool_src")], str(tmp_path / "pool"), image_size=32, val_fraction=0.2,
                progress=False, test=[str(synth.test_folder(tmp_path / "pool_src"))])
     ds, blob = downstream.Downstream.build(cfg, shards, say=lambda m: None)
@@ -353,7 +353,9 @@ def test_the_pipeline_sees_the_gain_of_real_images_filling_the_missing_groups(ra
     real_gap = blob["models"][downstream.REAL]["report"]["light_dark_gap"]
     print("real-only gap", real_gap["value"], real_gap["ci"], "oracle minus real-only",
           detail["vs"][downstream.REAL]["light_dark_gap"], "worst group", detail["vs"][downstream.REAL]["worst_group_auroc"])
-    assert real_gap["value"] > 0, real_gap  # the darkest group is the worse one
+    # The benchmark's own promise (issue 31): trained on real images alone, the classifier is clearly
+    # worse on the darkest group - a gap the fill can narrow.
+    assert real_gap["ci"][0] > 0, real_gap
     gap = detail["vs"][downstream.REAL]["light_dark_gap"]
     assert gap["ci"][1] < 0, gap  # narrower, interval excluding 0
     assert metrics["fair_gap_vs_real"] == gap["delta"] and metrics["fair_gap_vs_real_hi"] == gap["ci"][1]

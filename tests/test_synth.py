@@ -53,7 +53,7 @@ def test_defaults_are_the_documented_ones():
     params = inspect.signature(synth.run).parameters
     assert {k: p.default for k, p in params.items() if k != "out"} == {
         "num_images": 2000, "image_size": 256, "malignant_fraction": 0.1, "seed": 0,
-        "difficulty": "isic", "test_per_tone": 100, "progress": True}
+        "difficulty": "isic", "test_per_tone": 400, "progress": True}
 
 
 def test_synth_imports_neither_torch_nor_ray():
@@ -282,7 +282,9 @@ def test_skin_tones_are_imbalanced_as_in_isic_and_the_test_set_holds_every_group
     s = synth.run(tmp_path / "t", num_images=2000, image_size=16, malignant_fraction=0.3, test_per_tone=20,
                   progress=False)
     shares = {g: n / 2000 for g, n in s["tone_groups"].items()}
-    assert shares["V-VI"] <= 0.05 and shares["I-II"] > 0.5 and shares["V-VI"] > 0.01, shares
+    # Dark skin about as rare as ITA estimates find it on ISIC (~1%); never absent, never the 3-4% at
+    # which a real-only classifier showed no clear gap (synth.ISIC_ITA).
+    assert 0.002 < shares["V-VI"] <= 0.015 and shares["I-II"] > 0.6, shares
     test = read_csv(synth.test_folder(tmp_path / "t") / synth.TRUTH)
     by_group = defaultdict(list)
     for r in test:
