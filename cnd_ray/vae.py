@@ -12,9 +12,10 @@ import torch
 from cnd_ray.errors import UserError
 
 
-def folder_for(cfg, manifest: dict) -> str:
-    """The VAE folder of a latent-space run; UserError when it is not on this machine."""
-    folder = cfg.data.vae or (manifest.get("latent") or {}).get("vae", "")
+def folder_for(cfg, manifest) -> str:
+    """The VAE folder of a latent-space run (`manifest`: the shards' shardset.Manifest); UserError
+    when it is not on this machine."""
+    folder = cfg.data.vae or (manifest.latent or {}).get("vae", "")
     if not folder:
         raise UserError(f"data.vae: the shards in {cfg.data.shards} record no VAE; set data.vae=FOLDER")
     if not os.path.isfile(os.path.join(folder, "config.json")):

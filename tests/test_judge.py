@@ -66,9 +66,9 @@ def test_the_judge_is_reused_for_the_same_shards_and_settings_and_retrained_othe
     # Other shards (another manifest) name another judge.
     other = tmp_path / "other"
     os.makedirs(other)
-    m = shardset.read_manifest(small_shards)
-    m["num_images"] += 1
-    (other / "manifest.json").write_text(__import__("json").dumps(m))
+    raw = dict(shardset.read_manifest(small_shards).raw)
+    raw["num_images"] += 1
+    (other / "manifest.json").write_text(__import__("json").dumps(raw))
     assert judge.path_for(cfg, root, str(other)) != path
     assert j.meta["manifest_digest"] == judge.manifest_digest(shardset.read_manifest(small_shards))
     assert 0.5 <= j.meta["heldout_auroc"] <= 1.0 and str(cfg.eval.search_samples) in j.meta["floors"]
@@ -116,7 +116,7 @@ def test_lesion_contrast_sees_a_dark_centred_disc_and_nothing_off_centre_or_flat
 def test_search_samples_the_reference_split_cannot_hold_are_refused_naming_the_key(judged, small_shards):
     cfg, _, j = judged
     m = shardset.read_manifest(small_shards)
-    fewest = min(m["splits"]["train"].values())
+    fewest = min(m.counts("train").benign, m.counts("train").malignant)
     with pytest.raises(UserError, match=r"^eval.search_samples: .* lower it$"):
         judge.check_shards(C.override(cfg, {"eval.search_samples": fewest + 1}), m)
     judge.check_shards(C.override(cfg, {"eval.search_samples": fewest}), m)

@@ -72,7 +72,7 @@ def test_relative_shards_path_works_inside_ray_tasks(ingested, monkeypatch):
 
 def test_oversampling_brings_classes_near_balance(ingested):
     folder, manifest = ingested["melanoma"]
-    k = shardset.oversample_factor(manifest, "train")
+    k = shardset.oversample_factor(shardset.Manifest.parse(manifest), "train")
     c = manifest["splits"]["train"]
     assert k == round(c["benign"] / c["malignant"]) > 1
     labels = [y for b in _epoch(stream.dataset(_cfg(folder, **{"data.balance": "oversample"}), "train"))
@@ -128,19 +128,24 @@ def test_latent_stream_draws_from_the_stored_posterior(latent_shards):
     assert 0.3 < use0.float().mean().item() < 0.7  # both flips are drawn
 
 
-def test_check_refuses_shards_made_for_another_model(ingested, latent_shards):
+def test_check_refuses_shards_made_for_another_model(ingested, latent_shards, tmp_path):
     folder, manifest = ingested["melanoma"]
     with pytest.raises(UserError, match="data.image_size=64 .* ingested at 32 px"):
-        shardset.check(manifest, _cfg(folder, **{"data.image_size": 64}), str(folder))
+        shardset.check(shardset.Manifest.parse(manifest), _cfg(folder, **{"data.image_size": 64}), str(folder))
     with pytest.raises(UserError, match="holds no latents"):
-        shardset.check(manifest, _cfg(folder, **{"data.space": "latent"}), str(folder))
+        shardset.check(shardset.Manifest.parse(manifest), _cfg(folder, **{"data.space": "latent"}), str(folder))
     lat_folder, lat_manifest, _ = latent_shards
     with pytest.raises(UserError, match="latent_scale"):
-        shardset.check(lat_manifest, C.load("debug", ["data.image_size=64", "data.space=latent",
+        shardset.check(shardset.Manifest.parse(lat_manifest), C.load("debug", ["data.image_size=64", "data.space=latent",
                                                        "data.latent_scale=0.5"]),
                      str(lat_folder))
     with pytest.raises(UserError, match="manifest.json"):
         shardset.read_manifest(str(folder / "nowhere"))
+    # A manifest.json that lacks a field readers need: one line naming the field and the file.
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": shardset.SCHEMA_VERSION, "image_size": 32}))
+    with pytest.raises(UserError, match=r"^data.shards: .*manifest.json: malformed or missing field "
+                                        r"\(KeyError: 'label_mode'\); re-run `cnd-ray ingest`$"):
+        shardset.read_manifest(str(tmp_path))
 
 
 def test_a_damaged_shard_is_named_before_a_run_starts(ingested, tmp_path):
@@ -151,12 +156,12 @@ def test_a_damaged_shard_is_named_before_a_run_starts(ingested, tmp_path):
     folder, manifest = ingested["melanoma"]
     copy = tmp_path / "shards"
     shutil.copytree(folder, copy)
-    shardset.check_files(str(copy), manifest)  # intact
+    shardset.check_files(str(copy), shardset.Manifest.parse(manifest))  # intact
     shard = copy / manifest["shards"][0]["file"]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # the truncated file
     with pytest.raises(UserError, match=rf"^damaged shard {shard}: .*; re-ingest {copy}$"):
-        shardset.check_files(str(copy), manifest)
+        shardset.check_files(str(copy), shardset.Manifest.parse(manifest))
     # As a user meets it: one line, exit 2, before Ray or MLflow start.
     r = subprocess.run([sys.executable, "-m", "cnd_ray", "train", "--config", "debug", f"data.shards={copy}",
                         "data.image_size=32", f"track.tracking_uri=sqlite:///{tmp_path}/m.db"],
@@ -168,10 +173,10 @@ def test_a_damaged_shard_is_named_before_a_run_starts(ingested, tmp_path):
     shard.write_bytes(other.read_bytes())
     if manifest["shards"][-1]["rows"] != manifest["shards"][0]["rows"]:
         with pytest.raises(UserError, match="rows where the manifest says"):
-            shardset.check_files(str(copy), manifest)
+            shardset.check_files(str(copy), shardset.Manifest.parse(manifest))
     shard.unlink()
     with pytest.raises(UserError, match=rf"^damaged shard {shard}: "):
-        shardset.check_files(str(copy), manifest)
+        shardset.check_files(str(copy), shardset.Manifest.parse(manifest))
 
 
 def test_verify_reads_every_row_and_names_each_damage(ingested, tmp_path):
@@ -196,7 +201,7 @@ def test_verify_reads_every_row_and_names_each_damage(ingested, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 3: len(data) // 3 + 64] = bytes(64)
     shard.write_bytes(bytes(data))
-    shardset.check_files(str(copy), manifest)  # footer and row count still fine
+    shardset.check_files(str(copy), shardset.Manifest.parse(manifest))  # footer and row count still fine
     _, problems = stream.verify(str(copy), say=lambda line: None)
     assert problems[0] == f"{shard}: sha256 differs from the manifest's (changed since ingest)"
     assert any(p.startswith(f"damaged shard {shard}, row group ") for p in problems[1:]), problems

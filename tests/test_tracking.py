@@ -183,11 +183,14 @@ def test_the_experiment_describes_itself_and_the_ui_urls_land_on_its_runs(tmp_pa
 def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):
     import json
 
-    manifest = {"label_mode": "melanoma", "image_size": 32, "latent": None,
-                "splits": {"train": {"benign": 30, "malignant": 10}, "val": {"benign": 5, "malignant": 2}},
-                "skin_tones": {"light": 20, "dark": 27},
-                "shards": [{"file": "train-00000.parquet", "split": "train", "sha256": "a"},
-                           {"file": "val-00000.parquet", "split": "val", "sha256": "b"}]}
+    from cnd_ray.data import shardset
+
+    raw = {"label_mode": "melanoma", "image_size": 32, "latent": None,
+           "splits": {"train": {"benign": 30, "malignant": 10}, "val": {"benign": 5, "malignant": 2}},
+           "skin_tones": {"light": 20, "dark": 27},
+           "shards": [{"file": "train-00000.parquet", "split": "train", "rows": 40, "sha256": "a"},
+                      {"file": "val-00000.parquet", "split": "val", "rows": 7, "sha256": "b"}]}
+    manifest = shardset.Manifest.parse(raw)
     uri = f"sqlite:///{tmp_path}/m.db"
     run, _ = tracking.start_run(uri, "cnd_ray", "r", {}, {})
     for _ in range(2):  # a resume logs again: nothing doubles
@@ -197,11 +200,12 @@ def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):
     d = next(i.dataset for i in inputs if json.loads(i.dataset.profile)["split"] == "train")
     assert d.name == "shards-32" and d.digest == tracking.shards_digest(manifest, "train") and d.source_type == "local"
     profile = json.loads(d.profile)
-    assert profile["counts"] == manifest["splits"][profile["split"]] and profile["skin_tones"]["dark"] == 27
+    assert profile["counts"] == raw["splits"][profile["split"]] and profile["skin_tones"]["dark"] == 27
     # the digest follows the contents, not where they are or when they were written
-    moved = {**manifest, "seconds": 9.0, "roots": ["/elsewhere"]}
+    moved = shardset.Manifest.parse({**raw, "seconds": 9.0, "roots": ["/elsewhere"]})
     assert tracking.shards_digest(moved, "train") == d.digest
-    changed = {**manifest, "shards": [{"file": "train-00000.parquet", "split": "train", "sha256": "c"}]}
+    changed = shardset.Manifest.parse(
+        {**raw, "shards": [{"file": "train-00000.parquet", "split": "train", "rows": 40, "sha256": "c"}]})
     assert tracking.shards_digest(changed, "train") != d.digest
     # a spooled run's datasets reach the server with it
     server = f"sqlite:///{tmp_path}/server.db"

@@ -109,13 +109,13 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_without_retries(ray_local, 
     copy = tmp_path / "shards"
     shutil.copytree(small_shards, copy)
     m = shardset.read_manifest(str(copy))
-    shard = copy / next(s["file"] for s in m["shards"] if s["split"] == "train")
+    shard = copy / next(s.file for s in m.shards if s.split == "train")
     data = bytearray(shard.read_bytes())
     data[len(data) // 3: len(data) // 3 + 4096] = bytes(4096)  # zeros inside the pages; footer intact
     shard.write_bytes(bytes(data))
     shardset.check_files(str(copy), m)  # the footer still reads: only reading the rows finds it
     cfg = _cfg(tmp_path, **{"train.name": "damaged", "train.steps": 50, "data.shards": str(copy),
-                            "data.image_size": m["image_size"], "eval.sample_metrics": "false",
+                            "data.image_size": m.image_size, "eval.sample_metrics": "false",
                             "scale.num_workers": workers})
     assert cfg.data.shuffle_buffer == C.DataConfig().shuffle_buffer == 1000  # as shipped
     t0 = time.time()

@@ -12,7 +12,7 @@ from cnd_ray.data import image as image_lib, shardset
 READ_BATCH = 256  # images decoded at a time
 
 
-def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Iterator[tuple]:
+def iter_split(shards: str, manifest: shardset.Manifest, split: str, limit: int = 0) -> Iterator[tuple]:
     """(uint8 images (B, 3, S, S), labels (B,)) batches of a split's rows, in shard order."""
     seen = 0
     for path in shardset.files(shards, manifest, split):
@@ -26,19 +26,19 @@ def iter_split(shards: str, manifest: dict, split: str, limit: int = 0) -> Itera
             yield torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), np.asarray(rows["label"][:n])
 
 
-def split_column(shards: str, manifest: dict, split: str, column: str) -> np.ndarray:
+def split_column(shards: str, manifest: shardset.Manifest, split: str, column: str) -> np.ndarray:
     """One numeric column of a split's rows in shard order (that column only: cheap)."""
     return np.concatenate([shardset.parquet_file(p).read(columns=[column]).column(column).to_numpy()
                            for p in shardset.files(shards, manifest, split)])
 
 
-def split_labels(shards: str, manifest: dict, split: str, limit: int = 0) -> np.ndarray:
+def split_labels(shards: str, manifest: shardset.Manifest, split: str, limit: int = 0) -> np.ndarray:
     """The labels of a split's rows in shard order (the label column only: cheap)."""
     labels = split_column(shards, manifest, split, "label").astype(np.int64)
     return labels[:limit] if limit else labels
 
 
-def read_rows(shards: str, manifest: dict, split: str, positions) -> torch.Tensor:
+def read_rows(shards: str, manifest: shardset.Manifest, split: str, positions) -> torch.Tensor:
     """uint8 images (N, 3, S, S) of the split's rows at `positions` (shard order), reading only the
     row groups that hold them."""
     want = {int(p): None for p in positions}

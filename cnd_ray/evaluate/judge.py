@@ -59,11 +59,11 @@ def settings(cfg) -> dict:
             "weights": features.sha256(e.fidelity_weights) if e.fidelity_weights else ""}
 
 
-def manifest_digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+def manifest_digest(manifest: shardset.Manifest) -> str:
+    return manifest.digest()[:16]
 
 
-def file_name(manifest: dict, cfg) -> str:
+def file_name(manifest: shardset.Manifest, cfg) -> str:
     key = hashlib.sha256(json.dumps(settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return f"judge-{manifest_digest(manifest)[:12]}-{key}.pt"
 
@@ -206,7 +206,7 @@ def load(path: str, device="cpu") -> Judge:
 
 # --- training -----------------------------------------------------------------------------------
 
-def _read(shards: str, manifest: dict, split: str, keep: np.ndarray | None = None):
+def _read(shards: str, manifest: shardset.Manifest, split: str, keep: np.ndarray | None = None):
     """(uint8 images (N, 3, S, S), labels (N,)) of a split, or of its rows at the sorted positions `keep`."""
     imgs, labs, start = [], [], 0
     for x, y in shards_lib.iter_split(shards, manifest, split):
@@ -219,30 +219,30 @@ def _read(shards: str, manifest: dict, split: str, keep: np.ndarray | None = Non
     return torch.cat(imgs), np.concatenate(labs).astype(np.int64)
 
 
-def check_split(manifest: dict, split: str, key: str, need: int = 2) -> dict:
+def check_split(manifest: shardset.Manifest, split: str, key: str, need: int = 2) -> shardset.Counts:
     """The split's class counts, or one line naming `key` when a class has fewer than `need`."""
-    counts = manifest["splits"].get(split)
-    short = [c for c in ("benign", "malignant") if not counts or counts.get(c, 0) < need]
+    counts = manifest.counts(split)
+    short = [c for c in ("benign", "malignant") if getattr(counts, c) < need]
     if short:
         raise UserError(f"{key}: the judge needs >= {need} {' and '.join(short)} images in split "
-                        f"'{split}' of the shards (has {counts or 0}); ingest more, or set "
+                        f"'{split}' of the shards (has {counts}); ingest more, or set "
                         "eval.sample_metrics=false")
     return counts
 
 
-def train(cfg, shards: str, manifest: dict, device="cpu", progress: bool = False,
+def train(cfg, shards: str, manifest: shardset.Manifest, device="cpu", progress: bool = False,
           say=print) -> Judge:
     """Train (or, with eval.fidelity_weights, load) the judge and take its view of the real images."""
     e = cfg.eval
     counts = check_split(manifest, e.reference_split, "eval.reference_split")
     check_split(manifest, e.heldout_split, "eval.heldout_split")
-    n = counts["benign"] + counts["malignant"]
+    n = counts.rows
     keep = np.sort(np.random.default_rng(e.seed).choice(n, min(n, e.fidelity_max_images), replace=False))
     say(f"judge: reading {len(keep)} {e.reference_split} and the {e.heldout_split} images of {shards}")
     ref_x, ref_y = _read(shards, manifest, e.reference_split, keep)
     held_x, held_y = _read(shards, manifest, e.heldout_split)
     meta = {**settings(cfg), "shards": shards, "manifest_digest": manifest_digest(manifest),
-            "image_size": manifest["image_size"], "train_images": len(ref_y)}
+            "image_size": manifest.image_size, "train_images": len(ref_y)}
     if e.fidelity_weights:
         model, given = fidelity.load(e.fidelity_weights)
         meta["backbone"] = given["backbone"]
@@ -264,14 +264,14 @@ def train(cfg, shards: str, manifest: dict, device="cpu", progress: bool = False
     say(f"judge: held-out AUROC {meta['heldout_auroc']:.3f} on {len(held_y)} {e.heldout_split} images"
         + (" - it barely tells the classes apart: its fidelity numbers mean little (raise "
            "eval.fidelity_steps)" if meta["heldout_auroc"] < WEAK_AUROC else ""))
-    if manifest["splits"].get(TEST_SPLIT):
+    if manifest.counts(TEST_SPLIT).rows:
         meta["test"] = by_group(model, shards, manifest, TEST_SPLIT)
         say("judge: on the test split, AUROC " + ", ".join(
             f"{g} {v['auroc']:.3f} (n={v['n']})" for g, v in meta["test"].items()))
     return judge
 
 
-def by_group(model, shards: str, manifest: dict, split: str) -> dict:
+def by_group(model, shards: str, manifest: shardset.Manifest, split: str) -> dict:
     """The classifier's AUROC on a split, overall ("all") and per skin-tone group (tone.GROUPS, from
     the ITA ingest estimated), each with its count and malignant count; nan where a group lacks a class."""
     x, y = _read(shards, manifest, split)
@@ -293,14 +293,14 @@ def path_for(cfg, root: str, shards: str = "") -> str:
     return storage.join(root, name)
 
 
-def check_shards(cfg, manifest: dict) -> None:
+def check_shards(cfg, manifest: shardset.Manifest) -> None:
     """One line naming the key when the shards cannot be judged with cfg's settings: both classes in
     the held-out split, and eval.search_samples per class in the reference split (the floor draws
     that many real images)."""
     e = cfg.eval
     check_split(manifest, e.heldout_split, "eval.heldout_split")
     counts = check_split(manifest, e.reference_split, "eval.reference_split")
-    fewest = min(counts["benign"], counts["malignant"])
+    fewest = min(counts.benign, counts.malignant)
     if e.search_samples > fewest:
         raise UserError(f"eval.search_samples: {e.search_samples} per class, but split "
                         f"'{e.reference_split}' of {cfg.data.shards} has only {fewest} images of its "

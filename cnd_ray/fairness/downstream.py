@@ -51,7 +51,7 @@ def stack(images: list[np.ndarray], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
 
 
-def read_real(shards: str, manifest: dict, split: str, size: int, limit: int = 0,
+def read_real(shards: str, manifest: shardset.Manifest, split: str, size: int, limit: int = 0,
               exclude: frozenset = frozenset()) -> dict:
     """A split of the shards: uint8 images (N, 3, size, size), labels, groups, ids, and the counts
     left out: `excluded` (image_id in `exclude`: MClass-D's ISIC images when MClass is evaluated)
@@ -174,30 +174,30 @@ def settings(cfg) -> dict:
             "weights": features.sha256(f.weights) if f.weights else ""}
 
 
-def file_name(manifest: dict, cfg) -> str:
-    data = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
+def file_name(manifest: shardset.Manifest, cfg) -> str:
+    data = manifest.digest()[:12]
     key = hashlib.sha256(json.dumps(settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return f"downstream-{data}-{key}.pt"
 
 
-def path_for(cfg, root: str, manifest: dict) -> str:
+def path_for(cfg, root: str, manifest: shardset.Manifest) -> str:
     """Where the baselines of these shards and cfg's settings live under a run's or search's storage."""
     return storage.join(root, "downstream", file_name(manifest, cfg))
 
 
-def check_shards(cfg, manifest: dict) -> None:
+def check_shards(cfg, manifest: shardset.Manifest) -> None:
     """One line naming the key when the shards cannot carry an in-loop evaluation: both classes in
     the real training, validation and test splits."""
     f = cfg.fairness
     for key, split in (("fairness.real_split", f.real_split), ("fairness.val_split", f.val_split),
                        ("fairness.test_split", f.test_split)):
-        counts = manifest["splits"].get(split) or {}
-        if not (counts.get("benign") and counts.get("malignant")):
+        counts = manifest.counts(split)
+        if not (counts.benign and counts.malignant):
             raise UserError(f"{key}={split}: fairness.in_loop needs benign and malignant images in that "
-                            f"split of {cfg.data.shards} (splits: {manifest['splits']}); ingest with "
+                            f"split of {cfg.data.shards} (splits: {manifest.describe_splits()}); ingest with "
                             "--test DIR, or set fairness.in_loop=off")
-    if f.image_size > manifest["image_size"]:
-        raise UserError(f"fairness.image_size={f.image_size}: larger than the shards' {manifest['image_size']} "
+    if f.image_size > manifest.image_size:
+        raise UserError(f"fairness.image_size={f.image_size}: larger than the shards' {manifest.image_size} "
                         "px; training images would be upsampled")
 
 
@@ -207,7 +207,7 @@ class Downstream:
     def __init__(self, cfg, shards: str, baselines: dict):
         manifest = shardset.read_manifest(shards)
         f = cfg.fairness
-        self.size = size = f.image_size or int(manifest["image_size"])  # the classifier's input
+        self.size = size = f.image_size or manifest.image_size  # the classifier's input
         self.cfg, self.base = cfg, baselines
         # read_real's dicts: images, labels, groups
         self.train = read_real(shards, manifest, f.real_split, size, f.real_max)

@@ -74,11 +74,10 @@ def iter_samples(folder: Path, rows: dict) -> Iterator[tuple]:
         yield read_samples(folder, idx, labels), labels
 
 
-def _split_size(manifest: dict, split: str, limit: int) -> int:
-    c = manifest["splits"].get(split)
-    if not c:
-        raise UserError(f"--reference has no '{split}' rows (splits: {', '.join(manifest['splits'])})")
-    n = c["benign"] + c["malignant"]
+def _split_size(manifest: shardset.Manifest, split: str, limit: int) -> int:
+    n = manifest.counts(split).rows
+    if not n:
+        raise UserError(f"--reference has no '{split}' rows (splits: {manifest.describe_splits()})")
     return min(n, limit) if limit else n
 
 
@@ -190,7 +189,7 @@ def _memorisation(space: str, real: np.ndarray, heldout: np.ndarray, gen: np.nda
                         for i in closest]}
 
 
-def _nn_grid(pairs: list[dict], gen_folder: Path, rows: dict, reference: str, manifest: dict,
+def _nn_grid(pairs: list[dict], gen_folder: Path, rows: dict, reference: str, manifest: shardset.Manifest,
              split: str, path: Path) -> None:
     """The samples nearest to a reference image (top row) over those images (bottom row): what a
     reader checks for copying at a glance."""
@@ -374,8 +373,8 @@ def run(ckpt: str, reference: str, out: str = "", overrides=(), progress: bool =
     e, sizes = cfg.eval, sample_counts(cfg)
     names = extractor_names(cfg)
     manifest = shardset.read_manifest(str(reference))
-    if manifest["image_size"] != cfg.data.image_size:
-        raise UserError(f"--reference {reference}: images are {manifest['image_size']} px, the "
+    if manifest.image_size != cfg.data.image_size:
+        raise UserError(f"--reference {reference}: images are {manifest.image_size} px, the "
                         f"checkpoint generates {cfg.data.image_size} px; ingest at --image-size "
                         f"{cfg.data.image_size}")
     n_ref = _split_size(manifest, e.reference_split, e.reference_max)

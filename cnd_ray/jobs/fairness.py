@@ -124,13 +124,13 @@ class Joint:
         return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def _external(name: str, root: str, size: int, manifest: dict, show: bool) -> dict:
+def _external(name: str, root: str, size: int, manifest: shardset.Manifest, show: bool) -> dict:
     """An evaluation set read at `size`: images, labels, groups (labelled or ITA), its rejects (an
     unreadable image is one, never a crash) and how many groups came from ITA."""
     from tqdm import tqdm
 
     # ISIC-2018 is labelled as the training shards were (melanoma, or malignant = MEL/BCC/SCC).
-    modes = ({"labels": manifest["label_mode"], "ak_malignant": manifest.get("ak_malignant", False)}
+    modes = ({"labels": manifest.label_mode, "ak_malignant": manifest.ak_malignant}
              if name == "isic2018" else {})
     loaded = external.load(name, root, **modes)
     images, labels, groups, measured = [], [], [], 0
@@ -169,13 +169,13 @@ def _check(real: str, synthetic: list[str], evals: dict, overrides) -> tuple:
             raise UserError(f"--eval {name}: unknown set; choose from {', '.join(external.SETS)}")
     manifest = shardset.read_manifest(real)
     for key, split in (("fairness.real_split", f.real_split), ("fairness.val_split", f.val_split)):
-        counts = manifest["splits"].get(split) or {}
-        if not (counts.get("benign") and counts.get("malignant")):
+        counts = manifest.counts(split)
+        if not (counts.benign and counts.malignant):
             raise UserError(f"{key}={split}: --real {real} needs benign and malignant images there "
-                            f"(splits: {manifest['splits']})")
-    if f.image_size > manifest["image_size"]:
+                            f"(splits: {manifest.describe_splits()})")
+    if f.image_size > manifest.image_size:
         raise UserError(f"fairness.image_size={f.image_size}: larger than the shards' "
-                        f"{manifest['image_size']} px; training images would be upsampled")
+                        f"{manifest.image_size} px; training images would be upsampled")
     return cfg, manifest, _synthetic_index(synthetic)
 
 
@@ -187,7 +187,7 @@ def run(real: str, synthetic: list[str], evals: dict[str, str], out: str = "", c
 
     cfg, manifest, syn_index = _check(real, synthetic, evals, overrides)
     f = cfg.fairness
-    size = f.image_size or int(manifest["image_size"])
+    size = f.image_size or manifest.image_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     joint = None
     if ckpt:

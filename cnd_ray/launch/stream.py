@@ -71,13 +71,13 @@ def verify(shards: str, say=print) -> tuple[int, list[str]]:
     (pixel shards: the PNG; latent ones: the posterior's length). Returns (rows that passed, one
     line per problem naming the file, and the row group and image where it is one)."""
     manifest = shardset.read_manifest(shards)
-    lat = manifest.get("latent")
+    lat = manifest.latent
     want = int(np.prod(lat["shape"])) * 2 if lat else 0  # latent_mean bytes: image and flip, float16
     good, problems = 0, []
-    for n, s in enumerate(manifest["shards"], 1):
-        path = storage.join(shards, s["file"])
+    for n, s in enumerate(manifest.shards, 1):
+        path = storage.join(shards, s.file)
         found = len(problems)
-        if s.get("sha256") and shardset.file_sha256(path) != s["sha256"]:
+        if s.sha256 and shardset.file_sha256(path) != s.sha256:
             problems.append(f"{path}: sha256 differs from the manifest's (changed since ingest)")
         try:
             f = shardset.parquet_file(path)
@@ -85,8 +85,8 @@ def verify(shards: str, say=print) -> tuple[int, list[str]]:
         except Exception as e:
             problems.append(f"damaged shard {path}: {str(e).splitlines()[0]}")
             continue
-        if f.metadata.num_rows != s["rows"]:
-            problems.append(f"damaged shard {path}: {f.metadata.num_rows} rows where the manifest says {s['rows']}")
+        if f.metadata.num_rows != s.rows:
+            problems.append(f"damaged shard {path}: {f.metadata.num_rows} rows where the manifest says {s.rows}")
         for g in range(groups):
             try:
                 t = f.read_row_group(g, columns=["image_id", "image"] + (["latent_mean"] if lat else []))
@@ -103,7 +103,7 @@ def verify(shards: str, say=print) -> tuple[int, list[str]]:
                     good += 1
                 except Exception as e:
                     problems.append(f"damaged shard {path}, row group {g}, image {i}: {e}")
-        say(f"{n}/{len(manifest['shards'])} {s['file']}: {s['rows']} rows, "
+        say(f"{n}/{len(manifest.shards)} {s.file}: {s.rows} rows, "
             f"{'ok' if len(problems) == found else f'{len(problems) - found} problem(s)'}")
     return good, problems
 

@@ -139,10 +139,10 @@ def _preflight(cfg, ray) -> None:
                         f"the cluster has {res.get('GPU', 0)}")
 
 
-def check_data(cfg, manifest: dict, search: bool = False) -> None:
+def check_data(cfg, manifest: shardset.Manifest, search: bool = False) -> None:
     """Refuse shards this config cannot train or judge on (a search: rank its trials on), naming the
     setting (or the damaged file)."""
-    if search and not manifest["splits"].get("val"):
+    if search and not manifest.counts("val").rows:
         raise UserError(f"data.shards: {cfg.data.shards} has no val split to evaluate trials on "
                         "(ingest with --val-fraction > 0)")
     shardset.check(manifest, cfg, cfg.data.shards)
@@ -172,7 +172,7 @@ def prepare_judge(cfg, root: str) -> str | None:
     return _cached(cfg, judge.path_for(cfg, judge.cache_dir(root)), judge.prepare, "judge: reusing")
 
 
-def prepare_downstream(cfg, root: str, manifest: dict) -> str | None:
+def prepare_downstream(cfg, root: str, manifest: shardset.Manifest) -> str | None:
     """The fairness baselines file for cfg's shards under the storage `root` (None without
     fairness.in_loop): found, or computed first in a Ray task, so that every run and trial on the
     same storage and shards compares with the same real-only and reweighted classifiers."""
@@ -235,7 +235,7 @@ class Launch:
     cfg: config_lib.Config  # final: data.shards absolute (made when empty), train.name set for a run
     name: str  # the run's or the search's name
     folder: str  # its folder (or URI): a run's checkpoints, a search's Tune state
-    manifest: dict  # the shard set's, read once
+    manifest: shardset.Manifest  # the shard set's, read once
     judge: str | None  # the judge file every run and trial on these shards is scored by
     downstream: str | None  # the fairness baselines file, when runs measure fairness
 
@@ -372,7 +372,7 @@ def drive(launch: Launch, callbacks: tuple = (), tags: dict | None = None, spool
             "model_id": model_id}
 
 
-def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, plan):
+def _trainer(cfg, manifest: shardset.Manifest, start: tuple[int, int, int], callbacks, plan):
     """The one TorchTrainer: workers run worker.main on `plan` (a worker.Plan), on the train stream
     from `start` (step, epoch, row) and the val split; checkpoints go to the run's folder (train.name,
     pinned by prepare) in train.storage."""
@@ -381,16 +381,16 @@ def _trainer(cfg, manifest: dict, start: tuple[int, int, int], callbacks, plan):
     from ray.train.torch import TorchTrainer
 
     step, epoch, pos = start
-    rows = sum(manifest["splits"]["train"].values())
+    c = manifest.counts("train")
+    rows = c.rows
     if cfg.data.balance == "oversample":
-        c = manifest["splits"]["train"]
-        rows = c["benign"] + c["malignant"] * shardset.oversample_factor(manifest, "train")
+        rows = c.benign + c.malignant * shardset.oversample_factor(manifest, "train")
     epochs = math.ceil(max(0, cfg.train.steps - step) / max(1, rows // cfg.train.global_batch)) + 2  # + a margin
     # Rank 0 prints one progress line per log_every steps; Ray Data's per-operator bars (redrawn
     # by every worker and trial) would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": stream.dataset(cfg, "train", epochs=(epoch, epoch + epochs), skip_rows=pos)}
-    if manifest["splits"].get("val"):
+    if manifest.counts("val").rows:
         datasets["val"] = stream.dataset(cfg, "val", shuffle=False)
     s = cfg.scale
     return TorchTrainer(

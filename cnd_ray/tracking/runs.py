@@ -56,18 +56,20 @@ class Run:
             mlflow_client(self.uri).log_batch(self.id, metrics=[Metric(k, float(v), now, step)
                                                                 for k, v in metrics.items()])
 
-    def log_dataset(self, shards: str, manifest: dict) -> None:
-        """The run's shards as MLflow dataset inputs, one per split (its context): named by the folder,
+    def log_dataset(self, shards: str, manifest) -> None:
+        """The run's shards (`manifest`: their shardset.Manifest) as MLflow dataset inputs, one per
+        split (its context): named by the folder,
         the source its path or URI, the digest its contents, the profile its counts per class and per
         skin-tone band. MLflow's Dataset column and the run's Inputs show them."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         client = mlflow_client(self.uri)
         have = {i.dataset.digest for i in client.get_run(self.id).inputs.dataset_inputs}
-        profile = {"image_size": manifest.get("image_size"), "space": "latent" if manifest.get("latent") else "pixel",
-                   "label_mode": manifest.get("label_mode"), "skin_tones": manifest.get("skin_tones", {})}
+        profile = {"image_size": manifest.image_size, "space": "latent" if manifest.latent else "pixel",
+                   "label_mode": manifest.label_mode, "skin_tones": manifest.skin_tones}
         # One dataset per split (MLflow keeps one input per dataset and run, whatever its context).
-        splits = {split: (counts, shards_digest(manifest, split)) for split, counts in manifest.get("splits", {}).items()}
+        splits = {split: ({"benign": c.benign, "malignant": c.malignant}, shards_digest(manifest, split))
+                  for split, c in manifest.splits.items()}
         inputs = [DatasetInput(Dataset(name=os.path.basename(str(shards).rstrip("/")), digest=digest,
                                        source_type=str(shards).split("://")[0] if storage.is_uri(shards) else "local",
                                        source=json.dumps({"uri": str(shards)}),
@@ -111,11 +113,10 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def shards_digest(manifest: dict, split: str) -> str:
+def shards_digest(manifest, split: str) -> str:
     """A digest of a split's contents (each shard file's sha256, the labelling and the size): two
     runs on the same shards show the same one, wherever the folder lives."""
-    keep = {k: manifest.get(k) for k in ("label_mode", "ak_malignant", "image_size", "latent")}
-    keep["files"] = sorted((s["file"], s["sha256"]) for s in manifest.get("shards", [])
-                           if s.get("split", split) == split)
+    keep = {k: getattr(manifest, k) for k in ("label_mode", "ak_malignant", "image_size", "latent")}
+    keep["files"] = sorted((s.file, s.sha256) for s in manifest.shards if s.split == split)
     keep["split"] = split
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
