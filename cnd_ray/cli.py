@@ -129,7 +129,7 @@ def _add_synth(sub) -> None:
                     "with the ISIC 2020 ground truth CSV, so `cnd-ray ingest --root DIR` reads it, and "
                     "a test set with every skin-tone group alike beside it (DIR-test). The default "
                     "difficulty, isic, overlaps the classes' cues and skin tones as on ISIC (a "
-                    "classifier reaches AUROC ~0.9; Fitzpatrick V-VI ~1%); easy paints every lesion as "
+                    "classifier reaches AUROC ~0.9; Fitzpatrick V-VI under 1%); easy paints every lesion as "
                     "its class's prototype on tones spread evenly. Deterministic per seed.")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
     for flag, typ, name in (("--num-images", int, "num_images"), ("--image-size", int, "image_size"),

@@ -439,7 +439,7 @@ class SynthConfig:
     malignant_fraction: float = 0.1
     seed: int = 0
     # isic: class cues that overlap as on ISIC (a classifier reaches AUROC ~0.9) and skin tones as
-    # imbalanced (Fitzpatrick V-VI ~1%); easy: every lesion its class's prototype, tones uniform.
+    # imbalanced (Fitzpatrick V-VI under 1%); easy: every lesion its class's prototype, tones uniform.
     difficulty: Literal[SYNTH_DIFFICULTIES] = "isic"
     # Images per skin-tone group (I-II, III-IV, V-VI) in the test set written beside the training set,
     # so that every group can be measured; 0 = none. 400: a light-dark AUROC gap of ~0.1 then has a

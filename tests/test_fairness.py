@@ -258,7 +258,7 @@ def test_a_latent_joint_classifier_scores_images_through_the_runs_vae(latent_sha
 
 # --- fairness in the loop (cnd_ray/fairness/downstream.py) ----------------------------------------
 
-# A real training split like the quickstart benchmark's before its V-VI share fell to ~1% (3.3% here).
+# A real training split like the quickstart benchmark's before its V-VI share fell under 1% (3.3% here).
 QUICKSTART_TRAIN = {"I-II": {"benign": 726, "malignant": 281}, "III-IV": {"benign": 373, "malignant": 149},
                     "V-VI": {"benign": 32, "malignant": 21}}
 

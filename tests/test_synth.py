@@ -282,7 +282,7 @@ def test_skin_tones_are_imbalanced_as_in_isic_and_the_test_set_holds_every_group
     s = synth.run(tmp_path / "t", num_images=2000, image_size=16, malignant_fraction=0.3, test_per_tone=20,
                   progress=False)
     shares = {g: n / 2000 for g, n in s["tone_groups"].items()}
-    # Dark skin about as rare as ITA estimates find it on ISIC (~1%); never absent, never the 3-4% at
+    # Dark skin about as rare as ITA estimates find it on ISIC (under 1%); never absent, never the 3-4% at
     # which a real-only classifier showed no clear gap (synth.ISIC_ITA).
     assert 0.002 < shares["V-VI"] <= 0.015 and shares["I-II"] > 0.6, shares
     test = read_csv(synth.test_folder(tmp_path / "t") / synth.TRUTH)
