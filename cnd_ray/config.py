@@ -162,7 +162,8 @@ class ClassifierConfig:
     # fgsm from a random point of the eps box with a step of 1.25 adv_eps (Wong et al. 2020) instead of
     # from z0. A zero-start FGSM example is a fixed function of the label, which a critic can learn to
     # read instead of the image ("label leaking", Kurakin et al. 2017): on a fixed batch of 8 flat
-    # colours it did (clean loss 0.70 -> 13.7 in 250 steps; 0.11-0.22 from a random start). Off by
+    # colours it did on earlier machines (clean loss 0.70 -> 13.7 in 250 steps; 0.11-0.22 from a random
+    # start), not on AMD EPYC ones (0.17: a float-level outcome). Off by
     # default by the evidence on the benchmark: the quickstart's setting 4 from a random start drew FD
     # 3.9x setting 1's at step 2800 (patch-grid textures, benign lesions lost; 1.01x at 1400 steps over
     # 3 seeds), from z0 0.79x. docs/METHOD.md, "The ablation".
