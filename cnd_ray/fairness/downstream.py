@@ -225,12 +225,12 @@ class Downstream:
         for name, balance in BASELINES.items():
             say(f"fairness: training the {name} baseline ({cfg.fairness.backbone}, {cfg.fairness.steps} steps)")
             model = train_classifier(self.train, cfg.fairness, device, balance)
-            blob["models"][name] = self._score(model, balance)
+            blob["models"][name] = self.score(model, balance)
         blob["meta"]["seconds"] = round(time.time() - t0, 1)
         self.base = blob
         return self, blob
 
-    def _score(self, model, balance: str) -> dict:
+    def score(self, model, balance: str) -> dict:
         """A trained model's threshold (on val) and test scores, with its report."""
         t = float(metrics.choose_threshold(self.val["labels"], fidelity.scores(model, self.val["images"])))
         s = fidelity.scores(model, self.test["images"])
@@ -248,7 +248,7 @@ class Downstream:
                                                      ).round().clamp(0, 255).to(torch.uint8)
         syn = {"images": images, "labels": np.asarray(plan["label"]), "groups": measured_groups(images)}
         model = train_classifier(mix(self.train, syn), f, device, f.balance)
-        mine = self._score(model, f.balance)
+        mine = self.score(model, f.balance)
         s = np.asarray(mine["test_scores"])
         out = {"fair_synthetic": float(len(images)),
                "fair_tone_match": float(np.mean([g == GROUPS[t] for g, t in zip(syn["groups"], plan["tone"])]))
