@@ -437,7 +437,10 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
              + "), beside the same classifier on the real images alone and on them reweighted the same way "
              f"(computed once for the search). 95% bootstrap intervals ({f.bootstrap} resamples, stratified "
              "by group and label); the differences are paired on the same test images. The light-dark gap is "
-             f"{ds.GROUPS[0]} minus {ds.DARKEST} AUROC.", "",
+             f"{ds.GROUPS[0]} minus {ds.DARKEST} AUROC. The intervals cover the test images, not the "
+             "downstream classifier's seed: on the synthetic benchmark the seed alone moved the real-only "
+             "worst-group AUROC over 0.72-0.83 (docs/DATA.md), so read a difference smaller than that spread "
+             "as a lead, not a finding.", "",
              f"The real-only classifier's light-dark gap: {ds.interval(gap)} - its interval "
              + ("excludes 0: the benchmark's imbalance costs the darkest group." if excludes else
                 "includes 0: at this test size the benchmark shows no clear gap for synthetic images to close."),
