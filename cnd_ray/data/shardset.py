@@ -85,11 +85,6 @@ class Manifest:
         """sha256 (hex) of the manifest as written: another ingest, another digest."""
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()
 
-    def without(self, split: str) -> "Manifest":
-        """This manifest as if the set had no `split` (its rows and shards gone)."""
-        return dataclasses.replace(self, splits={s: c for s, c in self.splits.items() if s != split},
-                                   shards=tuple(s for s in self.shards if s.split != split))
-
 
 def read_manifest(shards: str) -> Manifest:
     """The manifest.json of an ingest output (local folder or pyarrow-filesystem URI)."""
