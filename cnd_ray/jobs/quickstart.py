@@ -457,8 +457,9 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
                      f"({gap_word(q['light_dark_gap'])})")
         lines.append(line + ".")
     if share:
+        lo, hi = (f"{x:.0%}" for x in (min(share), max(share)))
         lines += ["", f"Cost: the in-loop evaluation (drawing the fill images, training and scoring the "
-                  f"classifier) took {min(share):.0%}-{max(share):.0%} of a trial's time here."]
+                  f"classifier) took {lo if lo == hi else f'{lo}-{hi}'} of a trial's time here."]
     return lines + [""]
 
 
