@@ -278,6 +278,29 @@ def test_the_default_benchmark_overlaps_the_classes_as_isic_does(tmp_path, one_t
     assert 0.7 <= learnt <= ceiling + 0.05, (learnt, ceiling)
 
 
+def test_on_dark_skin_the_pigment_follows_the_skin_and_only_the_shape_the_class():
+    """The benchmark's light-dark gap (issue 31): the same random draws painted as the benign and the
+    malignant prototype differ in colour at the lesion's centre on light skin, not on dark skin
+    (synth.DARK_ITA), where only size and border tell them apart."""
+    half = (np.arange(64, dtype=np.float32) + 0.5) / 64 * 2 - 1
+    xx, yy = np.meshgrid(half, half)
+    centre = (slice(30, 34), slice(30, 34))  # inside every lesion: it lies within 0.08 of the middle
+    centre_gap, area_gap = {}, {}
+    for name, ita in (("light", 55.0), ("dark", synth.DARK_ITA[1] - 5)):
+        skin = synth.skin_lab(ita, np.random.default_rng(1))
+        for seed in range(8):
+            benign, malignant = (synth.draw_image(np.random.default_rng(seed), skin, m, xx, yy).astype(int)
+                                 for m in (0.0, 1.0))
+            centre_gap.setdefault(name, []).append(np.abs(benign[centre] - malignant[centre]).mean())
+            skin_rgb = np.median(benign[:8, 24:40].reshape(-1, 3), 0)  # a border band of skin
+            dark_px = [(np.abs(im - skin_rgb).sum(-1) > 60).mean() for im in (benign, malignant)]
+            area_gap.setdefault(name, []).append(dark_px[1] - dark_px[0])
+    # Mean |RGB difference| over the centre: 16-80 on light skin, 0.2-3.3 on dark skin when measured
+    # (the shading's scale is the lesion's radius, which differs).
+    assert min(centre_gap["light"]) > 10 and max(centre_gap["dark"]) < 5, centre_gap
+    assert min(area_gap["dark"]) > 0.02, area_gap  # the malignant lesion still the larger one
+
+
 def test_skin_tones_are_imbalanced_as_in_isic_and_the_test_set_holds_every_group_alike(tmp_path):
     s = synth.run(tmp_path / "t", num_images=2000, image_size=16, malignant_fraction=0.3, test_per_tone=20,
                   progress=False)
