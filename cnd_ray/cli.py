@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "each setting's samples make a fairer downstream classifier (per skin-tone group, "
                     "against real only and reweighted real; fairness.in_loop), curves (with the "
                     "critic's pull), and sample grids beside real images. "
-                    "31-38 minutes on this project's 2-core CPU machines; rerunning resumes.")
+                    "20-38 minutes on this project's 2-core CPU machines; rerunning resumes.")
     _config_args(p, default="quickstart")
     p.add_argument("--space", default=argparse.SUPPRESS, metavar="NAME|FILE",
                    help=f"search space (default: {quickstart.DEFAULT_SPACE})")

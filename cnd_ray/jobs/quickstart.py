@@ -439,7 +439,7 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
              "by group and label); the differences are paired on the same test images. The light-dark gap is "
              f"{ds.GROUPS[0]} minus {ds.DARKEST} AUROC. The intervals cover the test images, not the "
              "downstream classifier's seed: on the synthetic benchmark the seed alone moved the real-only "
-             "worst-group AUROC over 0.72-0.83 (docs/DATA.md), so read a difference smaller than that spread "
+             "worst-group AUROC over 0.65-0.77 (docs/DATA.md), so read a difference smaller than that spread "
              "as a lead, not a finding.", "",
              f"The real-only classifier's light-dark gap: {ds.interval(gap)} - its interval "
              + ("excludes 0: the benchmark's imbalance costs the darkest group." if excludes else
