@@ -245,6 +245,10 @@ def _stop(marks: list[str], gcs: int) -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_path, name):
     shipped = cluster.load(ROOT / "cluster" / name)
+    if name != "aws.yaml":  # what lets this config skip the training: its commands are aws's
+        aws = cluster.load(ROOT / "cluster" / "aws.yaml")
+        for key in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands"):
+            assert [c.replace(" --object-manager-port=8076", "") for c in aws[key]] == shipped[key], key
     assert _cli("--new-token", f"cluster/{name}").returncode == 0
     secret = Path(os.path.expanduser(cluster.token_file(shipped))).read_text()
     gcs, mlflow = free_port(), free_port()
@@ -285,12 +289,16 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
         server = f"http://127.0.0.1:{mlflow}"
         assert wait_for(lambda: healthy(server), 120), (home / "mlflow" / "server.log").read_text()[-2000:]
 
-        # As `ray submit` runs it: run.py copied to ~ and started on the head, no RAY_ADDRESS.
-        (home / "run.py").write_text((ROOT / "cluster" / "run.py").read_text())
-        r = sh(f"{sys.executable} ~/run.py train --config debug", timeout=600)
-        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-        runs = tmp_path / "storage" / "runs"
-        assert sorted(p.name for p in runs.glob("*/checkpoint_00000020")), list(runs.rglob("*"))[:20]
+        # As `ray submit` runs it: run.py copied to ~ and started on the head, no RAY_ADDRESS. Once:
+        # onprem's commands are aws's without the fixed object-manager port (checked above), and the
+        # training (~60 s) would only repeat aws's.
+        trains = name == "aws.yaml"
+        if trains:
+            (home / "run.py").write_text((ROOT / "cluster" / "run.py").read_text())
+            r = sh(f"{sys.executable} ~/run.py train --config debug", timeout=600)
+            assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+            runs = tmp_path / "storage" / "runs"
+            assert sorted(p.name for p in runs.glob("*/checkpoint_00000020")), list(runs.rglob("*"))[:20]
         import urllib.error
         import urllib.request
 
@@ -312,8 +320,9 @@ def test_the_configs_own_commands_form_a_token_cluster_that_trains(home, tmp_pat
             assert tracking.reachable(server)  # the probe sends the login too
             client = mlflow_lib.MlflowClient(server)
             found = client.search_runs([e.experiment_id for e in client.search_experiments()])
-            assert [x.info.status for x in found] == ["FINISHED"], found
-            assert client.get_metric_history(found[0].info.run_id, "loss_diff"), "the worker logged nothing"
+            assert [x.info.status for x in found] == (["FINISHED"] if trains else []), found
+            if trains:
+                assert client.get_metric_history(found[0].info.run_id, "loss_diff"), "the worker logged nothing"
         finally:
             for k, v in old.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
