@@ -212,7 +212,8 @@ def draw_image(rng: np.random.Generator, skin: np.ndarray, severity: float,
     `severity` in [0, 1] sets every class cue at once: 0 paints the benign prototype (a small, round,
     evenly brown nevus with a smooth border, a little darker in the middle), 1 the malignant one
     (larger, asymmetric, shaded along an axis, a ragged border, patches of blue-grey, black or red,
-    mottled); values between blend each cue, as atypical nevi and early melanomas do.
+    mottled); values between blend each cue, as atypical nevi and early melanomas do. On dark skin
+    (DARK_ITA) the pigment cues take a random severity of their own: only size and border follow it.
     """
     size = xx.shape[0]
     fine = rng.standard_normal((size, size), dtype=np.float32)
