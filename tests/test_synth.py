@@ -299,6 +299,10 @@ def test_on_dark_skin_the_pigment_follows_the_skin_and_only_the_shape_the_class(
     # (the shading's scale is the lesion's radius, which differs).
     assert min(centre_gap["light"]) > 10 and max(centre_gap["dark"]) < 5, centre_gap
     assert min(area_gap["dark"]) > 0.02, area_gap  # the malignant lesion still the larger one
+    # The easy set paints every tone alike: its prototypes differ in colour on dark skin too.
+    easy = [synth.draw_image(np.random.default_rng(0), skin, m, xx, yy, dark_pigment=False).astype(int)
+            for m in (0.0, 1.0)]
+    assert np.abs(easy[0][centre] - easy[1][centre]).mean() > 10
 
 
 def test_skin_tones_are_imbalanced_as_in_isic_and_the_test_set_holds_every_group_alike(tmp_path):

@@ -16,7 +16,8 @@ several colours). Two difficulties (docs/DATA.md, "The synthetic benchmark"):
   and some melanomas plain (no classifier can exceed AUROC Phi(d / sqrt 2)); skin tones are as
   imbalanced as in ISIC (ITA around 50 degrees, Fitzpatrick V-VI under 1% of the images), and on
   dark skin the lesion's pigment follows the skin, not the class (DARK_ITA).
-- `easy`: every lesion is its class's prototype and the skin tones are uniform over the ITA range.
+- `easy`: every lesion is its class's prototype, painted alike on every skin tone, and the skin tones
+  are uniform over the ITA range.
 
 Image i draws only from its own seeded generator, so the output is bit-identical across runs and
 does not depend on the order images are made in.
@@ -206,14 +207,15 @@ def _lerp(a, b, t):
 
 
 def draw_image(rng: np.random.Generator, skin: np.ndarray, severity: float,
-               xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+               xx: np.ndarray, yy: np.ndarray, dark_pigment: bool = True) -> np.ndarray:
     """One (size, size, 3) uint8 image; xx, yy are pixel centres in [-1, 1].
 
     `severity` in [0, 1] sets every class cue at once: 0 paints the benign prototype (a small, round,
     evenly brown nevus with a smooth border, a little darker in the middle), 1 the malignant one
     (larger, asymmetric, shaded along an axis, a ragged border, patches of blue-grey, black or red,
-    mottled); values between blend each cue, as atypical nevi and early melanomas do. On dark skin
-    (DARK_ITA) the pigment cues take a random severity of their own: only size and border follow it.
+    mottled); values between blend each cue, as atypical nevi and early melanomas do. With
+    `dark_pigment` (the isic set) the pigment cues on dark skin (DARK_ITA) take a random severity of
+    their own: only size and border follow it.
     """
     size = xx.shape[0]
     fine = rng.standard_normal((size, size), dtype=np.float32)
@@ -230,7 +232,7 @@ def draw_image(rng: np.random.Generator, skin: np.ndarray, severity: float,
     # (DARK_PIGMENT). A classifier that learnt colour on light skin misreads dark skin - the
     # light-dark gap that dark-skin training images close (issue 31). The draw is taken only on dark
     # skin, so every other image stays as it was.
-    dark = _darkness(tone.ita(skin[0], skin[2]))
+    dark = _darkness(tone.ita(skin[0], skin[2])) if dark_pigment else 0.0
     mc = _lerp(m, rng.uniform(*DARK_PIGMENT), dark) if dark > 0 else m
     # Lesion near the centre, so the border band the ITA estimator reads is mostly skin.
     c = rng.uniform(-0.08, 0.08, 2)
@@ -319,7 +321,7 @@ def _write(out: Path, items: list[dict], image_size: int, bar) -> None:
         gt_rows, truth_rows = [], []
         for it in items:
             pat, rng, malignant = it["patient"], it["rng"], it["malignant"]
-            Image.fromarray(draw_image(rng, pat["lab"], it["severity"], xx, yy)).save(
+            Image.fromarray(draw_image(rng, pat["lab"], it["severity"], xx, yy, it["dark_pigment"])).save(
                 tmp / "train" / f"{it['name']}.jpg", quality=JPEG_QUALITY)
             site = _pick(rng, SITES)
             diagnosis = "melanoma" if malignant else _pick(rng, BENIGN_DIAGNOSES)
@@ -354,7 +356,8 @@ def _training_items(num_images, malignant_fraction, seed, difficulty) -> list[di
         rng = np.random.default_rng((seed, _IMAGE, i))
         malignant = bool(labels[i])
         items.append({"name": f"ISIC_{FIRST_ID + i:07d}", "patient": patients[patient_of[i]], "rng": rng,
-                      "malignant": malignant, "severity": severity(rng, malignant, difficulty)})
+                      "malignant": malignant, "severity": severity(rng, malignant, difficulty),
+                      "dark_pigment": difficulty == "isic"})
     return items
 
 
@@ -370,7 +373,8 @@ def _test_items(per_tone, malignant_fraction, seed, difficulty, first_image, fir
             pat = {**_patient(rng, (lo + MARGIN, hi - MARGIN)), "id": f"IP_{first_patient + k:07d}"}
             malignant = bool(labels[j])
             items.append({"name": f"ISIC_{first_image + k:07d}", "patient": pat, "rng": rng,
-                          "malignant": malignant, "severity": severity(rng, malignant, difficulty)})
+                          "malignant": malignant, "severity": severity(rng, malignant, difficulty),
+                          "dark_pigment": difficulty == "isic"})
     return items
 
 
