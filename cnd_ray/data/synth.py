@@ -227,11 +227,11 @@ def draw_image(rng: np.random.Generator, skin: np.ndarray, severity: float,
 
     m = float(severity)
     # Pigment cues (the lesion's darkness, its shading and its colour patches) follow the severity on
-    # light skin; on dark skin they follow the skin: nevi there are often as dark and variegated as
-    # melanomas, so colour says little about the class and the shape cues (size, border) carry it
-    # (DARK_PIGMENT). A classifier that learnt colour on light skin misreads dark skin - the
-    # light-dark gap that dark-skin training images close (issue 31). The draw is taken only on dark
-    # skin, so every other image stays as it was.
+    # light skin; on dark skin they follow the skin (the benchmark's assumption: nevi there are often
+    # as dark and variegated as melanomas), so colour says little about the class and the shape cues
+    # (size, border) carry it (DARK_PIGMENT). A classifier that learnt colour on light skin misreads
+    # dark skin - the light-dark gap that dark-skin training images close (issue 31). The draw is
+    # taken only on dark skin, so every other image stays as it was.
     dark = _darkness(tone.ita(skin[0], skin[2])) if dark_pigment else 0.0
     mc = _lerp(m, rng.uniform(*DARK_PIGMENT), dark) if dark > 0 else m
     # Lesion near the centre, so the border band the ITA estimator reads is mostly skin.
