@@ -307,7 +307,7 @@ def _fresh(out: Path, what: str) -> None:
                         "give a new path or remove it")
 
 
-def _write(out: Path, items: list[dict], image_size: int, bar) -> None:
+def _write(out: Path, items: list[dict], image_size: int, dark_pigment: bool, bar) -> None:
     """Paint `items` (name, patient, rng, severity, malignant) into the new folder `out`, built beside
     it and renamed into place: an interrupted run never leaves a set that looks complete under the
     real name."""
@@ -321,7 +321,7 @@ def _write(out: Path, items: list[dict], image_size: int, bar) -> None:
         gt_rows, truth_rows = [], []
         for it in items:
             pat, rng, malignant = it["patient"], it["rng"], it["malignant"]
-            Image.fromarray(draw_image(rng, pat["lab"], it["severity"], xx, yy, it["dark_pigment"])).save(
+            Image.fromarray(draw_image(rng, pat["lab"], it["severity"], xx, yy, dark_pigment)).save(
                 tmp / "train" / f"{it['name']}.jpg", quality=JPEG_QUALITY)
             site = _pick(rng, SITES)
             diagnosis = "melanoma" if malignant else _pick(rng, BENIGN_DIAGNOSES)
@@ -356,8 +356,7 @@ def _training_items(num_images, malignant_fraction, seed, difficulty) -> list[di
         rng = np.random.default_rng((seed, _IMAGE, i))
         malignant = bool(labels[i])
         items.append({"name": f"ISIC_{FIRST_ID + i:07d}", "patient": patients[patient_of[i]], "rng": rng,
-                      "malignant": malignant, "severity": severity(rng, malignant, difficulty),
-                      "dark_pigment": difficulty == "isic"})
+                      "malignant": malignant, "severity": severity(rng, malignant, difficulty)})
     return items
 
 
@@ -373,8 +372,7 @@ def _test_items(per_tone, malignant_fraction, seed, difficulty, first_image, fir
             pat = {**_patient(rng, (lo + MARGIN, hi - MARGIN)), "id": f"IP_{first_patient + k:07d}"}
             malignant = bool(labels[j])
             items.append({"name": f"ISIC_{first_image + k:07d}", "patient": pat, "rng": rng,
-                          "malignant": malignant, "severity": severity(rng, malignant, difficulty),
-                          "dark_pigment": difficulty == "isic"})
+                          "malignant": malignant, "severity": severity(rng, malignant, difficulty)})
     return items
 
 
@@ -407,9 +405,9 @@ def run(out, num_images: int = SynthConfig.num_images, image_size: int = SynthCo
 
         bar = tqdm(total=len(items) + len(tests), desc="synth", unit="img")
     try:
-        _write(out, items, image_size, bar)
+        _write(out, items, image_size, difficulty == "isic", bar)
         if test_out is not None:
-            _write(test_out, tests, image_size, bar)
+            _write(test_out, tests, image_size, difficulty == "isic", bar)
     finally:
         if bar is not None:
             bar.close()
