@@ -40,7 +40,8 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 # Sampling flags the users type, and the config key each one sets.
 SAMPLING_FLAGS = {"sampler": "diffusion.sampler", "steps": "diffusion.sample_steps",
-                  "cfg_scale": "diffusion.guidance_scale", "seed": "eval.seed"}
+                  "cfg_scale": "diffusion.guidance_scale", "tone_scale": "diffusion.tone_guidance_scale",
+                  "seed": "eval.seed"}
 
 
 def sampling_overrides(args: argparse.Namespace) -> list[str]:
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or one to finish)")
     p.add_argument("--tone", type=int, default=None, metavar="G",
                    help="skin-tone group to request (models trained with model.tone_groups > 0)")
+    p.add_argument("--tone-scale", type=float, default=None, metavar="W",
+                   help="guidance towards the --tone group; 1 = the tone only conditions, and a small "
+                        "model may seldom draw it (default: the checkpoint's diffusion.tone_guidance_scale)")
     p.set_defaults(run=lambda a: verbs.sample(a.ckpt, a.out, a.num_per_class, sampling_overrides(a), tone=a.tone))
     p = sub.add_parser(
         "evaluate", help="FID/KID at 5k/10k/20k samples, MS-SSIM, class fidelity, memorisation",

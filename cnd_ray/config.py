@@ -121,6 +121,9 @@ class DiffusionConfig:
     # Which output channels guidance moves: all of them, or the first three as DiT's sampler does in
     # latent space ("for reproducibility"; the fourth keeps the conditional prediction).
     guidance_channels: Literal["all", "three"] = field(default="all", metadata=_role(JUDGES, sampling=True))
+    # Guidance on the skin tone asked for (model.tone_groups; the fairness fill, `sample --tone`):
+    # 1.0 = the tone only conditions, and guidance amplifies the class alone (diffusion.guided).
+    tone_guidance_scale: float = field(default=1.0, metadata=_range(0.0, **_role(JUDGES, sampling=True)))
     # Weight of each timestep's epsilon MSE in the training loss. uniform: DiT's (and the paper's).
     # min_snr: min(SNR_t, min_snr_gamma) / SNR_t (Hang et al. 2023, "Min-SNR-gamma"): the many
     # low-noise steps, whose eps targets are hard and say little about the image's layout, no
@@ -640,6 +643,9 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.guidance_scale != 1.0 and cfg.model.class_dropout == 0:
         raise ConfigError("diffusion.guidance_scale: classifier-free guidance needs the null label "
                           "that model.class_dropout > 0 trains")
+    if cfg.diffusion.tone_guidance_scale != 1.0 and not (cfg.model.tone_groups and cfg.model.tone_dropout):
+        raise ConfigError("diffusion.tone_guidance_scale: guidance on the skin tone needs the tone's null "
+                          "group that model.tone_groups > 0 with model.tone_dropout > 0 trains")
     if cfg.use_classifier and cfg.model.num_classes != 2:
         raise ConfigError(f"model.num_classes: the benign/malignant classifier needs 2 classes, "
                           f"got {cfg.model.num_classes} (or set method.gamma_schedule=off)")

@@ -304,23 +304,48 @@ def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, noise: torch.Tensor,
 
 
 def guided(model: Callable, y: torch.Tensor, null_label: int, scale: float,
-           tone: torch.Tensor | None = None, channels: str = "all") -> ModelFn:
-    """Classifier-free guidance: eps = eps_null + scale * (eps_y - eps_null); variance from eps_y.
-    `channels` "three": only eps's first three channels are guided, the rest keep eps_y, as DiT's
-    sampler does (diffusion.guidance_channels).
+           tone: torch.Tensor | None = None, channels: str = "all", tone_scale: float = 1.0,
+           null_tone: int | None = None) -> ModelFn:
+    """Classifier-free guidance on the class and, with `tone_scale`, on the skin tone as well:
 
-    scale == 1 is plain conditional sampling (one forward per step, no null batch).
+        eps = e(-, -) + tone_scale * (e(-, tone) - e(-, -)) + scale * (e(y, tone) - e(-, tone))
+
+    where e(label, tone) is the model's eps and "-" its null condition (two conditions chained as in
+    Liu et al. 2022 and Brooks et al. 2023). tone_scale 1 is plain class guidance, e(-, tone) +
+    scale * (e(y, tone) - e(-, tone)): the tone only conditions, so guidance never amplifies it (a
+    small model asked for V-VI skin then draws it rarely: docs/USAGE.md). Only what a setting needs
+    is computed: scale 1 and tone_scale 1 is one conditional forward; tone_scale == scale is one
+    guidance on both, e(-, -) + scale * (e(y, tone) - e(-, -)), two forwards, as class guidance is;
+    other pairs take three. The variance channels come from e(y, tone). `channels` "three": only
+    eps's first three channels are guided, the rest keep e(y, tone), as DiT's sampler does
+    (diffusion.guidance_channels). `null_tone`: the tone's null index (model.tone_groups).
     """
-    if scale == 1.0:
+    if tone is None:
+        tone_scale = 1.0  # no tone asked: nothing to guide towards
+    if scale == 1.0 and tone_scale == 1.0:
         return lambda x, t: model(x, t, y, tone)
-    y_in = torch.cat([y, torch.full_like(y, null_label)])
-    tone_in = None if tone is None else torch.cat([tone, tone])
+    if tone_scale != 1.0 and null_tone is None:
+        raise ValueError("tone guidance needs the tone's null index (null_tone)")
+    null_y = torch.full_like(y, null_label)
+    # The conditions from least to most specific; scales[i] weighs the step from chain[i] to chain[i + 1].
+    if tone_scale == 1.0:
+        chain, scales = [(null_y, tone)], [scale]
+    elif tone_scale == scale:
+        chain, scales = [(null_y, torch.full_like(tone, null_tone))], [scale]
+    else:
+        chain, scales = [(null_y, torch.full_like(tone, null_tone)), (null_y, tone)], [tone_scale, scale]
+    chain.append((y, tone))
+    k = len(chain)
+    batch = chain[::-1]  # the conditional rows first, as class guidance has always batched them
+    y_in = torch.cat([c[0] for c in batch])
+    tone_in = None if tone is None else torch.cat([c[1] for c in batch])
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), y_in, tone_in)  # (2N, C', H, W)
-        cond, uncond = out.chunk(2)
+        outs = model(torch.cat([x] * k), torch.cat([t] * k), y_in, tone_in).chunk(k)[::-1]  # chain order
         c = x.shape[1] if channels == "all" else 3
-        eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([eps, cond[:, c:]], dim=1)
+        eps = outs[0][:, :c]
+        for i, s in enumerate(scales):
+            eps = eps + s * (outs[i + 1][:, :c] - outs[i][:, :c])
+        return torch.cat([eps, outs[-1][:, c:]], dim=1)
 
     return fn

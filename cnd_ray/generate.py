@@ -90,9 +90,9 @@ class Generator:
         if cfg.model.tone_groups:
             t = torch.tensor(np.array(tones), dtype=torch.long, device=dev)
             tone = torch.where(t == NO_TONE, cfg.model.tone_groups, t)  # null group when not asked
-        fn = guided(self.dit, y, cfg.model.num_classes, cfg.diffusion.guidance_scale, tone,
-                    cfg.diffusion.guidance_channels)
         d = cfg.diffusion
+        fn = guided(self.dit, y, cfg.model.num_classes, d.guidance_scale, tone, d.guidance_channels,
+                    d.tone_guidance_scale, cfg.model.tone_groups)
         with self.autocast():
             x = sample(self.diffusion, fn, noise, d.sampler, d.sample_steps, d.eta,
                        clip=1.0 if self.vae is None else 0.0, generator=gens)  # (N, C, h, w)

@@ -67,6 +67,8 @@ def test_overrides_coerce_types():
     ("lambda_cls=1", "must be section.key"),
     ("model.patch_size=8", "model.patch_size: 8 does not divide the input size"),
     ("model.num_classes=5", "model.num_classes: the benign/malignant classifier needs 2"),
+    ("diffusion.tone_guidance_scale=3", "diffusion.tone_guidance_scale: guidance on the skin tone needs"),
+    ("diffusion.tone_guidance_scale=-1", "diffusion.tone_guidance_scale: -1.0 is outside"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(C.ConfigError) as e:

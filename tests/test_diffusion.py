@@ -123,6 +123,33 @@ def test_classifier_free_guidance_combines_cond_and_null():
     assert calls[-1].tolist() == [0, 1]
 
 
+def test_tone_guidance_chains_the_tone_and_the_class_and_computes_only_what_it_needs():
+    """e(-,-) + ts * (e(-,tone) - e(-,-)) + s * (e(y,tone) - e(-,tone)), with '-' the null label
+    (3) and null tone (9): three forwards in one batch; two when ts == s; tone_scale 1 is class
+    guidance exactly."""
+    calls = []
+
+    def model(x, t, y, tone):  # eps = 10 * label + tone, so every condition is told apart
+        calls.append((y.tolist(), tone.tolist()))
+        return (10.0 * y + tone).view(-1, 1, 1, 1).expand(-1, 2, 2, 2).clone()
+
+    y, tone = torch.tensor([0, 1]), torch.tensor([2, 2])
+    x, t = torch.zeros(2, 2, 2, 2), torch.tensor([5, 5])
+    e = lambda label, tn: 10.0 * label + tn  # noqa: E731
+    out = guided(model, y, null_label=3, scale=2.0, tone=tone, tone_scale=4.0, null_tone=9)(x, t)
+    assert calls[-1] == ([0, 1, 3, 3, 3, 3], [2, 2, 2, 2, 9, 9])
+    expect = [e(3, 9) + 4 * (e(3, 2) - e(3, 9)) + 2 * (e(yi, 2) - e(3, 2)) for yi in (0, 1)]
+    torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor(expect))
+    out = guided(model, y, null_label=3, scale=3.0, tone=tone, tone_scale=3.0, null_tone=9)(x, t)
+    assert calls[-1] == ([0, 1, 3, 3], [2, 2, 9, 9])  # one guidance on both: two forwards
+    torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([e(3, 9) + 3 * (e(yi, 2) - e(3, 9)) for yi in (0, 1)]))
+    out = guided(model, y, null_label=3, scale=3.0, tone=tone, tone_scale=1.0, null_tone=9)(x, t)
+    assert calls[-1] == ([0, 1, 3, 3], [2, 2, 2, 2])  # class guidance: the tone in both branches
+    torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([e(3, 2) + 3 * (e(yi, 2) - e(3, 2)) for yi in (0, 1)]))
+    with pytest.raises(ValueError, match="null_tone"):
+        guided(model, y, null_label=3, scale=2.0, tone=tone, tone_scale=4.0)
+
+
 def test_real_dit_samples_with_guidance():
     from cnd_ray.models import build_dit
     cfg = C.load("debug")

@@ -11,7 +11,7 @@ from cnd_ray.errors import UserError
 
 # The derived sets, pinned: a key that moves between roles must move here too, on purpose.
 JUDGES = {"train.steps", "train.eval_every", "train.eval_batches", "diffusion.guidance_scale",
-          "diffusion.guidance_channels",
+          "diffusion.guidance_channels", "diffusion.tone_guidance_scale",
           "eval.sample_metrics", "eval.search_samples", "eval.search_sampler",
           "eval.search_sample_steps", "eval.seed", "eval.kid_subsets"}
 OPERATES_OUTSIDE_SECTIONS = {
@@ -25,7 +25,8 @@ OPERATES_OUTSIDE_SECTIONS = {
 OPERATES_SECTIONS = ("scale.", "track.", "eval.")
 JUDGES_SECTIONS = ("fairness.",)  # the downstream classifier a search can rank trials by
 SAMPLING_OUTSIDE_SECTIONS = {"diffusion.sampler", "diffusion.sample_steps", "diffusion.eta",
-                             "diffusion.guidance_scale", "diffusion.guidance_channels", "data.vae",
+                             "diffusion.guidance_scale", "diffusion.guidance_channels",
+                             "diffusion.tone_guidance_scale", "data.vae",
                              "data.shards"}
 
 

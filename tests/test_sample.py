@@ -110,6 +110,9 @@ def test_tone_conditioned_model_samples_a_requested_group(ray_local, tmp_path):
     with pytest.raises(UserError, match="tone 2 -> 0"):
         sample.run(ck, str(tmp_path / "s"), num_per_class=2, tone=0, progress=False,
                    overrides=["diffusion.sample_steps=3", "eval.actors=1"])
+    with pytest.raises(UserError, match="tone_guidance_scale 1.0 -> 4.0"):  # so would another tone guidance
+        sample.run(ck, str(tmp_path / "s"), num_per_class=2, tone=2, progress=False,
+                   overrides=["diffusion.sample_steps=3", "eval.actors=1", "diffusion.tone_guidance_scale=4"])
 
 
 @pytest.mark.slow
@@ -161,3 +164,10 @@ def test_generator_uses_the_null_tone_when_none_is_asked(tmp_path):
     gen.dit.forward = lambda x, t, y, tone=None: calls.append(tone.tolist()) or real(x, t, y, tone)
     torch.testing.assert_close(gen([5], [0], [generate.NO_TONE]), a)
     assert calls[0] == [2]
+    # diffusion.tone_guidance_scale reaches the sampler: e(y, tone), e(-, tone), e(-, -) each step.
+    gen = generate.Generator(C.override(cfg, {"diffusion.sample_steps": 3, "diffusion.guidance_scale": 2.0,
+                                              "diffusion.tone_guidance_scale": 3.0}), ema)
+    real, calls[:] = gen.dit.forward, []
+    gen.dit.forward = lambda x, t, y, tone=None: calls.append((y.tolist(), tone.tolist())) or real(x, t, y, tone)
+    gen([5], [0], [1])
+    assert calls[0] == ([0, 2, 2], [1, 1, 2])

@@ -49,7 +49,8 @@ def protocol(cfg, ckpt: str, step: int, tone: int | None = None) -> dict:
     return {"checkpoint": ckpt, "step": step, "sampler": d.sampler, "steps": d.sample_steps,
             "eta": d.eta if d.sampler == "ddim" else None, "guidance_scale": d.guidance_scale,
             "seed": e.seed, "batch_size": e.batch_size, "image_size": cfg.data.image_size,
-            "space": cfg.data.space, "tone": tone}
+            "space": cfg.data.space, "tone": tone,
+            "tone_guidance_scale": None if tone is None else d.tone_guidance_scale}
 
 
 class _ChunkWorker:
