@@ -320,8 +320,8 @@ def guided(model: Callable, y: torch.Tensor, null_label: int, scale: float,
     eps's first three channels are guided, the rest keep e(y, tone), as DiT's sampler does
     (diffusion.guidance_channels). `null_tone`: the tone's null index (model.tone_groups).
     """
-    if tone is None:
-        tone_scale = 1.0  # no tone asked: nothing to guide towards
+    if tone is None or (null_tone is not None and bool((tone == null_tone).all())):
+        tone_scale = 1.0  # no tone asked: nothing to guide towards (and no third forward)
     if scale == 1.0 and tone_scale == 1.0:
         return lambda x, t: model(x, t, y, tone)
     if tone_scale != 1.0 and null_tone is None:

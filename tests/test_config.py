@@ -67,7 +67,6 @@ def test_overrides_coerce_types():
     ("lambda_cls=1", "must be section.key"),
     ("model.patch_size=8", "model.patch_size: 8 does not divide the input size"),
     ("model.num_classes=5", "model.num_classes: the benign/malignant classifier needs 2"),
-    ("diffusion.tone_guidance_scale=3", "diffusion.tone_guidance_scale: guidance on the skin tone needs"),
     ("diffusion.tone_guidance_scale=-1", "diffusion.tone_guidance_scale: -1.0 is outside"),
 ])
 def test_bad_values_name_the_key(override, fragment):
@@ -75,6 +74,13 @@ def test_bad_values_name_the_key(override, fragment):
         C.load("debug", [override, "data.image_size=12"] if "divide" in fragment else [override])
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_tone_guidance_needs_the_null_tone_only_where_a_tone_conditions():
+    with pytest.raises(C.ConfigError, match="diffusion.tone_guidance_scale: 4 guides the skin tone"):
+        C.load("debug", ["model.tone_groups=3", "model.tone_dropout=0"])
+    C.load("debug", ["model.tone_groups=3", "model.tone_dropout=0", "diffusion.tone_guidance_scale=1"])
+    C.load("debug", ["model.tone_dropout=0"])  # no tone condition: nothing to guide
 
 
 def test_batch_must_split_over_workers_and_accumulation():
