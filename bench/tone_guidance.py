@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import time
@@ -92,6 +93,7 @@ def main() -> None:
           f"{first.diffusion.guidance_scale:g}; {first.eval.search_sampler} x {first.eval.search_sample_steps}", flush=True)
 
     drawn = {}  # (setting, scale) -> images
+    figures = {"draws": [], "fairness": []}  # the last line's JSON
     print(f"\n{'setting':>7} {'tone g.':>7} {'tone match [95%]':>22} {'fidelity':>8} {'lesion b/m':>11} {'s/img':>6}")
     for k, ck in sorted(chosen.items()):
         cfg, ema, _ = checkpoint.load_ema(ck)
@@ -103,6 +105,11 @@ def main() -> None:
             lo, hi = wilson(hit, len(asked))
             fid = eval_metrics.classification(fidelity.scores(judge.model, images), plan["label"])["auroc"]
             les = judge.shows_lesion(images, plan["label"])
+            figures["draws"].append({"setting": k, "tone_scale": s, "tone_match": hit / len(asked),
+                                     "tone_match_ci": [lo, hi], "fidelity_auroc": fid,
+                                     "lesion_benign": float(les[plan["label"] == 0].mean()),
+                                     "lesion_malignant": float(les[plan["label"] == 1].mean()),
+                                     "seconds_per_image": per})
             print(f"{k:>7} {s:>7g} {hit / len(asked):>8.2f} [{lo:.2f}, {hi:.2f}] {fid:>8.3f} "
                   f"{les[plan['label'] == 0].mean():>5.2f}/{les[plan['label'] == 1].mean():.2f} {per:>6.3f}", flush=True)
 
@@ -128,6 +135,9 @@ def main() -> None:
                 vs1 = downstream.interval(downstream.deltas(d)["fair_worst_auroc"])
                 d1 = downstream.deltas(d)["fair_worst_auroc"]["delta"]
             seeds.setdefault((k, s), []).append((out["fair_worst_auroc_vs_real"], d1))
+            figures["fairness"].append({"seed": seed, "setting": k, "tone_scale": s,
+                                        "worst_auroc": out["fair_worst_auroc"], "gap": out["fair_gap"],
+                                        "worst_vs_real": out["fair_worst_auroc_vs_real"], "worst_vs_setting1": d1})
             vr = downstream.interval({"delta": out["fair_worst_auroc_vs_real"],
                                       "ci": (out["fair_worst_auroc_vs_real_lo"], out["fair_worst_auroc_vs_real_hi"])})
             print(f"{k:>7} {s:>7g} {out['fair_worst_auroc']:>6.3f} {out['fair_gap']:>+7.3f}  {vr:>26}  {vs1:>26}",
@@ -142,6 +152,7 @@ def main() -> None:
             cols = [f"{np.mean(v):+.3f} [{np.min(v):+.3f}, {np.max(v):+.3f}]" if np.isfinite(v).all() else "-"
                     for v in np.array(ds_).T]
             print(f"{k:>7} {s:>7g} {cols[0]:>26} {cols[1]:>26}")
+    print(json.dumps(figures, default=float))
 
 
 if __name__ == "__main__":

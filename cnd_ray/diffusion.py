@@ -313,7 +313,7 @@ def guided(model: Callable, y: torch.Tensor, null_label: int, scale: float,
     where e(label, tone) is the model's eps and "-" its null condition (two conditions chained as in
     Liu et al. 2022 and Brooks et al. 2023). tone_scale 1 is plain class guidance, e(-, tone) +
     scale * (e(y, tone) - e(-, tone)): the tone only conditions, so guidance never amplifies it (a
-    small model asked for V-VI skin then draws it rarely: docs/USAGE.md). Only what a setting needs
+    small model asked for V-VI skin then draws it rarely: docs/METHOD.md). Only what a setting needs
     is computed: scale 1 and tone_scale 1 is one conditional forward; tone_scale == scale is one
     guidance on both, e(-, -) + scale * (e(y, tone) - e(-, -)), two forwards, as class guidance is;
     other pairs take three. The variance channels come from e(y, tone). `channels` "three": only
