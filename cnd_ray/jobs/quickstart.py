@@ -429,7 +429,7 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
              f"Each trial's final EMA model drew {int(first['metrics']['fair_synthetic'])} images into the "
              f"(class, skin-tone group) cells the real training split lacks (`fairness.fill={f.fill}`, at most "
              f"{f.fill_ratio:g}:1 synthetic:real per cell, `fairness.fill_max={f.fill_max}`), asking for the "
-             f"cell's tone group; {100 * np.nanmean([g['metrics']['fair_tone_match'] for g in fair.values()]):.0f}% "
+             f"cell's tone group (tone guidance {cfg.diffusion.tone_guidance_scale:g}); {100 * np.nanmean([g['metrics']['fair_tone_match'] for g in fair.values()]):.0f}% "
              "show it (ITA on their pixels, which also decides the group they train in). A downstream "
              f"{f.backbone} then trained {f.steps} steps (seed {f.seed}) on real + those images, its batches "
              "balanced over every (class, group) cell, and was scored on the held-out test split ("
