@@ -240,7 +240,9 @@ class Sampled(Result):
         p, t = o["protocol"], o["timing"]
         rate = f", {t['images_per_s']} img/s on {t['actors']} {t['device']} actors" if o["generated"] else ""
         out = [f"{o['images']} images ({o['generated']} new{rate}) from step {p['step']} with "
-               f"{p['sampler']} x {p['steps']} steps, guidance {p['guidance_scale']}, seed {p['seed']}"]
+               f"{p['sampler']} x {p['steps']} steps, guidance {p['guidance_scale']}"
+               + (f", tone {p['tone']} at tone guidance {p['tone_guidance_scale']}" if p.get("tone") is not None else "")
+               + f", seed {p['seed']}"]
         if o.get("tone_check"):
             c = o["tone_check"]
             out.append(f"skin tone read back (ITA on the pixels): {100 * c['match']:.0f}% of {c['images']} "
