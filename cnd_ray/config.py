@@ -295,6 +295,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata=_range(0, **_role(JUDGES)))  # steps; 0 = only at the end
     eval_batches: int = field(default=4, metadata=_range(1, **_role(JUDGES)))  # held-out batches per evaluation
     synthetic_images: int = field(default=2000, metadata=_range(16))  # when data.shards is ""
+    # ... and their tone-balanced test split, images per skin-tone group (`cnd-ray synth`'s
+    # test_per_tone): what fairness.in_loop scores its classifiers on.
+    synthetic_test_per_tone: int = field(default=400, metadata=_range(1))
     # Relaunching a run (same train.name) with settings that change what is trained is refused,
     # naming them; true continues from its checkpoint under the new settings.
     resume_with_changes: bool = field(default=False, metadata=_role(OPERATES))
@@ -451,7 +454,7 @@ class SynthConfig:
     # Images per skin-tone group (I-II, III-IV, V-VI) in the test set written beside the training set,
     # so that every group can be measured; 0 = none. 400: a light-dark AUROC gap of ~0.1 then has a
     # 95% interval of about +-0.065 (at 100, +-0.14: the real-only gap's interval held 0).
-    test_per_tone: int = 400
+    test_per_tone: int = TrainConfig.synthetic_test_per_tone  # one default, shared with runs' synthetic data
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ def test_interrupted_and_resumed_equals_straight(ray_local, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run across launches
     assert steps == [5, 10, 15, 20]  # every step once: none lost, none duplicated
     assert straight["metrics"]["ranks_in_sync"] == 1.0
+    (manifest,) = (tmp_path / "runs").glob("data/synthetic-*/manifest.json")
+    test = json.loads(manifest.read_text())["splits"]["test"]  # the debug config's lighter test split
+    assert sum(test.values()) == 3 * C.load("debug").train.synthetic_test_per_tone < 1200
 
 
 def _train_rows(tmp_path) -> int:

@@ -96,17 +96,18 @@ def _synthetic_shards(cfg, root: str) -> str:
     # made on this machine and read by Ray's tasks here: beside a local run storage, else ./ray_results
     base = os.path.join(os.path.abspath("ray_results") if storage.is_uri(root) else root, "data")
     n, size, s = cfg.train.synthetic_images, cfg.data.image_size, config_lib.SynthConfig
-    name = f"synthetic-{s.difficulty}-{n}"
+    per_tone = cfg.train.synthetic_test_per_tone
+    name = f"synthetic-{s.difficulty}-{n}" + ("" if per_tone == s.test_per_tone else f"-test{per_tone}")
     shards = os.path.join(base, f"{name}-{size}px-val{round(100 * SYNTHETIC_VAL)}")
     if not os.path.isfile(os.path.join(shards, "manifest.json")):
         images, test = os.path.join(base, name), synth.test_folder(os.path.join(base, name))
         if not all(os.path.isfile(os.path.join(d, synth.GROUND_TRUTH)) for d in (images, test)):
             print(f"data.shards not set: writing {n} synthetic images ({s.difficulty} difficulty) to "
-                  f"{images} and {s.test_per_tone} per skin-tone group to {test}", flush=True)
+                  f"{images} and {per_tone} per skin-tone group to {test}", flush=True)
             for d in (images, test):  # what an interrupted earlier try left
                 shutil.rmtree(d, ignore_errors=True)
             synth.run(images, num_images=n, image_size=max(64, size), malignant_fraction=SYNTHETIC_MALIGNANT,
-                      progress=False)
+                      test_per_tone=per_tone, progress=False)
         ingest.run([images], shards, image_size=size, val_fraction=SYNTHETIC_VAL, progress=False,
                    test=[str(test)])
     print(f"data.shards not set: training on synthetic shards {shards}", flush=True)
