@@ -28,14 +28,16 @@ import json
 import os
 import re
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from cnd_ray import checkpoint, config as C, generate, monitor
+from cnd_ray import checkpoint, config as C, monitor
 from cnd_ray.data import shardset
 from cnd_ray.evaluate import fidelity, judge as judge_lib, metrics as eval_metrics
 from cnd_ray.fairness import downstream, metrics
+from cnd_ray.models import build_dit
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -57,11 +59,13 @@ def trials(run_dir: str) -> dict[int, str]:
 
 
 def draw(cfg, ema: dict, plan: dict, scale: float) -> tuple[torch.Tensor, float]:
-    """The plan's images at tone guidance `scale` with the in-training sampler: (uint8, s/image)."""
-    gen = generate.Generator(C.override(monitor.search_config(cfg), {"diffusion.tone_guidance_scale": scale}), ema)
+    """The plan's images at tone guidance `scale`, drawn as the in-loop fill draws them
+    (monitor.sample_images: the in-training sampler, chunk by chunk): (uint8, s/image)."""
+    cfg = C.override(cfg, {"diffusion.tone_guidance_scale": scale})
+    dit = build_dit(cfg)
+    dit.load_state_dict(ema)
     t0 = time.perf_counter()
-    images = torch.cat([gen(plan["seed"][c], plan["label"][c], plan["tone"][c])
-                        for c in np.split(np.arange(len(plan["seed"])), np.flatnonzero(np.diff(plan["chunk"])) + 1)])
+    _, images = monitor.sample_images(SimpleNamespace(cfg=cfg, ema=dit.eval().requires_grad_(False)), plan)
     return images, (time.perf_counter() - t0) / len(images)
 
 
