@@ -13,20 +13,18 @@ gap and worst-group AUROC paired against real-only.
 The classifier's floats differ between CPU families, so another machine draws another classifier
 from the same seed: read the seeds as the spread a user's machine may land anywhere in.
 
-Run: python bench/tone_gap.py [--ita 50,12 52,11] [--seeds 0 1 2] [--members 3] [--oracle] [--keep DIR]
-                              [section.key=value ...]
+Run: python bench/tone_gap.py [--ita 50,12 52,11] [--seeds 0 1 2] [--oracle] [--keep DIR]
+                              [section.key=value ...]   (fairness.members=3: each classifier a mean of 3)
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import tempfile
 import time
 
 import numpy as np
-import torch
 
 from cnd_ray import config as C
 from cnd_ray.data import shardset, synth
@@ -39,8 +37,6 @@ def main() -> None:
                     help="ITA distributions as MEAN,SD (default: synth.ISIC_ITA)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fairness.seed values")
     ap.add_argument("--config", default="quickstart")
-    ap.add_argument("--members", type=int, default=1,
-                    help="each classifier the mean logit of this many, trained at seeds seed + 1000 i")
     ap.add_argument("--oracle", action="store_true", help="also fill the missing cells with held-out real images")
     ap.add_argument("overrides", nargs="*", help="section.key=value on top of --config (e.g. fairness.fill_ratio=100)")
     ap.add_argument("--keep", help="make the data sets under this folder (default: a temporary one)")
@@ -72,7 +68,7 @@ def main() -> None:
             cfg_s = C.override(cfg, {"fairness.seed": seed})
             t0 = time.time()
             ds = downstream.Downstream(cfg_s, cfg_s.data.shards, {})
-            model = _train(ds.train, cfg_s.fairness, downstream.BASELINES[downstream.REAL], args.members)
+            model = downstream.train_classifier(ds.train, cfg_s.fairness, "cpu", downstream.BASELINES[downstream.REAL])
             real = ds.score(model, downstream.BASELINES[downstream.REAL])
             rep = real["report"]
             comp = downstream.composition(ds.train["labels"], ds.train["groups"])
@@ -81,7 +77,7 @@ def main() -> None:
                    downstream.interval(rep["light_dark_gap"]), downstream.interval(rep["worst_group_auroc"], False),
                    f"{made:.0f} + {time.time() - t0:.0f}")
             if pool is not None:
-                row += _oracle(cfg_s, ds, pool, real, args.members)
+                row += _oracle(cfg_s, ds, pool, real)
             rows.append(row)
             print(" | ".join(str(c) for c in row), flush=True)
     head = "| ITA | seed | V-VI train (benign + malignant) | real-only light-dark gap | worst-group AUROC | s (data + classifier) |"
@@ -94,25 +90,7 @@ def main() -> None:
     print(json.dumps({"columns": head.strip("| ").split(" | "), "rows": rows}))
 
 
-class _Mean(torch.nn.Module):
-    """Several classifiers as one: their mean logit."""
-
-    def __init__(self, models):
-        super().__init__()
-        self.models = torch.nn.ModuleList(models)
-
-    def forward(self, x):
-        return torch.stack([m(x) for m in self.models]).mean(0)
-
-
-def _train(data: dict, f, balance: str, members: int):
-    """downstream.train_classifier at f.seed, or the mean of `members` of them (seeds f.seed + 1000 i)."""
-    models = [downstream.train_classifier(data, dataclasses.replace(f, seed=f.seed + 1000 * i) if i else f, "cpu", balance)
-              for i in range(members)]
-    return models[0] if members == 1 else _Mean(models)
-
-
-def _oracle(cfg, ds, pool: dict, real: dict, members: int) -> tuple[str, str]:
+def _oracle(cfg, ds, pool: dict, real: dict) -> tuple[str, str]:
     """The real-only classifier's training split plus held-out real images of the cells it lacks
     (fill_counts at cfg's policy, ratio and cap), trained at cfg's seed: its gap and worst-group
     AUROC minus real-only's, paired on the same test images."""
@@ -125,7 +103,7 @@ def _oracle(cfg, ds, pool: dict, real: dict, members: int) -> tuple[str, str]:
         picked += at
         labels += [label] * len(at)
     fill = {"images": pool["images"][picked], "labels": np.array(labels), "groups": [pool["groups"][i] for i in picked]}
-    model = _train(downstream.mix(ds.train, fill), f, f.balance, members)
+    model = downstream.train_classifier(downstream.mix(ds.train, fill), f, "cpu", f.balance)
     mine = ds.score(model, f.balance)
     paired = metrics.paired_delta(ds.test["labels"], np.asarray(real["test_scores"]), np.asarray(mine["test_scores"]),
                                   ds.test["groups"], n_boot=f.bootstrap, seed=f.seed,

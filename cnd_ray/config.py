@@ -410,6 +410,10 @@ class FairnessConfig:
     synthetic_max: int = field(default=0, metadata=_range(0))  # 0 = every synthetic image given
     bootstrap: int = field(default=1000, metadata=_range(10))  # resamples for the 95% intervals
     seed: int = 0
+    # Each classifier is the mean logit of this many, trained at seeds seed, seed + 1000, ... (at
+    # this many times the cost). One small classifier's seed moves the worst-group AUROC as much as a
+    # setting does; on the synthetic benchmark three did not narrow that spread (docs/DATA.md), so 1.
+    members: int = field(default=1, metadata=_range(1))
 
 
 @dataclass(frozen=True)

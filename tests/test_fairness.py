@@ -11,12 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from cnd_ray import cli, config as C
 from cnd_ray.data import synth, tone
 from cnd_ray.launch import ingest
 from cnd_ray.errors import UserError
+from cnd_ray.evaluate import fidelity
 from cnd_ray.fairness import downstream
 from cnd_ray.jobs import fairness
 
@@ -160,6 +162,21 @@ def test_weights_balance_every_class_and_tone_cell():
     assert np.isclose(w[labels == 1].sum(), 0.5)
 
 
+def test_members_make_one_classifier_of_their_mean_logit_and_name_their_own_baselines():
+    rng = np.random.default_rng(0)
+    data = {"images": torch.from_numpy(rng.integers(0, 256, (16, 3, 8, 8), dtype=np.uint8)),
+            "labels": np.array([0, 1] * 8), "groups": ["I-II", "V-VI"] * 8}
+    f = C.load("debug", ["fairness.backbone=test_resnet", "fairness.steps=2", "fairness.batch_size=4"]).fairness
+    ens = downstream.train_classifier(data, dataclasses.replace(f, members=3), "cpu", "class")
+    seeds = [dataclasses.replace(f, seed=s) for s in (0, 1000, 2000)]  # each member, trained alone
+    alone = [fidelity.scores(downstream.train_classifier(data, g, "cpu", "class"), data["images"]) for g in seeds]
+    assert np.allclose(fidelity.scores(ens, data["images"]), np.mean(alone, 0), atol=1e-5)
+    assert not np.allclose(alone[0], alone[1])  # the members differ: the seeds reach them
+    one, three = (C.load("debug", [f"fairness.members={k}"]) for k in (1, 3))
+    assert "members" not in downstream.settings(one)  # single classifiers keep their baselines files
+    assert downstream.settings(three)["members"] == 3
+
+
 def test_bad_inputs_fail_before_training_naming_the_culprit(planted, tmp_path):
     tmp, _, _ = planted
     with pytest.raises(UserError, match="--eval nope: unknown set"):
@@ -301,6 +318,7 @@ def test_the_fill_gives_each_cell_what_it_lacks_within_the_ratio_and_the_cap():
     ("fairness.fill=lightest", r"fairness.fill: 'lightest' is not one of equalize, darkest"),
     ("fairness.fill_ratio=0", r"fairness.fill_ratio: 0.0 is outside \(0.0, inf\]"),
     ("fairness.fill_max=-1", r"fairness.fill_max: -1 is outside \[0, inf\]"),
+    ("fairness.members=0", r"fairness.members: 0 is outside \[1, inf\]"),
 ])
 def test_bad_fairness_keys_fail_in_one_line_naming_the_key(override, message, capsys):
     with pytest.raises(UserError, match=message):

@@ -109,15 +109,33 @@ def mix(real: dict, synthetic: dict) -> dict:
             "groups": list(real["groups"]) + list(synthetic["groups"])}
 
 
+class MeanLogit(torch.nn.Module):
+    """Several classifiers as one: the mean of their logits."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def member_seeds(f) -> list[int]:
+    """The seeds of a downstream classifier's members (`f` = cfg.fairness): seed, seed + 1000, ..."""
+    return [f.seed + 1000 * i for i in range(f.members)]
+
+
 def train_classifier(data: dict, f, device, balance: str, backbone: str = "", weights_file: str | None = None,
                      progress=None):
-    """The downstream classifier (`f` = cfg.fairness: backbone, steps, batch, lr, seed) on `data`,
-    its batches balanced by `balance` ("class" or "class_tone")."""
-    return fidelity.train(data["images"], data["labels"], backbone or f.backbone, f.steps,
-                          batch=f.batch_size, lr=f.lr, seed=f.seed, device=device,
-                          sample_weights=sample_weights(data["labels"], data["groups"], balance),
-                          backbone_weights=f.weights if weights_file is None else weights_file,
-                          progress=progress)
+    """The downstream classifier (`f` = cfg.fairness: backbone, steps, batch, lr, seed, members) on
+    `data`, its batches balanced by `balance` ("class" or "class_tone"): one per member seed, as one
+    MeanLogit (the classifier itself when members is 1)."""
+    weights = sample_weights(data["labels"], data["groups"], balance)
+    models = [fidelity.train(data["images"], data["labels"], backbone or f.backbone, f.steps,
+                             batch=f.batch_size, lr=f.lr, seed=seed, device=device, sample_weights=weights,
+                             backbone_weights=f.weights if weights_file is None else weights_file, progress=progress)
+              for seed in member_seeds(f)]
+    return models[0] if len(models) == 1 else MeanLogit(models)
 
 
 # --- what to draw -------------------------------------------------------------------------------
@@ -171,7 +189,9 @@ def settings(cfg) -> dict:
     return {"format": FORMAT, "backbone": f.backbone, "steps": f.steps, "lr": f.lr, "batch": f.batch_size,
             "seed": f.seed, "real_split": f.real_split, "val_split": f.val_split, "test_split": f.test_split,
             "real_max": f.real_max, "bootstrap": f.bootstrap,
-            "weights": features.sha256(f.weights) if f.weights else ""}
+            "weights": features.sha256(f.weights) if f.weights else "",
+            # only when set: single classifiers keep the baselines files they had
+            **({"members": f.members} if f.members > 1 else {})}
 
 
 def file_name(manifest: shardset.Manifest, cfg) -> str:
@@ -223,7 +243,7 @@ class Downstream:
                          "composition": composition(self.train["labels"], self.train["groups"])},
                 "models": {}}
         for name, balance in BASELINES.items():
-            say(f"fairness: training the {name} baseline ({cfg.fairness.backbone}, {cfg.fairness.steps} steps)")
+            say(f"fairness: training the {name} baseline ({_size(cfg.fairness)})")
             model = train_classifier(self.train, cfg.fairness, device, balance)
             blob["models"][name] = self.score(model, balance)
         blob["meta"]["seconds"] = round(time.time() - t0, 1)
@@ -280,6 +300,11 @@ def interval(entry: dict, signed: bool = True) -> str:
     f = "{:+.3f}" if signed else "{:.3f}"
     ci = entry.get("ci")
     return f.format(v) + (f" [{f.format(ci[0])}, {f.format(ci[1])}]" if ci else "")
+
+
+def _size(f) -> str:
+    """'test_resnet, 1000 steps' (', mean of 3' with members)."""
+    return f"{f.backbone}, {f.steps} steps" + (f", mean of {f.members}" if f.members > 1 else "")
 
 
 def _short(model: str) -> str:

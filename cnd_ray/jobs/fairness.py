@@ -84,7 +84,7 @@ def _train(data: dict, cfg, device, desc: str, show: bool, balance: str, backbon
            weights: str | None = None):
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.fairness.steps, desc=desc, unit="step", disable=not show)
+    bar = tqdm(total=cfg.fairness.steps * cfg.fairness.members, desc=desc, unit="step", disable=not show)
     model = downstream.train_classifier(data, cfg.fairness, device, balance, backbone, weights,
                                         progress=lambda s: bar.update(1))
     bar.close()

@@ -319,6 +319,15 @@ def gap_word(d: dict) -> str:
     return "narrower" if abs(d["b"]) < abs(d["a"]) else "wider"  # the gap's size, on either side
 
 
+def _seeds(f) -> str:
+    """'seed 0', or 'the mean logit of 3, seeds 0, 1000, 2000' (fairness.members)."""
+    from cnd_ray.fairness import downstream as ds
+
+    if f.members == 1:
+        return f"seed {f.seed}"
+    return f"the mean logit of {f.members}, seeds " + ", ".join(map(str, ds.member_seeds(f)))
+
+
 def auroc_word(d: dict) -> str:
     if d.get("ci") is None:
         return "not measurable"
@@ -431,7 +440,7 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
              f"{f.fill_ratio:g}:1 synthetic:real per cell, `fairness.fill_max={f.fill_max}`), asking for the "
              f"cell's tone group (tone guidance {cfg.diffusion.tone_guidance_scale:g}); {100 * np.nanmean([g['metrics']['fair_tone_match'] for g in fair.values()]):.0f}% "
              "show it (ITA on their pixels, which also decides the group they train in). A downstream "
-             f"{f.backbone} then trained {f.steps} steps (seed {f.seed}) on real + those images, its batches "
+             f"{f.backbone} then trained {f.steps} steps ({_seeds(f)}) on real + those images, its batches "
              "balanced over every (class, group) cell, and was scored on the held-out test split ("
              + ", ".join(f"{g} {t['n']} images, {t['positives']} malignant" for g, t in tests.items())
              + "), beside the same classifier on the real images alone and on them reweighted the same way "
