@@ -1,5 +1,5 @@
-"""The paper's shape end to end on a CPU: a VAE with Stable Diffusion's architecture (random init,
-from a local folder), 256 px images ingested as latents, the `paper` config (DiT-L/4 + ResNet-101)
+"""The paper's shape end to end on a CPU: a VAE with Stable Diffusion's layout (random init, from a
+local folder), 256 px images ingested as latents, the `paper` config (DiT-L/4 + ResNet-101)
 trained for 2 steps, 2 images sampled with a fast sampler and evaluated."""
 import json
 
@@ -13,11 +13,14 @@ from cnd_ray import config as C
 
 
 def _sd_vae(folder) -> None:
-    """Stable Diffusion's AutoencoderKL architecture (83M parameters), randomly initialised."""
+    """Stable Diffusion's AutoencoderKL layout (four blocks of two, 4 latent channels, 8x down),
+    randomly initialised, at a quarter of its width: 5.3M parameters, not 83.7M. The loading code and
+    the latent shapes are the same; encoding and decoding cost ~9x less (1.9 -> 0.2 s an image to
+    encode here), which was half of this test's time."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 128, 128),
                   layers_per_block=2, norm_num_groups=32, sample_size=256,
                   down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(folder)
