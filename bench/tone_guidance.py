@@ -13,7 +13,9 @@ drew, with the in-training sampler - at each tone guidance scale, and prints per
 - with --fairness-seeds: the downstream classifier on real + these images at each classifier seed
   (fairness.seed; the real-only baseline trained at the same seed), its worst-group AUROC and
   light-dark gap, and the worst-group AUROC's paired difference from real-only and from setting 1's
-  images at the same scale, with 95% bootstrap intervals over the test images.
+  images at the same scale, with 95% bootstrap intervals over the test images; over several seeds,
+  the mean paired difference (worst-group AUROC against real only and setting 1's images, and the
+  gap against setting 1's) with a 95% t interval over the seeds.
 
 Scale 1 is what the fill drew before tone guidance existed: it reproduces the trials' images.
 
@@ -32,6 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from scipy import stats
 
 from cnd_ray import checkpoint, config as C, monitor
 from cnd_ray.data import shardset
@@ -138,7 +141,10 @@ def main() -> None:
                                          thresholds=(scores[1, s][1], scores[k, s][1]))
                 vs1 = downstream.interval(downstream.deltas(d)["fair_worst_auroc"])
                 d1 = downstream.deltas(d)["fair_worst_auroc"]["delta"]
-            seeds.setdefault((k, s), []).append((out["fair_worst_auroc_vs_real"], d1))
+                g1 = downstream.deltas(d)["fair_gap"]["delta"]
+            else:
+                g1 = float("nan")
+            seeds.setdefault((k, s), []).append((out["fair_worst_auroc_vs_real"], d1, g1))
             figures["fairness"].append({"seed": seed, "setting": k, "tone_scale": s,
                                         "worst_auroc": out["fair_worst_auroc"], "gap": out["fair_gap"],
                                         "worst_vs_real": out["fair_worst_auroc_vs_real"], "worst_vs_setting1": d1})
@@ -148,14 +154,28 @@ def main() -> None:
                   flush=True)
 
     if len(args.fairness_seeds) > 1:
-        # The downstream classifier's seed moves these by as much as the settings do: read the mean
-        # with the seeds' range, not one seed's interval.
-        print(f"\nover fairness.seed {args.fairness_seeds}: worst-group AUROC difference, mean [min, max]")
-        print(f"{'setting':>7} {'tone g.':>7} {'vs real':>26} {'vs setting 1':>26}")
+        # The downstream classifier's seed moves these by as much as the settings do, so each seed's
+        # interval (over the test images) is not the answer: the mean over seeds with its 95% t
+        # interval (the seeds as the sample), the seeds' range, and how many seeds are above 0.
+        n = len(args.fairness_seeds)
+        print(f"\nover fairness.seed {args.fairness_seeds}: paired differences, mean [95% t interval over the "
+              f"{n} seeds] (min, max; seeds > 0)")
+        print(f"{'setting':>7} {'tone g.':>7} {'worst-group vs real':>44} {'worst-group vs setting 1':>44} "
+              f"{'gap vs setting 1':>44}")
+        summary = []
         for (k, s), ds_ in seeds.items():
-            cols = [f"{np.mean(v):+.3f} [{np.min(v):+.3f}, {np.max(v):+.3f}]" if np.isfinite(v).all() else "-"
-                    for v in np.array(ds_).T]
-            print(f"{k:>7} {s:>7g} {cols[0]:>26} {cols[1]:>26}")
+            cols, row = [], {"setting": k, "tone_scale": s}
+            for name, v in zip(("worst_vs_real", "worst_vs_setting1", "gap_vs_setting1"), np.array(ds_).T):
+                if not np.isfinite(v).all():
+                    cols.append("-")
+                    continue
+                half = stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / np.sqrt(n)
+                cols.append(f"{v.mean():+.3f} [{v.mean() - half:+.3f}, {v.mean() + half:+.3f}] "
+                            f"({v.min():+.3f}, {v.max():+.3f}; {int((v > 0).sum())}/{n})")
+                row[name] = {"mean": v.mean(), "ci": [v.mean() - half, v.mean() + half], "above_0": int((v > 0).sum())}
+            summary.append(row)
+            print(f"{k:>7} {s:>7g} {cols[0]:>44} {cols[1]:>44} {cols[2]:>44}")
+        figures["over_seeds"] = summary
     print(json.dumps(figures, default=float))
 
 
