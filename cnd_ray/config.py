@@ -65,6 +65,12 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open), **role}
 
 
+# A key added after runs and searches had names, whose default keeps what they did: left out of the
+# names at its default (cnd_ray.launch.identity), so that upgrading does not rename, and so restart,
+# what rerunning the same command would resume. Set `ADDED: True` in its field metadata.
+ADDED = "added"
+
+
 # What each key is for, declared once: a section's ROLE / SAMPLING class attributes, and a field's
 # metadata where it differs. Run names, search names, the resume check and the keys `cnd-ray sample`
 # may set are all derived from these (config.keys, cnd_ray.runs); a test pins the derived sets.
@@ -297,7 +303,7 @@ class TrainConfig:
     synthetic_images: int = field(default=2000, metadata=_range(16))  # when data.shards is ""
     # ... and their tone-balanced test split, images per skin-tone group (`cnd-ray synth`'s
     # test_per_tone): what fairness.in_loop scores its classifiers on.
-    synthetic_test_per_tone: int = field(default=400, metadata=_range(1))
+    synthetic_test_per_tone: int = field(default=400, metadata={**_range(1), ADDED: True})
     # Relaunching a run (same train.name) with settings that change what is trained is refused,
     # naming them; true continues from its checkpoint under the new settings.
     resume_with_changes: bool = field(default=False, metadata=_role(OPERATES))
@@ -413,7 +419,7 @@ class FairnessConfig:
     # Each classifier is the mean logit of this many, trained at seeds seed, seed + 1000, ... (at
     # this many times the cost). One small classifier's seed moves the worst-group AUROC as much as a
     # setting does; on the synthetic benchmark three did not narrow that spread (docs/DATA.md), so 1.
-    members: int = field(default=1, metadata=_range(1))
+    members: int = field(default=1, metadata={**_range(1), ADDED: True})
 
 
 @dataclass(frozen=True)
@@ -533,6 +539,16 @@ def _sections() -> dict[str, type]:
 
 
 @functools.cache  # the declarations are fixed; identity.trains asks once per key of a config
+def added_at_default(cfg: "Config") -> frozenset[str]:
+    """The flat keys marked ADDED whose value in cfg is their default (names leave them out)."""
+    out = set()
+    for sname, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get(ADDED) and getattr(getattr(cfg, sname), f.name) == f.default:
+                out.add(f"{sname}.{f.name}")
+    return frozenset(out)
+
+
 def keys(role: str | None = None, *, sampling: bool | None = None) -> frozenset[str]:
     """The flat keys with `role` (any when None) and, when given, that sampling may (not) set."""
     out = set()

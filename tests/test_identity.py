@@ -63,6 +63,22 @@ def test_search_name_follows_what_trials_are_ranked_on_not_where_they_run():
     assert a != identity.search_name("smoke", "another space", cfg)
 
 
+def test_a_key_added_later_leaves_names_as_they_were_at_its_default():
+    """Upgrading must not rename (and so restart) what rerunning a command would resume: a key
+    marked config.ADDED counts in names only away from its default."""
+    cfg = C.load("quickstart")
+    assert C.added_at_default(cfg) == {"fairness.members", "train.synthetic_test_per_tone"}  # on purpose
+    before = {k: v for k, v in cfg.flat().items() if k not in C.added_at_default(cfg)}  # as if not there
+    keep = C.keys(C.TRAINS) | C.keys(C.JUDGES)
+    assert identity.search_name("s", "t", cfg) == "s-" + identity._digest(["t", {
+        k: v for k, v in before.items() if k in keep}], 8)
+    assert identity.run_name(cfg) == "cnd-" + identity._digest({
+        k: v for k, v in before.items() if k in C.keys(C.TRAINS)}, 10)
+    for changed in ({"fairness.members": 3}, {"train.synthetic_test_per_tone": 20}):
+        assert identity.search_name("s", "t", cfg) != identity.search_name("s", "t", C.override(cfg, changed))
+    assert identity.run_name(cfg) != identity.run_name(C.override(cfg, {"train.synthetic_test_per_tone": 20}))
+
+
 def test_resume_changes_split_trained_from_other_keys():
     a = C.load("debug")
     b = C.override(a, {"method.lambda_cls": 0.3, "train.steps": 50, "diffusion.sampler": "ddim"})

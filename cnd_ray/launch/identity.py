@@ -4,7 +4,8 @@ checkpoint a folder means. Train, tune, sample, evaluate, fairness, quickstart a
 Names are deterministic (house rule 7): a run is named by a hash of the keys that change what it
 trains (config.TRAINS), a search by its space file and the keys that change what its trials are
 ranked on (TRAINS and JUDGES), a trial by what it varies and Tune's trial id. Rerunning a command therefore finds,
-and resumes, what it started.
+and resumes, what it started; a key added later is left out at its default (config.ADDED), so
+upgrading finds it too.
 """
 from __future__ import annotations
 
@@ -38,14 +39,14 @@ def run_name(cfg) -> str:
     """`train.name`, else a hash of what is trained: rerunning the same config resumes it."""
     if cfg.train.name:
         return cfg.train.name
-    keep = config_lib.keys(config_lib.TRAINS)
+    keep = config_lib.keys(config_lib.TRAINS) - config_lib.added_at_default(cfg)
     return "cnd-" + _digest({k: v for k, v in cfg.flat().items() if k in keep}, 10)
 
 
 def search_name(space_name: str, space_text: str, cfg) -> str:
     """`<space>-<hash of the space file and the base config's trained and judged keys>`: the same
     command finds (and resumes) the same search; where it runs, stores and logs does not count."""
-    keep = config_lib.keys(config_lib.TRAINS) | config_lib.keys(config_lib.JUDGES)
+    keep = (config_lib.keys(config_lib.TRAINS) | config_lib.keys(config_lib.JUDGES)) - config_lib.added_at_default(cfg)
     return f"{space_name}-{_digest([space_text, {k: v for k, v in cfg.flat().items() if k in keep}], 8)}"
 
 
