@@ -188,6 +188,12 @@ def test_bad_inputs_fail_before_training_naming_the_culprit(planted, tmp_path):
                      out=str(tmp_path / "o"), overrides=["fairness.steps=1"])
     with pytest.raises(UserError, match="model.size"):
         fairness.run(str(tmp / "shards"), [], {"ddi": str(tmp / "ddi")}, overrides=["model.size=S"])
+    # The checks the in-loop evaluation makes too (downstream.check_splits), worded for the verb.
+    with pytest.raises(UserError, match=r"fairness.val_split=nosuch: --real .* needs benign and malignant "
+                                        r"images there \(splits: train "):
+        fairness.run(str(tmp / "shards"), [], {"ddi": str(tmp / "ddi")}, overrides=["fairness.val_split=nosuch"])
+    with pytest.raises(UserError, match="fairness.image_size=64: larger than the shards' 32 px"):
+        fairness.run(str(tmp / "shards"), [], {"ddi": str(tmp / "ddi")}, overrides=["fairness.image_size=64"])
     assert cli.main(["fairness", "--real", str(tmp / "shards"), "--eval", "ddi"]) == 2
     shutil.rmtree(tmp_path, ignore_errors=True)
 

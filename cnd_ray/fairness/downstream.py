@@ -205,20 +205,26 @@ def path_for(cfg, root: str, manifest: shardset.Manifest) -> str:
     return storage.join(root, "downstream", file_name(manifest, cfg))
 
 
-def check_shards(cfg, manifest: shardset.Manifest) -> None:
-    """One line naming the key when the shards cannot carry an in-loop evaluation: both classes in
-    the real training, validation and test splits."""
-    f = cfg.fairness
-    for key, split in (("fairness.real_split", f.real_split), ("fairness.val_split", f.val_split),
-                       ("fairness.test_split", f.test_split)):
+def check_splits(manifest: shardset.Manifest, f, keys: tuple[str, ...], needs: str, fix: str = "") -> None:
+    """One line naming the key when a split that `f` (cfg.fairness) names under `keys` lacks a class
+    ("fairness.val_split=val: <needs> (splits: ...)<fix>"), or when the classifier's input would be
+    upsampled from the shards' images. `cnd-ray fairness` and the in-loop evaluation check alike."""
+    for key in keys:
+        split = getattr(f, key)
         counts = manifest.counts(split)
         if not (counts.benign and counts.malignant):
-            raise UserError(f"{key}={split}: fairness.in_loop needs benign and malignant images in that "
-                            f"split of {cfg.data.shards} (splits: {manifest.describe_splits()}); ingest with "
-                            "--test DIR, or set fairness.in_loop=off")
+            raise UserError(f"fairness.{key}={split}: {needs} (splits: {manifest.describe_splits()}){fix}")
     if f.image_size > manifest.image_size:
         raise UserError(f"fairness.image_size={f.image_size}: larger than the shards' {manifest.image_size} "
                         "px; training images would be upsampled")
+
+
+def check_shards(cfg, manifest: shardset.Manifest) -> None:
+    """One line naming the key when the shards cannot carry an in-loop evaluation: both classes in
+    the real training, validation and test splits."""
+    check_splits(manifest, cfg.fairness, ("real_split", "val_split", "test_split"),
+                 f"fairness.in_loop needs benign and malignant images in that split of {cfg.data.shards}",
+                 "; ingest with --test DIR, or set fairness.in_loop=off")
 
 
 class Downstream:

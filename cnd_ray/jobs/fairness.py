@@ -161,21 +161,14 @@ def _check(real: str, synthetic: list[str], evals: dict, overrides) -> tuple:
             raise UserError(f"{o.split('=')[0]}: fairness takes only {' and '.join(s + '*' for s in SECTIONS)} "
                             "settings")
     cfg = config_lib.load(None, list(overrides))
-    f = cfg.fairness
     if not evals:
         raise UserError("give at least one --eval NAME=PATH (names: " + ", ".join(external.SETS) + ")")
     for name in evals:
         if name not in external.SETS:
             raise UserError(f"--eval {name}: unknown set; choose from {', '.join(external.SETS)}")
     manifest = shardset.read_manifest(real)
-    for key, split in (("fairness.real_split", f.real_split), ("fairness.val_split", f.val_split)):
-        counts = manifest.counts(split)
-        if not (counts.benign and counts.malignant):
-            raise UserError(f"{key}={split}: --real {real} needs benign and malignant images there "
-                            f"(splits: {manifest.describe_splits()})")
-    if f.image_size > manifest.image_size:
-        raise UserError(f"fairness.image_size={f.image_size}: larger than the shards' "
-                        f"{manifest.image_size} px; training images would be upsampled")
+    downstream.check_splits(manifest, cfg.fairness, ("real_split", "val_split"),
+                            f"--real {real} needs benign and malignant images there")
     return cfg, manifest, _synthetic_index(synthetic)
 
 
