@@ -430,6 +430,8 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
     gap = real["light_dark_gap"]
     excludes = gap.get("ci") and (gap["ci"][0] > 0 or gap["ci"][1] < 0)
     table, vs_base = fairness_table(fair, cfg)
+    # The trials' folder (their checkpoints, the judge, the baselines): what the seeds bench reads.
+    trials = next((os.path.dirname(os.path.dirname(r["checkpoint"])) for r in rows if r.get("checkpoint")), "DIR")
     _fairness_plot(fair, out_dir / "fairness.png")
     seconds = {key(r): r["seconds"] for r in rows}
     share = [got["metrics"]["fair_seconds"] / seconds[n] for n, got in fair.items() if seconds.get(n)]
@@ -449,7 +451,10 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
              f"{ds.GROUPS[0]} minus {ds.DARKEST} AUROC. The intervals cover the test images, not the "
              "downstream classifier's seed: on the synthetic benchmark the seed alone moved the real-only "
              "worst-group AUROC over 0.65-0.77 (docs/DATA.md), so read a difference smaller than that spread "
-             "as a lead, not a finding.", "",
+             "as a lead, not a finding. `python bench/tone_guidance.py "
+             f"{trials} --scales {cfg.diffusion.tone_guidance_scale:g} --fairness-seeds 0 1 2 3 4 5 6 7` (from the "
+             "repository; about 3 minutes a seed on 2 cores) trains the downstream classifier at 8 seeds on "
+             "these trials' own fills and puts its seed inside the interval.", "",
              f"The real-only classifier's light-dark gap: {ds.interval(gap)} - its interval "
              + ("excludes 0: the benchmark's imbalance costs the darkest group." if excludes else
                 "includes 0: at this test size the benchmark shows no clear gap for synthetic images to close."),
