@@ -538,7 +538,6 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
-@functools.cache  # the declarations are fixed; identity.trains asks once per key of a config
 def added_at_default(cfg: "Config") -> frozenset[str]:
     """The flat keys marked ADDED whose value in cfg is their default (names leave them out)."""
     out = set()
@@ -549,6 +548,7 @@ def added_at_default(cfg: "Config") -> frozenset[str]:
     return frozenset(out)
 
 
+@functools.cache  # the declarations are fixed; identity.trains asks once per key of a config
 def keys(role: str | None = None, *, sampling: bool | None = None) -> frozenset[str]:
     """The flat keys with `role` (any when None) and, when given, that sampling may (not) set."""
     out = set()
