@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from cnd_ray import storage, weights
+from cnd_ray import config as config_lib, storage, weights
 from cnd_ray.data import image as image_lib, shardset, tone
 from cnd_ray.errors import UserError
 from cnd_ray.evaluate import features, fidelity
@@ -190,8 +190,9 @@ def settings(cfg) -> dict:
             "seed": f.seed, "real_split": f.real_split, "val_split": f.val_split, "test_split": f.test_split,
             "real_max": f.real_max, "bootstrap": f.bootstrap,
             "weights": features.sha256(f.weights) if f.weights else "",
-            # only when set: single classifiers keep the baselines files they had
-            **({"members": f.members} if f.members > 1 else {})}
+            # a key added later counts only away from its default, as in run names (config.ADDED):
+            # single classifiers keep the baselines files they had
+            **({} if "fairness.members" in config_lib.added_at_default(cfg) else {"members": f.members})}
 
 
 def file_name(manifest: shardset.Manifest, cfg) -> str:
