@@ -215,6 +215,40 @@ def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):
     assert len(tracking.mlflow_client(server).get_run(up).inputs.dataset_inputs) == 2
 
 
+def test_runs_logging_the_same_shards_at_once_all_get_them(tmp_path):
+    """A search's trials start together and log the same shards: MLflow's look-up-then-insert lets
+    two miss the dataset, and the later insert broke on its unique key (a trial FAILED in CI, its
+    row without a dataset). 8 rounds of 4 runs at once: each lost such a race ~40% of the time."""
+    import threading
+
+    from cnd_ray.data import shardset
+
+    manifest = shardset.Manifest.parse(
+        {"label_mode": "melanoma", "image_size": 32, "latent": None,
+         "splits": {"train": {"benign": 3, "malignant": 1}, "val": {"benign": 1, "malignant": 1}},
+         "shards": [{"file": "train-00000.parquet", "split": "train", "rows": 4, "sha256": "a"},
+                    {"file": "val-00000.parquet", "split": "val", "rows": 2, "sha256": "b"}]})
+    uri = f"sqlite:///{tmp_path}/m.db"
+    for search in range(8):
+        runs = [tracking.start_run(uri, f"search{search}", f"trial{i}", {}, {})[0] for i in range(4)]
+        start, errors = threading.Barrier(len(runs)), []
+
+        def log(run):
+            start.wait()
+            try:
+                run.log_dataset(str(tmp_path / "shards"), manifest)
+            except Exception as e:  # collected: the assert below names it
+                errors.append(e)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        assert all(len(tracking.mlflow_client(uri).get_run(r.id).inputs.dataset_inputs) == 2 for r in runs)
+
+
 def test_a_finished_run_is_a_logged_model_and_a_registered_one_resolves_to_its_checkpoint(tmp_path):
     from cnd_ray.launch import identity
     from cnd_ray.errors import UserError

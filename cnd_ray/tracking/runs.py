@@ -64,20 +64,39 @@ class Run:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         client = mlflow_client(self.uri)
-        have = {i.dataset.digest for i in client.get_run(self.id).inputs.dataset_inputs}
         profile = {"image_size": manifest.image_size, "space": "latent" if manifest.latent else "pixel",
                    "label_mode": manifest.label_mode, "skin_tones": manifest.skin_tones}
         # One dataset per split (MLflow keeps one input per dataset and run, whatever its context).
-        splits = {split: ({"benign": c.benign, "malignant": c.malignant}, shards_digest(manifest, split))
-                  for split, c in manifest.splits.items()}
-        inputs = [DatasetInput(Dataset(name=os.path.basename(str(shards).rstrip("/")), digest=digest,
-                                       source_type=str(shards).split("://")[0] if storage.is_uri(shards) else "local",
-                                       source=json.dumps({"uri": str(shards)}),
-                                       profile=json.dumps({"split": split, "counts": counts, **profile})),
-                               [InputTag("mlflow.data.context", split)])
-                  for split, (counts, digest) in splits.items() if digest not in have]
-        if inputs:  # a resumed run has them already
-            client.log_inputs(self.id, datasets=inputs)
+        source_type = str(shards).split("://")[0] if storage.is_uri(shards) else "local"
+        inputs = []
+        for split, c in manifest.splits.items():
+            counts = {"benign": c.benign, "malignant": c.malignant}
+            dataset = Dataset(name=os.path.basename(str(shards).rstrip("/")), digest=shards_digest(manifest, split),
+                              source_type=source_type, source=json.dumps({"uri": str(shards)}),
+                              profile=json.dumps({"split": split, "counts": counts, **profile}))
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", split)]))
+        log_inputs(client, self.id, inputs)
+
+
+def log_inputs(client, run_id: str, inputs: list) -> None:
+    """Link the run `run_id` to those of the MLflow DatasetInputs `inputs` it lacks (by digest): a
+    resumed run or a repeated upload has them already."""
+    from mlflow.exceptions import MlflowException
+
+    # MLflow looks a dataset up, then inserts it: two runs logging the same shards at once (a
+    # search's trials starting together) can both miss it, and the later insert then fails on the
+    # experiment's unique (name, digest). The earlier one has committed it, so trying again links to it.
+    for attempt in range(3):
+        have = {i.dataset.digest for i in client.get_run(run_id).inputs.dataset_inputs}
+        missing = [i for i in inputs if i.dataset.digest not in have]
+        if not missing:
+            return
+        try:
+            client.log_inputs(run_id, datasets=missing)
+            return
+        except MlflowException:
+            if attempt == 2:
+                raise
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict,

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from cnd_ray import storage
-from cnd_ray.tracking.runs import find_run, start_run
+from cnd_ray.tracking.runs import find_run, log_inputs, start_run
 from cnd_ray.tracking.store import PARENT_TAG, RUN_NAME_TAG, mlflow_client, reachable
 
 SPOOL = "mlflow-spool"  # in the run's folder: a local MLflow store (mlflow.db) and server.txt
@@ -131,10 +131,7 @@ def sync(spool: str, server: str, experiment: str, run_name: str, parent: str | 
         for i in range(0, len(new), 1000):
             dst.log_batch(dest_id, metrics=new[i:i + 1000])
     dest.set_tags(tags)
-    held = {i.dataset.digest for i in dst.get_run(dest_id).inputs.dataset_inputs}
-    datasets = [i for i in run.inputs.dataset_inputs if i.dataset.digest not in held]
-    if datasets:
-        dst.log_inputs(dest_id, datasets=datasets)
+    log_inputs(dst, dest_id, run.inputs.dataset_inputs)
     have = set(_artifact_paths(dst, dest_id))
     with tempfile.TemporaryDirectory() as d:
         for path in _artifact_paths(src, run_id):
