@@ -215,10 +215,11 @@ def test_a_run_names_its_shards_as_datasets_once_per_split(tmp_path):
     assert len(tracking.mlflow_client(server).get_run(up).inputs.dataset_inputs) == 2
 
 
-def test_runs_logging_the_same_shards_at_once_all_get_them(tmp_path):
-    """A search's trials start together and log the same shards: MLflow's look-up-then-insert lets
-    two miss the dataset, and the later insert broke on its unique key (a trial FAILED in CI, its
-    row without a dataset). 8 rounds of 4 runs at once: each lost such a race ~40% of the time."""
+def test_runs_starting_at_once_on_the_same_shards_each_get_their_run_and_datasets(tmp_path):
+    """A search's trials start together and log the same shards. MLflow looks an experiment or a
+    dataset up, then inserts it: two could both miss it, and the later insert broke on its unique
+    key (a trial FAILED in CI, its row without a dataset). 8 new experiments, each started by 4
+    runs at once: here each lost the dataset race ~40% of the time, the experiment's always."""
     import threading
 
     from cnd_ray.data import shardset
@@ -229,24 +230,27 @@ def test_runs_logging_the_same_shards_at_once_all_get_them(tmp_path):
          "shards": [{"file": "train-00000.parquet", "split": "train", "rows": 4, "sha256": "a"},
                     {"file": "val-00000.parquet", "split": "val", "rows": 2, "sha256": "b"}]})
     uri = f"sqlite:///{tmp_path}/m.db"
+    tracking.start_run(uri, "first", "r", {}, {})  # the store's tables, made once
     for search in range(8):
-        runs = [tracking.start_run(uri, f"search{search}", f"trial{i}", {}, {})[0] for i in range(4)]
-        start, errors = threading.Barrier(len(runs)), []
+        start, runs, errors = threading.Barrier(4), [], []
 
-        def log(run):
+        def trial(i):
             start.wait()
             try:
+                run, _ = tracking.start_run(uri, f"search{search}", f"trial{i}", {}, {})
                 run.log_dataset(str(tmp_path / "shards"), manifest)
+                runs.append(run)
             except Exception as e:  # collected: the assert below names it
                 errors.append(e)
 
-        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        threads = [threading.Thread(target=trial, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert not errors, errors[0]
         assert all(len(tracking.mlflow_client(uri).get_run(r.id).inputs.dataset_inputs) == 2 for r in runs)
+        assert len(runs) == 4
 
 
 def test_a_finished_run_is_a_logged_model_and_a_registered_one_resolves_to_its_checkpoint(tmp_path):

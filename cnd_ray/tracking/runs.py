@@ -104,9 +104,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     """(the run, its last logged step) of the MLflow run for `run_name`: the existing one on a resume.
     `artifacts`: where a new experiment keeps them (default: beside a local store's database)."""
     client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=artifacts or artifact_location(uri), tags=EXPERIMENT_TAGS)
+    exp_id = _experiment_id(client, experiment, artifacts or artifact_location(uri))
     run_id = find_run(uri, experiment, run_name)
     if run_id:
         client.update_run(run_id, status="RUNNING")
@@ -119,6 +117,23 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     return Run(uri, run.info.run_id), -1
+
+
+def _experiment_id(client, experiment: str, artifacts: str) -> str:
+    """The id of `experiment`, created (keeping its artifacts at `artifacts`) when the store lacks it."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
+    except MlflowException:
+        # Two runs starting at once on a new store both found no experiment; the other created it.
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:
