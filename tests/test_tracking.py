@@ -219,7 +219,7 @@ def test_runs_starting_at_once_on_the_same_shards_each_get_their_run_and_dataset
     """A search's trials start together and log the same shards. MLflow looks an experiment or a
     dataset up, then inserts it: two could both miss it, and the later insert broke on its unique
     key (a trial FAILED in CI, its row without a dataset). 8 new experiments, each started by 4
-    runs at once: here each lost the dataset race ~40% of the time, the experiment's always."""
+    runs at once: without the fixes, 3-4 of the 8 lost the dataset race here, and 6-8 the experiment's."""
     import threading
 
     from cnd_ray.data import shardset
