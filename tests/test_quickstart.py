@@ -63,6 +63,8 @@ def test_quickstart_writes_the_report_and_says_where_everything_is(tmp_path):
     (row,) = [line for line in fair.splitlines() if line.startswith("| real + setting 2's samples")]
     assert row.count("**") == 12  # six paired differences, each with its word
     assert "- Setting 2's samples: worst-group AUROC " in fair and "against setting 1's samples" in fair
+    (trials,) = (tmp_path / "runs").glob("*-trials")  # the seeds bench it names reads this search's trials
+    assert f"`python bench/tone_guidance.py {trials} --scales " in fair
     for png in ("samples_setting1.png", "samples_setting2.png", "real.png", "curves.png", "fairness.png"):
         assert (tmp_path / "report" / png).stat().st_size > 0
         assert f"({png})" in report

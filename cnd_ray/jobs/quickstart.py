@@ -58,7 +58,7 @@ def run(cfg: config_lib.Config, out: str = DEFAULT_OUT, space: str = DEFAULT_SPA
 
     judge = judge_lib.load(search["judge"])
     comparison = _compare(judge, samples, cfg)
-    fairness = fairness_lines(search["rows"], out_dir, cfg)
+    fairness = fairness_lines(search["rows"], search["trials"], out_dir, cfg)
     report = _report(search, samples, comparison, judge, out_dir, cfg, time.time() - t0, fairness)
     return {"report": str(report), "search": search, "best": search["best"], "shards": cfg.data.shards,
             "fairness": "\n".join(fairness),
@@ -417,8 +417,9 @@ def _fairness_plot(fair: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
-    """The report's section "Does it make a fairer classifier?" (empty without fairness.in_loop)."""
+def fairness_lines(rows: list[dict], trials: str, out_dir: Path, cfg) -> list[str]:
+    """The report's section "Does it make a fairer classifier?" (empty without fairness.in_loop);
+    `trials`: the search's trials folder, which the seeds bench it names reads."""
     from cnd_ray.fairness import downstream as ds
 
     fair = fairness_results(rows)
@@ -430,8 +431,6 @@ def fairness_lines(rows: list[dict], out_dir: Path, cfg) -> list[str]:
     gap = real["light_dark_gap"]
     excludes = gap.get("ci") and (gap["ci"][0] > 0 or gap["ci"][1] < 0)
     table, vs_base = fairness_table(fair, cfg)
-    # The trials' folder (their checkpoints, the judge, the baselines): what the seeds bench reads.
-    trials = next((os.path.dirname(os.path.dirname(r["checkpoint"])) for r in rows if r.get("checkpoint")), "DIR")
     _fairness_plot(fair, out_dir / "fairness.png")
     seconds = {key(r): r["seconds"] for r in rows}
     share = [got["metrics"]["fair_seconds"] / seconds[n] for n, got in fair.items() if seconds.get(n)]

@@ -435,7 +435,8 @@ def _every_report_evaluates(cfg):
 
 def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
     """Run (or resume) the search `space` over `cfg`; returns {"name", "rows", "best", "path",
-    "parent_run_id", "table", "space", "tracking_uri", "judge"} (judge: its file, or None)."""
+    "trials", "parent_run_id", "table", "space", "tracking_uri", "judge"} (trials: the storage its
+    trials' runs, judge and baselines are in; judge: its file, or None)."""
     import ray
 
     from cnd_ray import tracking
@@ -513,8 +514,9 @@ def run(space: str, cfg, resume: bool = False, name: str = "") -> dict:
         uploaded = train.upload_spool(exp_path, search, parent.id)
         if uploaded != parent.id:
             parent = tracking.Run(server, uploaded)
-    return {"name": search, "rows": rows, "best": best, "path": exp_path, "parent_run_id": parent.id,
-            "table": table, "space": s, "tracking_uri": parent.uri, "judge": judge_file, "registered": registered}
+    return {"name": search, "rows": rows, "best": best, "path": exp_path, "trials": trials_storage,
+            "parent_run_id": parent.id, "table": table, "space": s, "tracking_uri": parent.uri,
+            "judge": judge_file, "registered": registered}
 
 
 def _register_best(parent, cfg, s: Space, search: str, best: dict) -> str | None:
